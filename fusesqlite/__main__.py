@@ -1,0 +1,3 @@
+from fusesqlite.cli import main
+
+raise SystemExit(main())

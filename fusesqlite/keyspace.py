@@ -1,0 +1,89 @@
+"""Where each piece of a volume lives in the store's ordered keyspace.
+
+Everything a reader can see is versioned: inode records, directory entries and
+blocks all end in the volume version that wrote them, so "the value at version
+v" is one reverse range read with limit 1 ending at v, old versions stay readable
+until garbage collection, and time travel needs no new layout. An empty value is
+a tombstone.
+
+    (prefix, 'meta')                         -> volume format and block size
+    (prefix, 'head')                         -> latest committed version
+    (prefix, 'next_ino')                     -> next free inode number
+    (prefix, 'log', version)                 -> (unix time, inodes touched)
+    (prefix, 'i', ino, version)              -> inode record (see inodes.py)
+    (prefix, 'd', parent, name, version)     -> child inode number
+    (prefix, 'b', ino, block_no, version)    -> block (see pages.py)
+
+Keys are FoundationDB tuple-layer encodings (pure Python, needs no client library),
+which order integers numerically and keep each tuple's children after it.
+"""
+from __future__ import annotations
+
+from fdb import tuple as fdbtuple
+
+pack = fdbtuple.pack
+unpack = fdbtuple.unpack
+
+#: the whole project lives under this first tuple element, so a FoundationDB
+#: cluster can hold other data beside it
+ROOT = "fusesqlite"
+
+
+class Keyspace:
+    """Key builders for one volume."""
+
+    __slots__ = ("volume", "prefix", "_plen")
+
+    def __init__(self, volume: str) -> None:
+        self.volume = volume
+        self.prefix = pack((ROOT, volume))
+        self._plen = len(self.prefix)
+
+    def key(self, *parts: object) -> bytes:
+        return self.prefix + pack(parts)
+
+    def parts(self, key: bytes) -> tuple:
+        """Inverse of ``key``: the tuple after the volume prefix."""
+        return unpack(key[self._plen :])
+
+    # single keys
+    def meta(self) -> bytes:
+        return self.key("meta")
+
+    def head(self) -> bytes:
+        return self.key("head")
+
+    def next_ino(self) -> bytes:
+        return self.key("next_ino")
+
+    def log(self, version: int) -> bytes:
+        return self.key("log", version)
+
+    def inode(self, ino: int, version: int) -> bytes:
+        return self.key("i", ino, version)
+
+    def dirent(self, parent: int, name: bytes, version: int) -> bytes:
+        return self.key("d", parent, name, version)
+
+    def block(self, ino: int, block_no: int, version: int) -> bytes:
+        return self.key("b", ino, block_no, version)
+
+    # ranges: (begin, end) with begin inclusive, end exclusive
+    def versions_upto(self, version: int, *parts: object) -> tuple[bytes, bytes]:
+        """All versions <= ``version`` of the versioned key ``parts``."""
+        return self.key(*parts), self.key(*parts, version + 1)
+
+    def children(self, *parts: object) -> tuple[bytes, bytes]:
+        """Every key that extends ``parts``."""
+        p = self.key(*parts)
+        return p + b"\x00", p + b"\xff"
+
+    def blocks(self, ino: int, first: int = 0, end: int | None = None) -> tuple[bytes, bytes]:
+        """Every version of blocks ``first`` .. ``end``-1 of ``ino`` (all blocks if end is None)."""
+        begin = self.key("b", ino, first)
+        if end is None:
+            return begin, self.key("b", ino) + b"\xff"
+        return begin, self.key("b", ino, end)
+
+    def volume_range(self) -> tuple[bytes, bytes]:
+        return self.prefix, self.prefix + b"\xff"

@@ -1,0 +1,122 @@
+"""The store protocol every backend satisfies, its errors and FoundationDB's limits.
+
+The protocol is FoundationDB's own shape (a retried transactional function over
+ordered byte keys) so the FoundationDB adapter stays thin and the embedded store
+can be held to the same rules.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("fusesqlite.store")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """FoundationDB's documented per-transaction limits (Known Limitations)."""
+
+    key_bytes: int = 10_000
+    value_bytes: int = 100_000
+    transaction_bytes: int = 10_000_000
+    transaction_seconds: float = 5.0
+
+
+FDB_LIMITS = Limits()
+
+
+class StoreError(Exception):
+    """A store failure; ``errno`` is what the application sees."""
+
+    errno: int = errno.EIO
+
+
+class RetryableError(StoreError):
+    """The transaction may succeed if run again (``transact`` retries it)."""
+
+
+class ConflictError(RetryableError):
+    """Another transaction committed something this one read."""
+
+
+class TransactionTooOld(RetryableError):
+    """The transaction outlived the store's time limit."""
+
+
+class LimitExceeded(StoreError):
+    """A key, value or transaction is larger than the store accepts."""
+
+    errno = errno.EFBIG
+
+
+class StoreFull(StoreError):
+    """The store has no room (its disk is full)."""
+
+    errno = errno.ENOSPC
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or written (permissions, I/O, cluster down)."""
+
+
+class ReadView(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def get_range(
+        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        """Pairs with ``begin <= key < end`` in key order (or reversed); limit 0 = all."""
+        ...
+
+
+class Transaction(ReadView, Protocol):
+    #: reads through ``snapshot`` add no read conflict (FoundationDB snapshot reads)
+    snapshot: ReadView
+
+    def set(self, key: bytes, value: bytes) -> None: ...
+
+    def clear(self, key: bytes) -> None: ...
+
+    def clear_range(self, begin: bytes, end: bytes) -> None: ...
+
+
+class Store(Protocol):
+    #: where the data lives, for log lines ("embedded store /path", "FoundationDB cluster file ...")
+    description: str
+    limits: Limits
+
+    def transact(self, fn: Callable[[Transaction], T]) -> T:
+        """Run ``fn`` in one serializable transaction and commit it, retrying on conflict.
+
+        ``fn`` may run several times; it must not have side effects outside the
+        transaction. Raises a ``StoreError`` when the transaction cannot commit.
+        """
+        ...
+
+    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
+        """Block until ``key``'s value differs from ``old`` or ``timeout`` passes; return it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def run_with_retries(
+    attempt: Callable[[], T], *, retry_limit: int = 50, what: str = "transaction"
+) -> T:
+    """Retry loop shared by the backends that do not bring their own (jittered backoff)."""
+    delay = 0.001
+    for n in range(retry_limit):
+        try:
+            return attempt()
+        except RetryableError as e:
+            if n == retry_limit - 1:
+                log.error("event=store_give_up what=%s attempts=%d cause=%s", what, n + 1, e)
+                raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.2)
+    raise AssertionError("unreachable")
