@@ -1,0 +1,96 @@
+"""Command line: ``fusesqlite mount MOUNTPOINT [options]``.
+
+Every error is one line on stderr that says what to do, and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fusesqlite import __version__
+
+DEFAULT_STORE_HELP = "$FUSESQLITE_STORE, else ~/.local/share/fusesqlite"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CliError(f"{message} (see: fusesqlite --help)", code=2)
+
+
+def default_store() -> str:
+    env = os.environ.get("FUSESQLITE_STORE")
+    if env:
+        return env
+    import platformdirs
+
+    return platformdirs.user_data_dir("fusesqlite")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fusesqlite", description="SQLite databases on FUSE, pages in a transactional store.")
+    p.add_argument("--version", action="version", version=f"fusesqlite {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    m = sub.add_parser("mount", help="mount a volume and serve it in the foreground")
+    m.add_argument("mountpoint", help="an empty directory")
+    m.add_argument(
+        "--store",
+        default=None,
+        help=f"embedded store directory, or fdb: / fdb:/path/fdb.cluster for FoundationDB (default: {DEFAULT_STORE_HELP})",
+    )
+    m.add_argument("--volume", default="default", help="independent file system inside the store (default: default)")
+    m.add_argument("--cache-mb", type=int, default=64, help="block cache size in MiB (default: 64)")
+    m.add_argument("--allow-other", action="store_true", help="let other users use the mount (FUSE allow_other)")
+    m.add_argument("--debug", action="store_true", help="log every commit")
+    return p
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def run(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        raise CliError("no command given; try: fusesqlite mount MOUNTPOINT (see: fusesqlite --help)", code=2)
+    if args.command == "mount":
+        if not args.volume or "/" in args.volume:
+            raise CliError(f"invalid volume name {args.volume!r}; use a non-empty name without '/'", code=2)
+        setup_logging(args.debug)
+        from fusesqlite.mount import MountConfig, MountError, serve
+
+        config = MountConfig(
+            mountpoint=args.mountpoint,
+            store=args.store or default_store(),
+            volume=args.volume,
+            cache_mb=args.cache_mb,
+            allow_other=args.allow_other,
+        )
+        try:
+            serve(config)
+        except MountError as e:
+            raise CliError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except CliError as e:
+        print(f"fusesqlite: error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    return 0

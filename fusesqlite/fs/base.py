@@ -1,0 +1,132 @@
+"""State shared by every kind of file: handles, names for log lines, attributes."""
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from dataclasses import dataclass
+
+import pyfuse3
+
+from fusesqlite.fs.transient import TransientFile, TransientFiles
+from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode
+from fusesqlite.transactions import FileState, Transactions
+
+log = logging.getLogger("fusesqlite.fs")
+
+#: the kernel may cache attributes and entries this long; every change goes
+#: through this mount's kernel, which updates its caches itself
+ATTR_TIMEOUT = 1.0
+
+
+@dataclass
+class Handle:
+    ino: int
+    file: FileState | TransientFile | None  # None for directories
+    listing: list[tuple[bytes, int, Inode]] | None = None
+
+
+def fail(err: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(err)
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise fail(errno.ENAMETOOLONG)
+
+
+class FsBase(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tx: Transactions) -> None:
+        super().__init__()
+        self.tx = tx
+        self.transient = TransientFiles()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        #: last known (parent, name) of each inode: finds a database's journal, names files in logs
+        self.names: dict[int, tuple[int, bytes]] = {}
+
+    # -- handles and names -------------------------------------------------------------
+    def new_handle(self, ino: int, file: FileState | TransientFile | None) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = Handle(ino, file)
+        return fh
+
+    def handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise fail(errno.EBADF)
+        return h
+
+    def path(self, ino: int) -> str:
+        """Best-effort path inside the volume, for log lines."""
+        parts = []
+        while ino != ROOT_INO and len(parts) < 64:
+            known = self.names.get(ino)
+            if known is None:
+                parts.append(f"<ino {ino}>")
+                break
+            ino, name = known
+            parts.append(name.decode(errors="replace"))
+        return "/" + "/".join(reversed(parts))
+
+    # -- attributes --------------------------------------------------------------------
+    def entry(self, ino: int, rec: Inode) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = ATTR_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
+        e.st_mode = rec.mode
+        e.st_nlink = rec.nlink
+        e.st_uid = rec.uid
+        e.st_gid = rec.gid
+        e.st_rdev = rec.rdev
+        e.st_size = rec.size
+        e.st_blksize = self.tx.bs
+        e.st_blocks = -(-rec.size // 512)
+        e.st_atime_ns = rec.atime_ns
+        e.st_mtime_ns = rec.mtime_ns
+        e.st_ctime_ns = rec.ctime_ns
+        return e
+
+    async def record(self, ino: int) -> Inode:
+        tf = self.transient.by_ino.get(ino)
+        if tf is not None:
+            return tf.record()
+        rec = await self.tx.record(ino)
+        if rec is None:
+            raise fail(errno.ENOENT)
+        return rec
+
+    async def child(self, parent: int, name: bytes) -> tuple[int, Inode | None, TransientFile | None] | None:
+        """What ``name`` in ``parent`` is: (ino, stored record or None, transient file or None)."""
+        tf = self.transient.get(parent, name)
+        if tf is not None:
+            return tf.ino, None, tf
+        found = await self.tx.lookup(parent, name)
+        if found is None:
+            return None
+        self.names[found[0]] = (parent, name)
+        return found[0], found[1], None
+
+    # -- kernel cache ------------------------------------------------------------------
+    def invalidate(self, ino: int) -> None:
+        """Drop the kernel's cached pages and attributes of ``ino``.
+
+        From a separate thread: the kernel may wait on locks held by the request
+        being served, so notifying from the handler itself can deadlock.
+        """
+
+        def run() -> None:
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=False)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTCONN):
+                    log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)
+
+        threading.Thread(target=run, name="invalidate", daemon=True).start()

@@ -1,0 +1,276 @@
+"""Directories and the namespace: lookup, listing, mkdir, unlink, rename, links.
+
+Every namespace change is its own store commit (one new version), so it is
+durable when the system call returns, as on a journalled local file system.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import stat
+
+import pyfuse3
+
+from fusesqlite.fs.base import FsBase, check_name, fail
+from fusesqlite.fs.files import FileOps
+from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
+from fusesqlite.volume import ChangeSet
+
+log = logging.getLogger("fusesqlite.fs")
+
+
+class DirectoryOps(FileOps, FsBase):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        check_name(name)
+        if name == b".":
+            return self.entry(parent_inode, await self.record(parent_inode))
+        if name == b"..":
+            up = self.names.get(parent_inode, (ROOT_INO, b""))[0]
+            return self.entry(up, await self.record(up))
+        found = await self.child(parent_inode, name)
+        if found is None:
+            raise fail(errno.ENOENT)
+        ino, rec, tf = found
+        return self.entry(ino, tf.record() if tf else rec)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(inode, await self.record(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            await self.truncate(inode, attr.st_size, open_handle=fh is not None)
+        tf = self.transient.by_ino.get(inode)
+        if tf is not None:
+            tf.rec = self._apply(tf.rec, attr, fields)
+            return self.entry(inode, tf.record())
+        if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
+            rec = await self.tx.record(inode)
+            if rec is None:
+                raise fail(errno.ENOENT)
+            fs = self.tx.files.get(inode)
+            committed = fs.record if fs is not None else rec
+            new = self._apply(committed, attr, fields)
+            if fs is not None and fields.update_mtime:
+                fs.mtime_ns = new.mtime_ns
+            await self.commit_meta(ChangeSet(inodes={inode: new}), f"setattr {self.path(inode)}")
+        return self.entry(inode, await self.record(inode))
+
+    @staticmethod
+    def _apply(rec: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Inode:
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = stat.S_IFMT(rec.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        changes["ctime_ns"] = max(rec.ctime_ns, attr.st_ctime_ns or 0, rec.mtime_ns)
+        return rec.with_(**changes)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        rec = await self.record(inode)
+        if not stat.S_ISLNK(rec.mode):
+            raise fail(errno.EINVAL)
+        return rec.target
+
+    # -- creating entries ------------------------------------------------------------------
+    async def _new_entry(self, parent: int, name: bytes, rec: Inode) -> pyfuse3.EntryAttributes:
+        check_name(name)
+        if is_transient_name(name) and not rec.is_reg:
+            raise fail(errno.EINVAL)  # journal names are reserved for files
+        if await self.child(parent, name) is not None:
+            raise fail(errno.EEXIST)
+        ino = await self.tx.new_ino()
+        await self.commit_entry(parent, name, ino, rec)
+        self.names[ino] = (parent, name)
+        return self.entry(ino, rec)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
+        return await self._new_entry(parent_inode, name, Inode.new(stat.S_IFDIR, mode, ctx.uid, ctx.gid, nlink=2))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext):
+        return await self._new_entry(parent_inode, name, Inode.new(stat.S_IFLNK, 0o777, ctx.uid, ctx.gid, target=target))
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext):
+        if not stat.S_ISREG(mode):
+            raise fail(errno.EPERM)  # only regular files, directories and symlinks are stored
+        if is_transient_name(name):
+            check_name(name)
+            if self.transient.get(parent_inode, name) is not None:
+                raise fail(errno.EEXIST)
+            tf = self.transient.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            return self.entry(tf.ino, tf.record())
+        return await self._new_entry(parent_inode, name, Inode.new(stat.S_IFREG, mode, ctx.uid, ctx.gid))
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext):
+        check_name(new_name)
+        if inode in self.transient.by_ino or is_transient_name(new_name):
+            raise fail(errno.EPERM)  # transient files cannot gain a stored name
+        rec = await self.record(inode)
+        if rec.is_dir:
+            raise fail(errno.EPERM)
+        if await self.child(new_parent_inode, new_name) is not None:
+            raise fail(errno.EEXIST)
+        new = rec.with_(nlink=rec.nlink + 1, ctime_ns=max(rec.ctime_ns, rec.mtime_ns))
+        await self.commit_meta(
+            ChangeSet(inodes={inode: self._committed(inode, new)}, dirents={(new_parent_inode, new_name): inode}),
+            f"link {self.path(inode)}",
+        )
+        return self.entry(inode, new)
+
+    def _committed(self, ino: int, rec: Inode) -> Inode:
+        """``rec`` with the size and data fields as committed (pending ones stay pending)."""
+        fs = self.tx.files.get(ino)
+        if fs is None:
+            return rec
+        return rec.with_(size=fs.record.size, mtime_ns=fs.record.mtime_ns, hwm=fs.record.hwm)
+
+    # -- removing entries ------------------------------------------------------------------
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        check_name(name)
+        found = await self.child(parent_inode, name)
+        if found is None:
+            raise fail(errno.ENOENT)
+        ino, rec, tf = found
+        if tf is not None:
+            was = tf.active
+            self.transient.unlink(tf)
+            if was:
+                await self.journal_settled(tf, "journal deleted")
+            return
+        assert rec is not None
+        if rec.is_dir:
+            raise fail(errno.EISDIR)
+        changes = ChangeSet(dirents={(parent_inode, name): None})
+        self._drop_link(ino, rec, changes)
+        await self.commit_meta(changes, f"unlink {self.path(ino)}")
+        if self.names.get(ino) == (parent_inode, name):
+            del self.names[ino]
+
+    def _drop_link(self, ino: int, rec: Inode, changes: ChangeSet) -> None:
+        """One name of ``ino`` is going: its link count drops, and the inode with the last one
+        unless it is open (then the last release drops it)."""
+        nlink = rec.nlink - 1
+        fs = self.tx.files.get(ino)
+        if nlink <= 0 and (fs is None or fs.opens == 0):
+            changes.inodes[ino] = None
+            if fs is not None:
+                self.tx.files.pop(ino, None)
+        else:
+            changes.inodes[ino] = self._committed(ino, rec.with_(nlink=max(nlink, 0)))
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        check_name(name)
+        found = await self.child(parent_inode, name)
+        if found is None:
+            raise fail(errno.ENOENT)
+        ino, rec, tf = found
+        if tf is not None or not rec.is_dir:
+            raise fail(errno.ENOTDIR)
+        if self.transient.in_dir(ino) or await self.tx.list_dir(ino):
+            raise fail(errno.ENOTEMPTY)
+        prec = await self.record(parent_inode)
+        changes = ChangeSet(
+            inodes={ino: None, parent_inode: prec.with_(nlink=prec.nlink - 1)},
+            dirents={(parent_inode, name): None},
+        )
+        await self.commit_meta(changes, f"rmdir {self.path(ino)}")
+        self.names.pop(ino, None)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx) -> None:
+        check_name(name_old)
+        check_name(name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise fail(errno.EINVAL)
+        src = await self.child(parent_inode_old, name_old)
+        if src is None:
+            raise fail(errno.ENOENT)
+        dst = await self.child(parent_inode_new, name_new)
+        if dst is not None and flags & pyfuse3.RENAME_NOREPLACE:
+            raise fail(errno.EEXIST)
+        if dst is not None and dst[0] == src[0]:
+            return
+        src_ino, src_rec, src_tf = src
+        if src_tf is not None or is_transient_name(name_new):
+            # journals and -shm files live in memory; a stored name cannot point at them
+            if src_tf is None or not is_transient_name(name_new) or (dst is not None and dst[2] is None):
+                raise fail(errno.EXDEV)
+            self.transient.move(src_tf, parent_inode_new, name_new)
+            return
+        assert src_rec is not None
+        changes = ChangeSet(dirents={(parent_inode_old, name_old): None, (parent_inode_new, name_new): src_ino})
+        if dst is not None:
+            dst_ino, dst_rec, _ = dst
+            assert dst_rec is not None
+            if dst_rec.is_dir:
+                if not src_rec.is_dir:
+                    raise fail(errno.EISDIR)
+                if self.transient.in_dir(dst_ino) or await self.tx.list_dir(dst_ino):
+                    raise fail(errno.ENOTEMPTY)
+                changes.inodes[dst_ino] = None
+            elif src_rec.is_dir:
+                raise fail(errno.ENOTDIR)
+            else:
+                self._drop_link(dst_ino, dst_rec, changes)
+        if src_rec.is_dir and parent_inode_old != parent_inode_new:
+            old_p = await self.record(parent_inode_old)
+            new_p = await self.record(parent_inode_new)
+            replaced_dir = dst is not None and dst[1] is not None and dst[1].is_dir
+            changes.inodes[parent_inode_old] = old_p.with_(nlink=old_p.nlink - 1)
+            changes.inodes[parent_inode_new] = new_p.with_(nlink=new_p.nlink + (0 if replaced_dir else 1))
+        elif src_rec.is_dir and dst is not None and dst[1] is not None and dst[1].is_dir:
+            p = await self.record(parent_inode_new)
+            changes.inodes[parent_inode_new] = p.with_(nlink=p.nlink - 1)
+        await self.commit_meta(changes, f"rename {self.path(src_ino)}")
+        self.names[src_ino] = (parent_inode_new, name_new)
+        fs = self.tx.files.get(src_ino)
+        if fs is not None:
+            fs.label = self.path(src_ino)
+
+    # -- listing ---------------------------------------------------------------------------
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        rec = await self.record(inode)
+        if not rec.is_dir:
+            raise fail(errno.ENOTDIR)
+        return self.new_handle(inode, None)
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.handle(fh)
+        if h.listing is None or start_id == 0:
+            stored = await self.tx.list_dir(h.ino)
+            extra = [(tf.name, tf.ino, tf.record()) for tf in self.transient.in_dir(h.ino)]
+            h.listing = sorted(stored + extra, key=lambda e: e[0])
+            for name, ino, _ in stored:
+                self.names[ino] = (h.ino, name)
+        for i in range(start_id, len(h.listing)):
+            name, ino, rec = h.listing[i]
+            if not pyfuse3.readdir_reply(token, name, self.entry(ino, rec), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Namespace changes are committed when they happen."""
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        bs = self.tx.bs
+        path = getattr(self.tx.volume.store, "path", None)
+        total, free = (shutil.disk_usage(path)[0::2]) if path and os.path.isdir(path) else (1 << 50, 1 << 50)
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = total // bs
+        s.f_bfree = s.f_bavail = free // bs
+        s.f_files = 1 << 32
+        s.f_ffree = s.f_favail = 1 << 31
+        s.f_namemax = NAME_MAX
+        return s
+
+    async def forget(self, inode_list) -> None:
+        """Stored inodes need no per-kernel-reference state; transient ones go at unlink."""

@@ -1,0 +1,193 @@
+"""Regular files: open/read/write and the commit points.
+
+A stored file's writes collect in its overlay. They are committed:
+- for a database with an active rollback journal, only when the journal stops
+  being active (deleted, truncated to zero, header zeroed): SQLite's commit point;
+- otherwise (journal_mode MEMORY/OFF, WAL files, plain files) on fsync and on close.
+Transient files (journals, -shm) never commit: they live in memory.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from fusesqlite.fs.base import FsBase, check_name, fail
+from fusesqlite.fs.transient import TransientFile
+from fusesqlite.inodes import Inode, is_transient_name, journal_target
+from fusesqlite.store.base import StoreError
+from fusesqlite.transactions import FileState
+from fusesqlite.volume import ChangeSet
+
+log = logging.getLogger("fusesqlite.fs")
+
+
+class FileOps(FsBase):
+    # -- commit points -----------------------------------------------------------------
+    def journal_active(self, ino: int) -> bool:
+        """Whether the database ``ino`` is inside a rollback-journal transaction on this mount."""
+        known = self.names.get(ino)
+        if known is None:
+            return False
+        tf = self.transient.get(known[0], known[1] + b"-journal")
+        return tf is not None and tf.active
+
+    async def commit(self, fs: FileState, reason: str) -> None:
+        try:
+            await self.tx.commit(fs, reason)
+        except StoreError as e:
+            raise fail(e.errno) from None
+
+    async def commit_unless_in_transaction(self, fs: FileState, reason: str) -> None:
+        if fs.changed and not self.journal_active(fs.ino):
+            await self.commit(fs, reason)
+
+    async def journal_settled(self, tf: TransientFile, reason: str) -> None:
+        """The journal ``tf`` stopped being active: commit its database's transaction."""
+        target = journal_target(tf.name)
+        if target is None:
+            return
+        found = await self.child(tf.parent, target)
+        if found is None or found[2] is not None:
+            return
+        fs = self.tx.files.get(found[0])
+        if fs is not None and fs.changed:
+            await self.commit(fs, reason)
+
+    async def transient_changed(self, tf: TransientFile, was_active: bool, reason: str) -> None:
+        if was_active and not tf.active:
+            await self.journal_settled(tf, reason)
+
+    # -- create and open ---------------------------------------------------------------
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
+        check_name(name)
+        if await self.child(parent_inode, name) is not None:
+            raise fail(errno.EEXIST)
+        if is_transient_name(name):
+            tf = self.transient.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+            tf.opens += 1
+            return self.file_info(tf.ino, tf), self.entry(tf.ino, tf.record())
+        ino = await self.tx.new_ino()
+        rec = Inode.new(stat.S_IFREG, mode, ctx.uid, ctx.gid)
+        await self.commit_entry(parent_inode, name, ino, rec)
+        self.names[ino] = (parent_inode, name)
+        fs = self.tx.state(ino, rec, self.path(ino))
+        fs.opens += 1
+        return self.file_info(ino, fs), self.entry(ino, rec)
+
+    async def commit_entry(self, parent: int, name: bytes, ino: int, rec: Inode) -> None:
+        """A new entry and its inode, plus the parent's link count for directories."""
+        changes = ChangeSet(inodes={ino: rec}, dirents={(parent, name): ino})
+        if rec.is_dir:
+            prec = await self.record(parent)
+            changes.inodes[parent] = prec.with_(nlink=prec.nlink + 1, mtime_ns=rec.mtime_ns, ctime_ns=rec.mtime_ns)
+        await self.commit_meta(changes, f"create {self.path(parent)}/{name.decode(errors='replace')}")
+
+    async def commit_meta(self, changes: ChangeSet, what: str) -> None:
+        try:
+            await self.tx.commit_changes(changes)
+        except StoreError as e:
+            log.error("event=commit_failed op=%r cause=%s: %s", what, type(e).__name__, e)
+            raise fail(e.errno) from None
+
+    def file_info(self, ino: int, file: FileState | TransientFile) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=self.new_handle(ino, file))
+        fi.keep_cache = True  # every change passes through this mount's kernel
+        return fi
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        tf = self.transient.by_ino.get(inode)
+        if tf is not None:
+            tf.opens += 1
+            if flags & os.O_TRUNC:
+                was = tf.active
+                tf.truncate(0)
+                await self.transient_changed(tf, was, "journal truncated")
+            return self.file_info(inode, tf)
+        rec = await self.record(inode)
+        if stat.S_ISDIR(rec.mode):
+            raise fail(errno.EISDIR)
+        fs = self.tx.state(inode, rec, self.path(inode))
+        fs.opens += 1
+        if flags & os.O_TRUNC and fs.size:
+            await self.tx.truncate(fs, 0)
+        return self.file_info(inode, fs)
+
+    # -- data ----------------------------------------------------------------------------
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self.handle(fh).file
+        if isinstance(f, TransientFile):
+            return f.read(off, size)
+        try:
+            return await self.tx.read(f, off, size)
+        except StoreError as e:
+            raise fail(e.errno) from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f = self.handle(fh).file
+        if isinstance(f, TransientFile):
+            was = f.active
+            f.write(off, buf)
+            if off == 0:
+                await self.transient_changed(f, was, "journal header zeroed")
+            return len(buf)
+        try:
+            await self.tx.write(f, off, buf)
+        except StoreError as e:
+            raise fail(e.errno) from None
+        return len(buf)
+
+    async def truncate(self, ino: int, size: int, open_handle: bool) -> None:
+        tf = self.transient.by_ino.get(ino)
+        if tf is not None:
+            was = tf.active
+            tf.truncate(size)
+            await self.transient_changed(tf, was, "journal truncated")
+            return
+        rec = await self.record(ino)
+        fs = self.tx.state(ino, rec, self.path(ino))
+        try:
+            await self.tx.truncate(fs, size)
+        except StoreError as e:
+            raise fail(e.errno) from None
+        if not open_handle:  # truncate(2) on a path: nothing else will commit it
+            await self.commit_unless_in_transaction(fs, "truncate")
+            self.tx.forget_state(fs)
+
+    async def flush(self, fh: int) -> None:
+        f = self.handle(fh).file
+        if isinstance(f, FileState):
+            await self.commit_unless_in_transaction(f, "close")
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        f = self.handle(fh).file
+        if isinstance(f, FileState):
+            await self.commit_unless_in_transaction(f, "fsync")
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        f = h.file
+        if isinstance(f, TransientFile):
+            f.opens -= 1
+            self.transient.release_if_unused(f)
+            return
+        assert isinstance(f, FileState)
+        f.opens -= 1
+        if f.opens == 0 and f.record.nlink == 0:
+            await self.drop_unlinked(f)
+            return
+        try:
+            await self.commit_unless_in_transaction(f, "release")
+        finally:
+            self.tx.forget_state(f)
+
+    async def drop_unlinked(self, fs: FileState) -> None:
+        """The last handle of an unlinked file is gone: its inode goes too."""
+        self.tx.rollback(fs)
+        self.tx.files.pop(fs.ino, None)
+        await self.commit_meta(ChangeSet(inodes={fs.ino: None}), f"drop unlinked ino {fs.ino}")

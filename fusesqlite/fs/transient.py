@@ -1,0 +1,98 @@
+"""Transient files: rollback journals, super-journals and WAL index (-shm) files.
+
+They live in the daemon's memory only, never in the store (DESIGN.md section 3):
+a journal matters only to processes on this mount, and after a daemon crash the
+store is already at the last commit, which is what playing the journal back would
+have produced. Their inode numbers come from a range the store never uses.
+"""
+from __future__ import annotations
+
+import itertools
+import stat
+import time
+
+from fusesqlite.inodes import TRANSIENT_BASE, Inode
+
+
+class TransientFile:
+    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked")
+
+    def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.data = bytearray()
+        self.rec = Inode.new(stat.S_IFREG, mode, uid, gid)
+        self.opens = 0
+        self.linked = True
+
+    def record(self) -> Inode:
+        return self.rec.with_(size=len(self.data))
+
+    @property
+    def active(self) -> bool:
+        """Whether this is a journal SQLite would play back (its rule: non-empty, first byte set).
+
+        While it is, the database's writes are an uncommitted transaction; the
+        moment it stops being (deleted, truncated to zero, header zeroed) is
+        SQLite's commit point.
+        """
+        return bool(self.data) and self.data[0] != 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.data[offset : offset + length])
+
+    def write(self, offset: int, buf: bytes) -> None:
+        if offset > len(self.data):
+            self.data.extend(bytes(offset - len(self.data)))
+        self.data[offset : offset + len(buf)] = buf
+        self.touch()
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+        self.touch()
+
+    def touch(self) -> None:
+        now = time.time_ns()
+        self.rec = self.rec.with_(mtime_ns=now, ctime_ns=now)
+
+
+class TransientFiles:
+    """Registry by inode and by (parent, name)."""
+
+    def __init__(self) -> None:
+        self.by_ino: dict[int, TransientFile] = {}
+        self.by_name: dict[tuple[int, bytes], TransientFile] = {}
+        self._inos = itertools.count(TRANSIENT_BASE)
+
+    def get(self, parent: int, name: bytes) -> TransientFile | None:
+        return self.by_name.get((parent, name))
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> TransientFile:
+        tf = TransientFile(next(self._inos), parent, name, mode, uid, gid)
+        self.by_ino[tf.ino] = tf
+        self.by_name[(parent, name)] = tf
+        return tf
+
+    def unlink(self, tf: TransientFile) -> None:
+        self.by_name.pop((tf.parent, tf.name), None)
+        tf.linked = False
+        self.release_if_unused(tf)
+
+    def move(self, tf: TransientFile, parent: int, name: bytes) -> None:
+        replaced = self.by_name.get((parent, name))
+        if replaced is not None and replaced is not tf:
+            self.unlink(replaced)
+        self.by_name.pop((tf.parent, tf.name), None)
+        tf.parent, tf.name = parent, name
+        self.by_name[(parent, name)] = tf
+
+    def release_if_unused(self, tf: TransientFile) -> None:
+        if not tf.linked and tf.opens == 0:
+            self.by_ino.pop(tf.ino, None)
+
+    def in_dir(self, parent: int) -> list[TransientFile]:
+        return [tf for (p, _), tf in self.by_name.items() if p == parent]

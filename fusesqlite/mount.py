@@ -1,0 +1,137 @@
+"""Mount lifecycle: checks before mounting, pyfuse3 on trio, signals, clean unmount."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+import stat
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from fusesqlite.fs.operations import Operations
+from fusesqlite.store import open_store
+from fusesqlite.store.base import StoreError
+from fusesqlite.transactions import Transactions
+from fusesqlite.volume import Volume
+
+log = logging.getLogger("fusesqlite.mount")
+
+
+class MountError(Exception):
+    """A reason not to mount, worded for the user (one line, says what to do)."""
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    store: str
+    volume: str = "default"
+    cache_mb: int = 64
+    allow_other: bool = False
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.exists(path):
+        raise MountError(f"mountpoint {path} does not exist; create it with: mkdir -p {path}")
+    if not os.path.isdir(path):
+        raise MountError(f"mountpoint {path} is not a directory; choose a directory")
+    if os.path.ismount(path) or _in_proc_mounts(path):
+        raise MountError(f"{path} is already mounted; unmount it first: fusermount3 -u {path}")
+    try:
+        if os.listdir(path):
+            raise MountError(f"mountpoint {path} is not empty; choose an empty directory")
+    except PermissionError:
+        raise MountError(f"mountpoint {path} is not readable by this user; choose a directory you own") from None
+
+
+def _in_proc_mounts(path: str) -> bool:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            return any(line.split()[1] == real for line in f if len(line.split()) > 1)
+    except OSError:
+        return False
+
+
+def check_fuse() -> None:
+    try:
+        st = os.stat("/dev/fuse")
+        if not stat.S_ISCHR(st.st_mode):
+            raise OSError(errno.ENODEV, "not a character device")
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        raise MountError(
+            f"/dev/fuse is unavailable ({e.strerror}); install fuse3 (apt-get install fuse3) "
+            "and, in a container, pass the device through (--device /dev/fuse)"
+        ) from None
+    if shutil.which("fusermount3") is None:
+        raise MountError("fusermount3 not found on PATH; install it with: apt-get install fuse3")
+
+
+def serve(config: MountConfig) -> None:
+    """Mount, serve until unmounted or signalled, then unmount. Raises MountError."""
+    mountpoint = os.path.abspath(config.mountpoint)
+    check_mountpoint(mountpoint)
+    check_fuse()
+    try:
+        store = open_store(config.store)
+        volume = Volume(store, config.volume)
+        snapshot = volume.open()
+    except StoreError as e:
+        raise MountError(str(e)) from None
+    ops: Operations | None = None
+    tx = Transactions(volume, config.cache_mb << 20, on_rollback=lambda ino: ops.invalidate(ino) if ops else None)
+    tx.snapshot = snapshot
+    ops = Operations(tx)
+    options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
+    if config.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as e:
+        raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
+    log.info(
+        "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d",
+        mountpoint, config.volume, store.description, snapshot, volume.block_size,
+    )
+    unmounted = False
+    try:
+        trio.run(_serve, ops)
+        unmounted = True
+    finally:
+        pyfuse3.close(unmount=True)
+        store.close()
+        log.info("event=unmounted mountpoint=%s clean=%s", mountpoint, unmounted)
+
+
+async def _serve(ops: Operations) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    await _flush_all(ops)
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("event=stopping signal=%s", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _flush_all(ops: Operations) -> None:
+    """Commit what plain files wrote but did not fsync; drop unfinished SQLite transactions."""
+    for fs in list(ops.tx.files.values()):
+        if fs.changed:
+            if ops.journal_active(fs.ino):
+                log.info("event=discard_uncommitted path=%s ino=%d reason=unmount_mid_transaction", fs.label, fs.ino)
+                continue
+            try:
+                await ops.tx.commit(fs, "unmount")
+            except StoreError:
+                pass  # logged by commit
