@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from fusesqlite.fs.transient import TransientFile, TransientFiles
-from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode
+from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
 from fusesqlite.transactions import FileState, Transactions
 
 log = logging.getLogger("fusesqlite.fs")
@@ -17,6 +17,8 @@ log = logging.getLogger("fusesqlite.fs")
 #: the kernel may cache attributes and entries this long; every change goes
 #: through this mount's kernel, which updates its caches itself
 ATTR_TIMEOUT = 1.0
+#: how long the kernel may remember that a name does not exist
+NEGATIVE_TIMEOUT = 60.0
 
 
 @dataclass
@@ -94,6 +96,13 @@ class FsBase(pyfuse3.Operations):
         e.st_ctime_ns = rec.ctime_ns
         return e
 
+    @staticmethod
+    def negative_entry() -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = NEGATIVE_TIMEOUT
+        return e
+
     async def record(self, ino: int) -> Inode:
         tf = self.transient.by_ino.get(ino)
         if tf is not None:
@@ -105,9 +114,9 @@ class FsBase(pyfuse3.Operations):
 
     async def child(self, parent: int, name: bytes) -> tuple[int, Inode | None, TransientFile | None] | None:
         """What ``name`` in ``parent`` is: (ino, stored record or None, transient file or None)."""
-        tf = self.transient.get(parent, name)
-        if tf is not None:
-            return tf.ino, None, tf
+        if is_transient_name(name):  # never in the store: no store round trip
+            tf = self.transient.get(parent, name)
+            return None if tf is None else (tf.ino, None, tf)
         found = await self.tx.lookup(parent, name)
         if found is None:
             return None

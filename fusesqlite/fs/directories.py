@@ -31,7 +31,10 @@ class DirectoryOps(FileOps, FsBase):
             return self.entry(up, await self.record(up))
         found = await self.child(parent_inode, name)
         if found is None:
-            raise fail(errno.ENOENT)
+            # SQLite looks for X-journal and X-wal at every read transaction. Every
+            # creation passes through this mount's kernel, which drops the cached
+            # negative entry itself, so the kernel may remember the answer.
+            return self.negative_entry()
         ino, rec, tf = found
         return self.entry(ino, tf.record() if tf else rec)
 

@@ -24,6 +24,11 @@ from fusesqlite.volume import ChangeSet
 
 log = logging.getLogger("fusesqlite.fs")
 
+#: outside a SQLite transaction, a file's overlay is committed once it holds this
+#: much, so writing a big file (cp, dd) never needs a store transaction over its
+#: limits. Such a file becomes visible in parts, as on a local disk after a crash.
+SPILL_BYTES = 4 << 20
+
 
 class FileOps(FsBase):
     # -- commit points -----------------------------------------------------------------
@@ -42,7 +47,8 @@ class FileOps(FsBase):
             raise fail(e.errno) from None
 
     async def commit_unless_in_transaction(self, fs: FileState, reason: str) -> None:
-        if fs.changed and not self.journal_active(fs.ino):
+        # an unlinked file's data dies with its last handle: nothing to publish
+        if fs.changed and fs.record.nlink > 0 and not self.journal_active(fs.ino):
             await self.commit(fs, reason)
 
     async def journal_settled(self, tf: TransientFile, reason: str) -> None:
@@ -138,6 +144,8 @@ class FileOps(FsBase):
             await self.tx.write(f, off, buf)
         except StoreError as e:
             raise fail(e.errno) from None
+        if len(f.dirty) * self.tx.bs >= SPILL_BYTES:
+            await self.commit_unless_in_transaction(f, "spill")
         return len(buf)
 
     async def truncate(self, ino: int, size: int, open_handle: bool) -> None:

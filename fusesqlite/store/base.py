@@ -120,3 +120,14 @@ def run_with_retries(
             time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
     raise AssertionError("unreachable")
+
+
+_LIMIT_SUBJECTS = {"key_bytes": "key", "value_bytes": "value", "transaction_bytes": "transaction"}
+
+
+def limit_exceeded(limits: Limits, field: str, size: int) -> LimitExceeded:
+    """The error for ``size`` bytes over ``limits.<field>``, worded alike by every backend (it gets logged)."""
+    return LimitExceeded(
+        f"{_LIMIT_SUBJECTS.get(field, field)} of {size:,} bytes exceeds "
+        f"limits.{field} = {getattr(limits, field):,} bytes (FoundationDB's limit)"
+    )

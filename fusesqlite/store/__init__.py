@@ -1,0 +1,64 @@
+"""Transactional key-value stores: FoundationDB, or an embedded SQLite file held to the same rules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import (
+    FDB_LIMITS,
+    ConflictError,
+    LimitExceeded,
+    Limits,
+    ReadView,
+    RetryableError,
+    Store,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+    Transaction,
+    TransactionTooOld,
+    limit_exceeded,
+    run_with_retries,
+)
+from .embedded import EmbeddedStore
+from .foundationdb import FoundationDBStore
+
+__all__ = [
+    "FDB_LIMITS",
+    "ConflictError",
+    "EmbeddedStore",
+    "FoundationDBStore",
+    "LimitExceeded",
+    "Limits",
+    "ReadView",
+    "RetryableError",
+    "Store",
+    "StoreError",
+    "StoreFull",
+    "StoreUnavailable",
+    "Transaction",
+    "TransactionTooOld",
+    "limit_exceeded",
+    "open_store",
+    "run_with_retries",
+]
+
+FDB_PREFIX = "fdb:"
+
+
+def open_store(spec: str, limits: Limits = FDB_LIMITS) -> Store:
+    """Open the store named by ``spec``, as given on the command line.
+
+    ``fdb:`` is FoundationDB with its default cluster file, ``fdb:PATH`` with
+    the cluster file PATH; anything else is the directory of an embedded store.
+    """
+    if spec.startswith(FDB_PREFIX):
+        cluster = spec[len(FDB_PREFIX):]
+        if not cluster:
+            return FoundationDBStore(None, limits)
+        cluster_file = Path(cluster).expanduser()
+        if not cluster_file.is_file():
+            raise StoreUnavailable(f"FoundationDB cluster file {cluster_file} does not exist")
+        return FoundationDBStore(str(cluster_file), limits)
+    if not spec:
+        raise StoreUnavailable("no store given: name a directory, 'fdb:' or 'fdb:/path/to/fdb.cluster'")
+    return EmbeddedStore(Path(spec).expanduser(), limits)

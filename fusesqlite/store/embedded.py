@@ -1,0 +1,371 @@
+"""Embedded store: one SQLite database held to FoundationDB's transaction rules.
+
+It exists so fusesqlite runs without a cluster, yet code tested against it
+behaves the same on FoundationDB: the same limits fail the same way, conflicts
+surface as ``ConflictError`` (which ``transact`` retries), and a transaction may
+not outlive ``limits.transaction_seconds``.
+
+Concurrency comes from SQLite itself: WAL mode lets readers run beside one
+writer, across threads (one connection each) and processes (two daemons on one
+directory). Transactions start with a deferred ``BEGIN`` so a read-only one is a
+snapshot read; the first write takes the write lock, and SQLite refuses it
+(``SQLITE_BUSY_SNAPSHOT``) when another writer committed since our snapshot --
+FoundationDB's optimistic conflict, detected per database instead of per key.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Callable, NoReturn, TypeVar
+
+from .base import (
+    FDB_LIMITS,
+    ConflictError,
+    Limits,
+    ReadView,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+    Transaction,
+    TransactionTooOld,
+    limit_exceeded,
+    log,
+    run_with_retries,
+)
+
+T = TypeVar("T")
+
+FILE_NAME = "store.sqlite"
+#: how often ``wait_for_change`` looks again; SQLite has no change notification across processes
+POLL_SECONDS = 0.01
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
+_GET = "SELECT v FROM kv WHERE k = ?"
+_RANGE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k LIMIT ?"
+_RANGE_REVERSE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k DESC LIMIT ?"
+_SET = "INSERT OR REPLACE INTO kv(k, v) VALUES (?, ?)"
+_CLEAR = "DELETE FROM kv WHERE k = ?"
+_CLEAR_RANGE = "DELETE FROM kv WHERE k >= ? AND k < ?"
+
+#: SQLite result codes meaning the store cannot be used at all (permissions, I/O, not a database)
+_UNAVAILABLE = (
+    "SQLITE_READONLY",
+    "SQLITE_CANTOPEN",
+    "SQLITE_IOERR",
+    "SQLITE_PERM",
+    "SQLITE_AUTH",
+    "SQLITE_NOTADB",
+    "SQLITE_CORRUPT",
+)
+#: below this much free space an I/O error is taken for a full disk (SQLite reports some ENOSPC as IOERR)
+_NEARLY_FULL_BYTES = 64 * 1024
+
+_monotonic = time.monotonic
+
+
+def _as_bytes(data: object) -> bytes:
+    """Keys and values must be bytes: a ``str`` would be stored as TEXT and sort apart from BLOBs."""
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"store keys and values are bytes, not {type(data).__name__}")
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error as e:
+        log.warning("event=store_close_failed error=%s", e)
+
+
+class _Transaction:
+    """One attempt of ``EmbeddedStore.transact``: checks FoundationDB's limits before SQLite sees anything."""
+
+    __slots__ = ("_store", "_conn", "_limits", "_started", "_deadline", "_size", "_failure")
+
+    def __init__(self, store: EmbeddedStore, conn: sqlite3.Connection, started: float) -> None:
+        self._store = store
+        self._conn = conn
+        self._limits = store.limits
+        self._started = started
+        self._deadline = started + store.limits.transaction_seconds
+        self._size = 0
+        #: a failed mutation fails the commit too, as FoundationDB defers such errors to commit
+        self._failure: StoreError | None = None
+
+    @property
+    def snapshot(self) -> ReadView:
+        """The same reads: SQLite detects conflicts per database, so no read can be made conflict-free."""
+        return self
+
+    # reads
+
+    def get(self, key: bytes) -> bytes | None:
+        if len(key) > self._limits.key_bytes:
+            raise limit_exceeded(self._limits, "key_bytes", len(key))
+        if _monotonic() > self._deadline:
+            raise self._too_old()
+        try:
+            row = self._conn.execute(_GET, (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise self._store._error(e) from e
+        return None if row is None else row[0]
+
+    def get_range(
+        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        if _monotonic() > self._deadline:
+            raise self._too_old()
+        try:
+            return self._conn.execute(
+                _RANGE_REVERSE if reverse else _RANGE, (begin, end, limit if limit > 0 else -1)
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise self._store._error(e) from e
+
+    # writes
+
+    def set(self, key: bytes, value: bytes) -> None:
+        if type(key) is not bytes:
+            key = _as_bytes(key)
+        if type(value) is not bytes:
+            value = _as_bytes(value)
+        limits = self._limits
+        if len(key) > limits.key_bytes:
+            self._fail(limit_exceeded(limits, "key_bytes", len(key)))
+        if len(value) > limits.value_bytes:
+            self._fail(limit_exceeded(limits, "value_bytes", len(value)))
+        self._write(len(key) + len(value), _SET, (key, value))
+
+    def clear(self, key: bytes) -> None:
+        if len(key) > self._limits.key_bytes:
+            self._fail(limit_exceeded(self._limits, "key_bytes", len(key)))
+        self._write(len(key), _CLEAR, (key,))
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        if begin > end:
+            self._fail(StoreError(f"clear_range: begin {begin!r} is after end {end!r} (inverted range)"))
+        self._write(len(begin) + len(end), _CLEAR_RANGE, (begin, end))
+
+    def _write(self, size: int, sql: str, args: tuple[bytes, ...]) -> None:
+        self._size += size
+        if self._size > self._limits.transaction_bytes:
+            self._fail(limit_exceeded(self._limits, "transaction_bytes", self._size))
+        if _monotonic() > self._deadline:
+            raise self._too_old()
+        try:
+            self._conn.execute(sql, args)
+        except sqlite3.Error as e:
+            self._fail(self._store._error(e))
+
+    # commit
+
+    def _check_commit(self) -> None:
+        """Refuse to commit what FoundationDB would refuse: a failed mutation or an expired transaction."""
+        if self._failure is not None:
+            raise self._failure
+        if _monotonic() > self._deadline:
+            raise self._too_old()
+
+    def _fail(self, error: StoreError) -> NoReturn:
+        self._failure = error
+        raise error
+
+    def _too_old(self) -> TransactionTooOld:
+        return TransactionTooOld(
+            f"transaction is {_monotonic() - self._started:.2f} s old, over "
+            f"limits.transaction_seconds = {self._limits.transaction_seconds} s (FoundationDB's limit)"
+        )
+
+
+class EmbeddedStore:
+    """The store in directory ``path`` (created on first use) as ``path/store.sqlite``.
+
+    ``retry_limit`` counts retries after the first attempt, like FoundationDB's option.
+    """
+
+    def __init__(self, path: str | Path, limits: Limits = FDB_LIMITS, *, retry_limit: int = 50) -> None:
+        self.path = Path(path).expanduser()
+        self.file = self.path / FILE_NAME
+        self.limits = limits
+        self.description = f"embedded store {self.path}"
+        self._attempts = retry_limit + 1
+        # a blind write waits this long for the write lock; longer would outlive the transaction anyway
+        self._busy_timeout = limits.transaction_seconds
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._closed = False
+        self._make_directory()
+        # connect now so a bad store fails at startup, not at the first file system request
+        run_with_retries(self._connection, retry_limit=self._attempts, what=f"opening {self.description}")
+        _open_stores.add(self)
+        log.info("event=store_open backend=embedded path=%s", self.path)
+
+    # Store protocol
+
+    def transact(self, fn: Callable[[Transaction], T]) -> T:
+        return run_with_retries(
+            lambda: self._attempt(fn), retry_limit=self._attempts, what=self.description
+        )
+
+    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
+        """Poll: SQLite cannot tell us when another process commits."""
+        deadline = _monotonic() + timeout
+        while True:
+            value = self.transact(lambda tr: tr.get(key))
+            remaining = deadline - _monotonic()
+            if value != old or remaining <= 0:
+                return value
+            time.sleep(min(POLL_SECONDS, remaining))
+
+    def close(self) -> None:
+        """Close every thread's connection; call it once no transaction is running."""
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns.values())
+            self._conns.clear()
+            self._local = threading.local()
+        for conn in conns:
+            _close_quietly(conn)
+        _open_stores.discard(self)
+
+    # transactions
+
+    def _attempt(self, fn: Callable[[Transaction], T]) -> T:
+        conn = self._connection()
+        tr = _Transaction(self, conn, _monotonic())
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        try:
+            result = fn(tr)
+            tr._check_commit()
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise self._error(e) from e
+        except BaseException:
+            self._rollback(conn)
+            raise
+        return result
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if not conn.in_transaction:  # SQLite already rolled back (e.g. after SQLITE_FULL)
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as e:
+            # the connection's state is unknown: drop it so this thread gets a fresh one
+            log.warning("event=store_rollback_failed path=%s error=%s", self.path, e)
+            self._forget(conn)
+
+    def _error(self, e: sqlite3.Error) -> StoreError:
+        """Translate a SQLite error into the store's errors (their messages name the store)."""
+        if self._closed:
+            return StoreUnavailable(f"{self.description} is closed")
+        name = getattr(e, "sqlite_errorname", None) or type(e).__name__
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return ConflictError(f"{self.description}: another writer got in first ({name}: {e})")
+        if name == "SQLITE_FULL" or (name.startswith("SQLITE_IOERR") and self._nearly_full()):
+            return StoreFull(f"{self.description}: no space left on the disk holding {self.file} ({name}: {e})")
+        if name.startswith(_UNAVAILABLE):
+            return StoreUnavailable(f"{self.description}: cannot use {self.file} ({name}: {e})")
+        return StoreError(f"{self.description}: {name}: {e}")
+
+    def _nearly_full(self) -> bool:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
+
+    # connections: one per thread, since a sqlite3 connection holds one transaction at a time
+
+    def _connection(self) -> sqlite3.Connection:
+        try:
+            return self._local.conn
+        except AttributeError:
+            return self._open_connection()
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailable(f"{self.description} is closed")
+        conn = self._connect()  # outside the lock: it may wait for another process's lock
+        with self._lock:
+            if self._closed:
+                _close_quietly(conn)
+                raise StoreUnavailable(f"{self.description} is closed")
+            for thread in [t for t in self._conns if not t.is_alive()]:
+                _close_quietly(self._conns.pop(thread))  # threads that ended keep no connection open
+            self._conns[threading.current_thread()] = conn
+            self._local.conn = conn
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.file,
+                timeout=self._busy_timeout,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # close() runs on another thread
+            )
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreUnavailable(
+                    f"{self.description}: SQLite cannot use WAL mode for {self.file} (got {mode!r});"
+                    " the file system must support shared memory (mmap)"
+                )
+            conn.execute("PRAGMA synchronous=FULL")  # a committed transaction survives a host crash
+            conn.execute(_SCHEMA)
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise self._error(e) from e
+            raise
+        return conn
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            for thread, c in list(self._conns.items()):
+                if c is conn:
+                    del self._conns[thread]
+            if getattr(self._local, "conn", None) is conn:
+                del self._local.conn
+        _close_quietly(conn)
+
+    def _make_directory(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(
+                f"cannot create store directory {self.path}: {e.strerror or e}"
+            ) from e
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreUnavailable(
+                f"store directory {self.path} is not writable (read-only file system or permissions)"
+            )
+
+    def _after_fork(self) -> None:
+        """A child must not use its parent's SQLite connections (SQLite forbids it): start afresh."""
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._conns = {}
+
+
+_open_stores: weakref.WeakSet[EmbeddedStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_open_stores):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
