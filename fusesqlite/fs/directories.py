@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 
 import pyfuse3
 
@@ -73,7 +74,7 @@ class DirectoryOps(FileOps, FsBase):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        changes["ctime_ns"] = max(rec.ctime_ns, attr.st_ctime_ns or 0, rec.mtime_ns)
+        changes["ctime_ns"] = attr.st_ctime_ns if fields.update_ctime else time.time_ns()
         return rec.with_(**changes)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -120,11 +121,10 @@ class DirectoryOps(FileOps, FsBase):
             raise fail(errno.EPERM)
         if await self.child(new_parent_inode, new_name) is not None:
             raise fail(errno.EEXIST)
-        new = rec.with_(nlink=rec.nlink + 1, ctime_ns=max(rec.ctime_ns, rec.mtime_ns))
-        await self.commit_meta(
-            ChangeSet(inodes={inode: self._committed(inode, new)}, dirents={(new_parent_inode, new_name): inode}),
-            f"link {self.path(inode)}",
-        )
+        new = rec.with_(nlink=rec.nlink + 1, ctime_ns=time.time_ns())
+        changes = ChangeSet(inodes={inode: self._committed(inode, new)}, dirents={(new_parent_inode, new_name): inode})
+        await self.dir_changed(changes, new_parent_inode)
+        await self.commit_meta(changes, f"link {self.path(inode)}")
         return self.entry(inode, new)
 
     def _committed(self, ino: int, rec: Inode) -> Inode:
@@ -152,6 +152,7 @@ class DirectoryOps(FileOps, FsBase):
             raise fail(errno.EISDIR)
         changes = ChangeSet(dirents={(parent_inode, name): None})
         self._drop_link(ino, rec, changes)
+        await self.dir_changed(changes, parent_inode)
         await self.commit_meta(changes, f"unlink {self.path(ino)}")
         if self.names.get(ino) == (parent_inode, name):
             del self.names[ino]
@@ -166,7 +167,7 @@ class DirectoryOps(FileOps, FsBase):
             if fs is not None:
                 self.tx.files.pop(ino, None)
         else:
-            changes.inodes[ino] = self._committed(ino, rec.with_(nlink=max(nlink, 0)))
+            changes.inodes[ino] = self._committed(ino, rec.with_(nlink=max(nlink, 0), ctime_ns=time.time_ns()))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         check_name(name)
@@ -178,11 +179,8 @@ class DirectoryOps(FileOps, FsBase):
             raise fail(errno.ENOTDIR)
         if self.transient.in_dir(ino) or await self.tx.list_dir(ino):
             raise fail(errno.ENOTEMPTY)
-        prec = await self.record(parent_inode)
-        changes = ChangeSet(
-            inodes={ino: None, parent_inode: prec.with_(nlink=prec.nlink - 1)},
-            dirents={(parent_inode, name): None},
-        )
+        changes = ChangeSet(inodes={ino: None}, dirents={(parent_inode, name): None})
+        await self.dir_changed(changes, parent_inode, nlink_delta=-1)
         await self.commit_meta(changes, f"rmdir {self.path(ino)}")
         self.names.pop(ino, None)
 
@@ -221,15 +219,12 @@ class DirectoryOps(FileOps, FsBase):
                 raise fail(errno.ENOTDIR)
             else:
                 self._drop_link(dst_ino, dst_rec, changes)
-        if src_rec.is_dir and parent_inode_old != parent_inode_new:
-            old_p = await self.record(parent_inode_old)
-            new_p = await self.record(parent_inode_new)
-            replaced_dir = dst is not None and dst[1] is not None and dst[1].is_dir
-            changes.inodes[parent_inode_old] = old_p.with_(nlink=old_p.nlink - 1)
-            changes.inodes[parent_inode_new] = new_p.with_(nlink=new_p.nlink + (0 if replaced_dir else 1))
-        elif src_rec.is_dir and dst is not None and dst[1] is not None and dst[1].is_dir:
-            p = await self.record(parent_inode_new)
-            changes.inodes[parent_inode_new] = p.with_(nlink=p.nlink - 1)
+        # link counts of the parents follow the subdirectories they gain and lose
+        replaced_dir = dst is not None and dst[1] is not None and dst[1].is_dir
+        moved_dir = src_rec.is_dir and parent_inode_old != parent_inode_new
+        await self.dir_changed(changes, parent_inode_old, nlink_delta=-1 if moved_dir else 0)
+        await self.dir_changed(changes, parent_inode_new, nlink_delta=(1 if moved_dir else 0) - (1 if replaced_dir else 0))
+        changes.inodes[src_ino] = self._committed(src_ino, src_rec.with_(ctime_ns=time.time_ns()))
         await self.commit_meta(changes, f"rename {self.path(src_ino)}")
         self.names[src_ino] = (parent_inode_new, name_new)
         fs = self.tx.files.get(src_ino)
@@ -248,7 +243,9 @@ class DirectoryOps(FileOps, FsBase):
         if h.listing is None or start_id == 0:
             stored = await self.tx.list_dir(h.ino)
             extra = [(tf.name, tf.ino, tf.record()) for tf in self.transient.in_dir(h.ino)]
-            h.listing = sorted(stored + extra, key=lambda e: e[0])
+            up = self.names.get(h.ino, (ROOT_INO, b""))[0]
+            dots = [(b".", h.ino, await self.record(h.ino)), (b"..", up, await self.record(up))]
+            h.listing = dots + sorted(stored + extra, key=lambda e: e[0])
             for name, ino, _ in stored:
                 self.names[ino] = (h.ino, name)
         for i in range(start_id, len(h.listing)):

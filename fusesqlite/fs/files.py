@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 
@@ -87,10 +88,15 @@ class FileOps(FsBase):
     async def commit_entry(self, parent: int, name: bytes, ino: int, rec: Inode) -> None:
         """A new entry and its inode, plus the parent's link count for directories."""
         changes = ChangeSet(inodes={ino: rec}, dirents={(parent, name): ino})
-        if rec.is_dir:
-            prec = await self.record(parent)
-            changes.inodes[parent] = prec.with_(nlink=prec.nlink + 1, mtime_ns=rec.mtime_ns, ctime_ns=rec.mtime_ns)
+        await self.dir_changed(changes, parent, nlink_delta=1 if rec.is_dir else 0)
         await self.commit_meta(changes, f"create {self.path(parent)}/{name.decode(errors='replace')}")
+
+    async def dir_changed(self, changes: ChangeSet, parent: int, nlink_delta: int = 0) -> None:
+        """An entry of ``parent`` changes in ``changes``: its mtime and ctime move, its
+        link count follows its subdirectories."""
+        rec = changes.inodes.get(parent) or await self.record(parent)
+        now = time.time_ns()
+        changes.inodes[parent] = rec.with_(nlink=rec.nlink + nlink_delta, mtime_ns=now, ctime_ns=now)
 
     async def commit_meta(self, changes: ChangeSet, what: str) -> None:
         try:
