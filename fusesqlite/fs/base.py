@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from fusesqlite.fs.transient import TransientFile, TransientFiles
-from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
+from fusesqlite.inodes import NAME_MAX, ROOT_INO, TRANSIENT_BASE, Inode, is_transient_name
 from fusesqlite.transactions import FileState, Transactions
 
 log = logging.getLogger("fusesqlite.fs")
@@ -64,6 +64,9 @@ class FsBase(pyfuse3.Operations):
             raise fail(errno.EBADF)
         return h
 
+    def child_path(self, parent: int, name: bytes) -> str:
+        return self.path(parent).rstrip("/") + "/" + name.decode(errors="replace")
+
     def path(self, ino: int) -> str:
         """Best-effort path inside the volume, for log lines."""
         parts = []
@@ -81,8 +84,12 @@ class FsBase(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
-        e.entry_timeout = ATTR_TIMEOUT
-        e.attr_timeout = ATTR_TIMEOUT
+        # A transient file can vanish behind the kernel's back (a failed commit drops
+        # its journal while unlink reports the error), so the kernel re-asks for those:
+        # cheap, they are in memory. Absent journals are still cached (negative_entry).
+        timeout = 0.0 if ino >= TRANSIENT_BASE else ATTR_TIMEOUT
+        e.entry_timeout = timeout
+        e.attr_timeout = timeout
         e.st_mode = rec.mode
         e.st_nlink = rec.nlink
         e.st_uid = rec.uid

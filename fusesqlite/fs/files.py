@@ -89,7 +89,7 @@ class FileOps(FsBase):
         """A new entry and its inode, plus the parent's link count for directories."""
         changes = ChangeSet(inodes={ino: rec}, dirents={(parent, name): ino})
         await self.dir_changed(changes, parent, nlink_delta=1 if rec.is_dir else 0)
-        await self.commit_meta(changes, f"create {self.path(parent)}/{name.decode(errors='replace')}")
+        await self.commit_meta(changes, f"create {self.child_path(parent, name)}")
 
     async def dir_changed(self, changes: ChangeSet, parent: int, nlink_delta: int = 0) -> None:
         """An entry of ``parent`` changes in ``changes``: its mtime and ctime move, its

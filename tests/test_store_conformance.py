@@ -1,0 +1,536 @@
+"""One conformance suite for every store backend: they must all behave like FoundationDB.
+
+The embedded backend always runs. FoundationDB runs when FDB_CLUSTER_FILE names
+a reachable cluster; its tests work under a unique key prefix cleared afterwards.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import subprocess
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from fusesqlite.store import (
+    FDB_LIMITS,
+    EmbeddedStore,
+    FoundationDBStore,
+    LimitExceeded,
+    Limits,
+    Store,
+    StoreError,
+    StoreFull,
+    StoreUnavailable,
+    Transaction,
+    TransactionTooOld,
+    open_store,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+CLUSTER_FILE = os.environ.get("FDB_CLUSTER_FILE")
+
+
+@functools.cache
+def fdb_skip_reason() -> str | None:
+    """Why the FoundationDB backend cannot be tested here, or None when it can."""
+    if not CLUSTER_FILE:
+        return "FDB_CLUSTER_FILE not set: FoundationDB backend not tested here"
+    try:
+        store = FoundationDBStore(CLUSTER_FILE, timeout=5.0)
+        store.transact(lambda tr: tr.get(b"fusesqlite-test/probe"))
+    except StoreError as e:
+        return f"FoundationDB cluster {CLUSTER_FILE} not reachable: {e}"
+    return None
+
+
+def libfdb_c_present() -> bool:
+    if ctypes.util.find_library("fdb_c"):
+        return True
+    try:
+        ctypes.CDLL("libfdb_c.so")
+    except OSError:
+        return False
+    return True
+
+
+class Backend:
+    """A backend under test: opens stores on one data set, with this test's keys under ``prefix``."""
+
+    def __init__(self, name: str, tmp_path: Path) -> None:
+        self.name = name
+        self.directory = tmp_path / "store"
+        self.prefix = b"fusesqlite-test/" + uuid.uuid4().hex.encode() + b"/"
+        self._stores: list[Store] = []
+        #: limits whose transaction_seconds a test can outlive by sleeping
+        self.slow_limits = Limits(transaction_seconds=0.2) if name == "embedded" else FDB_LIMITS
+
+    def open(self, limits: Limits = FDB_LIMITS, **options: object) -> Store:
+        store: Store
+        if self.name == "embedded":
+            store = EmbeddedStore(self.directory, limits, **options)  # type: ignore[arg-type]
+        else:
+            store = FoundationDBStore(CLUSTER_FILE, limits, **options)  # type: ignore[arg-type]
+        self._stores.append(store)
+        return store
+
+    def key(self, name: bytes) -> bytes:
+        return self.prefix + name
+
+    def get(self, store: Store, name: bytes) -> bytes | None:
+        return store.transact(lambda tr: tr.get(self.key(name)))
+
+    def all_pairs(self, store: Store) -> list[tuple[bytes, bytes]]:
+        return store.transact(lambda tr: tr.get_range(self.prefix, self.prefix + b"\xff"))
+
+    def cleanup(self) -> None:
+        try:
+            if self.name == "foundationdb":
+                self.open().transact(lambda tr: tr.clear_range(self.prefix, self.prefix + b"\xff"))
+        finally:
+            for store in self._stores:
+                store.close()
+
+
+@pytest.fixture(params=["embedded", "foundationdb"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "foundationdb" and (reason := fdb_skip_reason()):
+        pytest.skip(reason)
+    b = Backend(request.param, tmp_path)
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.open()
+
+
+def increment(tr: Transaction, key: bytes) -> None:
+    """The read-modify-write every concurrency test repeats; lost updates show in the total."""
+    tr.set(key, str(int(tr.get(key) or b"0") + 1).encode())
+
+
+# basic operations
+
+
+def test_set_get_clear(store: Store, backend: Backend) -> None:
+    k = backend.key(b"k")
+    store.transact(lambda tr: tr.set(k, b"v1"))
+    assert backend.get(store, b"k") == b"v1"
+    store.transact(lambda tr: tr.set(k, b"v2"))
+    assert backend.get(store, b"k") == b"v2"
+    store.transact(lambda tr: tr.clear(k))
+    assert backend.get(store, b"k") is None
+    store.transact(lambda tr: tr.set(k, b""))  # an empty value is a value, not absence
+    assert backend.get(store, b"k") == b""
+
+
+def test_missing_key_is_none(store: Store, backend: Backend) -> None:
+    assert backend.get(store, b"never-written") is None
+    store.transact(lambda tr: tr.clear(backend.key(b"never-written")))  # clearing nothing is fine
+
+
+def test_committed_data_seen_by_a_new_store(store: Store, backend: Backend) -> None:
+    store.transact(lambda tr: tr.set(backend.key(b"k"), b"kept"))
+    store.close()
+    assert backend.get(backend.open(), b"k") == b"kept"
+
+
+# ranges
+
+NAMES = [b"\x00", b"a", b"a\x00", b"ab", b"b", b"\xfe\xff"]  # memcmp order, not length or text order
+
+
+def test_get_range_order_bounds_limit_reverse(store: Store, backend: Backend) -> None:
+    def fill(tr: Transaction) -> None:
+        for name in reversed(NAMES):
+            tr.set(backend.key(name), name + b"!")
+
+    store.transact(fill)
+    pairs = [(backend.key(n), n + b"!") for n in NAMES]
+    k = backend.key
+
+    def ranges(tr: Transaction) -> dict[str, list[tuple[bytes, bytes]]]:
+        return {
+            "all": tr.get_range(k(b""), k(b"\xff")),
+            "a..b": tr.get_range(k(b"a"), k(b"b")),  # begin inclusive, end exclusive
+            "limit": tr.get_range(k(b""), k(b"\xff"), limit=2),
+            "reverse": tr.get_range(k(b""), k(b"\xff"), reverse=True),
+            "reverse limit": tr.get_range(k(b"a"), k(b"b"), limit=2, reverse=True),
+            "empty": tr.get_range(k(b"a"), k(b"a")),
+            "snapshot": tr.snapshot.get_range(k(b"a"), k(b"b")),
+        }
+
+    got = store.transact(ranges)
+    assert got["all"] == pairs
+    assert got["a..b"] == pairs[1:4]
+    assert got["limit"] == pairs[:2]
+    assert got["reverse"] == pairs[::-1]
+    assert got["reverse limit"] == [pairs[3], pairs[2]]
+    assert got["empty"] == []
+    assert got["snapshot"] == pairs[1:4]
+
+
+def test_clear_range(store: Store, backend: Backend) -> None:
+    store.transact(lambda tr: [tr.set(backend.key(n), b"x") for n in NAMES])
+    store.transact(lambda tr: tr.clear_range(backend.key(b"a"), backend.key(b"b")))
+    assert [k for k, _ in backend.all_pairs(store)] == [backend.key(b"\x00"), backend.key(b"b"), backend.key(b"\xfe\xff")]
+
+
+def test_inverted_clear_range_fails(store: Store, backend: Backend) -> None:
+    store.transact(lambda tr: tr.set(backend.key(b"a"), b"x"))
+    with pytest.raises(StoreError):
+        store.transact(lambda tr: tr.clear_range(backend.key(b"b"), backend.key(b"a")))
+    assert backend.get(store, b"a") == b"x"
+
+
+# transactions
+
+
+def test_read_your_writes(store: Store, backend: Backend) -> None:
+    k = backend.key(b"k")
+    store.transact(lambda tr: tr.set(k, b"before"))
+
+    def fn(tr: Transaction) -> list[object]:
+        seen: list[object] = [tr.get(k)]
+        tr.set(k, b"mine")
+        seen += [tr.get(k), tr.snapshot.get(k), tr.get_range(k, k + b"\x00")]
+        tr.clear(k)
+        seen.append(tr.get(k))
+        tr.set(k, b"final")
+        return seen
+
+    assert store.transact(fn) == [b"before", b"mine", b"mine", [(k, b"mine")], None]
+    assert backend.get(store, b"k") == b"final"
+
+
+def test_exception_in_fn_commits_nothing(store: Store, backend: Backend) -> None:
+    def fn(tr: Transaction) -> None:
+        tr.set(backend.key(b"a"), b"1")
+        tr.clear_range(backend.prefix, backend.prefix + b"\xff")
+        tr.set(backend.key(b"b"), b"2")
+        raise RuntimeError("boom")
+
+    store.transact(lambda tr: tr.set(backend.key(b"kept"), b"yes"))
+    with pytest.raises(RuntimeError, match="boom"):
+        store.transact(fn)
+    assert backend.all_pairs(store) == [(backend.key(b"kept"), b"yes")]
+
+
+def test_conflicting_write_is_retried(store: Store, backend: Backend) -> None:
+    """A write committed after this transaction read must make it run again (serializability)."""
+    k = backend.key(b"counter")
+    store.transact(lambda tr: tr.set(k, b"0"))
+    seen: list[bytes | None] = []
+
+    def fn(tr: Transaction) -> None:
+        seen.append(tr.get(k))
+        if len(seen) == 1:  # another writer commits between our read and our write
+            other = threading.Thread(target=store.transact, args=(lambda t: t.set(k, b"10"),))
+            other.start()
+            other.join()
+        increment(tr, k)
+
+    store.transact(fn)
+    assert seen == [b"0", b"10"]
+    assert backend.get(store, b"counter") == b"11"
+
+
+# limits
+
+
+def test_key_limit(store: Store, backend: Backend) -> None:
+    limit = store.limits.key_bytes
+    at_limit = backend.key(b"k").ljust(limit, b"k")
+    too_long = at_limit + b"k"
+    store.transact(lambda tr: tr.set(at_limit, b"ok"))
+    assert store.transact(lambda tr: tr.get(at_limit)) == b"ok"
+    for op in (
+        lambda tr: tr.set(too_long, b"x"),
+        lambda tr: tr.get(too_long),
+        lambda tr: tr.clear(too_long),
+    ):
+        with pytest.raises(LimitExceeded, match="key_bytes") as info:
+            store.transact(lambda tr: (tr.set(backend.key(b"other"), b"x"), op(tr)))
+        assert f"{limit + 1:,}" in str(info.value)
+    assert backend.all_pairs(store) == [(at_limit, b"ok")]
+
+
+def test_value_limit(store: Store, backend: Backend) -> None:
+    limit = store.limits.value_bytes
+    store.transact(lambda tr: tr.set(backend.key(b"max"), b"v" * limit))
+    assert backend.get(store, b"max") == b"v" * limit
+    with pytest.raises(LimitExceeded, match="value_bytes") as info:
+        store.transact(lambda tr: tr.set(backend.key(b"big"), b"v" * (limit + 1)))
+    assert f"{limit + 1:,}" in str(info.value)
+    assert backend.get(store, b"big") is None
+
+
+def test_swallowed_limit_error_still_fails_the_commit(store: Store, backend: Backend) -> None:
+    """As in FoundationDB, a mutation that broke a limit fails the commit even if fn ignored it."""
+
+    def fn(tr: Transaction) -> str:
+        tr.set(backend.key(b"ok"), b"x")
+        try:
+            tr.set(backend.key(b"big"), b"v" * (store.limits.value_bytes + 1))
+        except LimitExceeded:
+            return "ignored"
+        return "not raised"
+
+    with pytest.raises(LimitExceeded, match="value_bytes"):
+        store.transact(fn)
+    assert backend.all_pairs(store) == []
+
+
+def test_transaction_size_limit(store: Store, backend: Backend) -> None:
+    limits = store.limits
+    value = b"v" * limits.value_bytes
+    fitting = limits.transaction_bytes // (limits.value_bytes + 1_000)  # room for keys and overhead
+
+    def write(count: int) -> Callable[[Transaction], None]:
+        def fn(tr: Transaction) -> None:
+            tr.clear_range(backend.prefix, backend.prefix + b"\xff")
+            for i in range(count):
+                tr.set(backend.key(b"%04d" % i), value)
+
+        return fn
+
+    store.transact(write(fitting))
+    assert len(backend.all_pairs(store)) == fitting
+    with pytest.raises(LimitExceeded, match="transaction_bytes"):
+        store.transact(write(fitting + 2))
+    assert len(backend.all_pairs(store)) == fitting  # nothing of the failed transaction
+
+
+def test_transaction_age_limit(backend: Backend) -> None:
+    """A transaction older than transaction_seconds is retried, and fails when it always is."""
+    limits = backend.slow_limits
+    store = backend.open(limits, retry_limit=2)
+    k = backend.key(b"k")
+    too_long = limits.transaction_seconds * 1.3 + 0.05
+    attempts: list[int] = []
+
+    def slow_once(tr: Transaction) -> None:
+        attempts.append(1)
+        tr.get(k)
+        if len(attempts) == 1:
+            time.sleep(too_long)
+        tr.set(k, b"done")
+
+    store.transact(slow_once)
+    assert len(attempts) == 2
+    assert backend.get(store, b"k") == b"done"
+
+    attempts.clear()
+
+    def always_slow(tr: Transaction) -> None:
+        attempts.append(1)
+        tr.get(k)
+        time.sleep(too_long)
+        tr.set(k, b"late")
+
+    with pytest.raises(TransactionTooOld, match="transaction_seconds"):
+        store.transact(always_slow)
+    assert len(attempts) == 3  # the first attempt and retry_limit=2 retries
+    assert backend.get(store, b"k") == b"done"
+
+
+# concurrency
+
+
+def test_threads_incrementing_one_counter(store: Store, backend: Backend) -> None:
+    k = backend.key(b"counter")
+    threads_n, increments = 4, 50
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(increments):
+                store.transact(lambda tr: increment(tr, k))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert backend.get(store, b"counter") == str(threads_n * increments).encode()
+
+
+def _increment_in_process(directory: str, key: bytes, count: int, start: multiprocessing.synchronize.Barrier) -> None:
+    store = EmbeddedStore(directory)
+    start.wait(30)  # both processes increment at the same time, not one after the other
+    for _ in range(count):
+        store.transact(lambda tr: increment(tr, key))
+    store.close()
+
+
+def test_processes_incrementing_one_counter(tmp_path: Path) -> None:
+    """Two daemons may mount one embedded store: their transactions must serialize too."""
+    directory, key, count = str(tmp_path / "store"), b"counter", 100
+    EmbeddedStore(directory).close()  # created before the race, as a mounted store would be
+    spawn = multiprocessing.get_context("spawn")  # never fork a process holding SQLite connections
+    start = spawn.Barrier(2)
+    workers = [
+        spawn.Process(target=_increment_in_process, args=(directory, key, count, start)) for _ in range(2)
+    ]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+    assert [p.exitcode for p in workers] == [0, 0]
+    store = EmbeddedStore(directory)
+    try:
+        assert store.transact(lambda tr: tr.get(key)) == str(2 * count).encode()
+    finally:
+        store.close()
+
+
+def test_wait_for_change(store: Store, backend: Backend) -> None:
+    k = backend.key(b"watched")
+    store.transact(lambda tr: tr.set(k, b"old"))
+
+    def writer() -> None:
+        time.sleep(0.2)
+        store.transact(lambda tr: tr.set(k, b"new"))
+
+    thread = threading.Thread(target=writer)
+    start = time.monotonic()
+    thread.start()
+    try:
+        assert store.wait_for_change(k, b"old", timeout=10) == b"new"
+    finally:
+        thread.join()
+    assert time.monotonic() - start < 5
+
+    start = time.monotonic()
+    assert store.wait_for_change(k, b"new", timeout=0.3) == b"new"  # no change: the value at timeout
+    assert 0.3 <= time.monotonic() - start < 3
+
+    start = time.monotonic()
+    assert store.wait_for_change(k, None, timeout=10) == b"new"  # already different: at once
+    assert time.monotonic() - start < 1
+
+
+# failures of the embedded store's disk
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs at ``mountpoint``: a real disk that fills up or refuses writes."""
+    mountpoint.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        if subprocess.run(["umount", str(mountpoint)]).returncode:
+            subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+def test_store_full_then_recovers(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=1m") as mnt:
+        ballast = mnt / "ballast"
+        ballast.write_bytes(os.urandom(256 * 1024))
+        store = EmbeddedStore(mnt / "store")
+        try:
+            value = os.urandom(50_000)
+            written: list[bytes] = []
+            with pytest.raises(StoreFull) as info:
+                for i in range(100):  # 5 MB: more than the disk holds
+                    key = b"fill/%03d" % i
+                    store.transact(lambda tr: tr.set(key, value))
+                    written.append(key)
+            assert str(mnt / "store") in str(info.value)
+            assert written, "the disk filled before the first write"
+            # what was committed is still there and readable
+            assert store.transact(lambda tr: [tr.get(k) for k in written]) == [value] * len(written)
+            ballast.unlink()  # the administrator frees space
+            store.transact(lambda tr: tr.set(b"small", b"s" * 1000))
+            assert store.transact(lambda tr: tr.get(b"small")) == b"s" * 1000
+            assert store.transact(lambda tr: tr.get(written[-1])) == value
+        finally:
+            store.close()
+
+
+def test_unavailable_under_a_regular_file(tmp_path: Path) -> None:
+    regular = tmp_path / "file"
+    regular.write_bytes(b"not a directory")
+    with pytest.raises(StoreUnavailable, match=str(regular / "store")):
+        EmbeddedStore(regular / "store")
+
+
+def test_unavailable_on_read_only_file_system(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as mnt:
+        with pytest.raises(StoreUnavailable, match=str(mnt / "store")):
+            EmbeddedStore(mnt / "store")
+    with tmpfs(tmp_path / "rw", "size=1m") as mnt:
+        store = EmbeddedStore(mnt / "store")
+        store.transact(lambda tr: tr.set(b"k", b"v"))
+        store.close()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        with pytest.raises(StoreUnavailable, match="not writable"):
+            EmbeddedStore(mnt / "store")
+
+
+def test_closed_store_is_unavailable(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "store")
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.transact(lambda tr: tr.get(b"k"))
+
+
+# open_store
+
+
+def test_open_store_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(str(tmp_path / "a" / "b"))
+    try:
+        assert isinstance(store, EmbeddedStore)
+        assert store.description == f"embedded store {tmp_path / 'a' / 'b'}"
+        assert (tmp_path / "a" / "b" / "store.sqlite").is_file()
+    finally:
+        store.close()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    store = open_store("~/data")
+    try:
+        assert store.description == f"embedded store {tmp_path / 'home' / 'data'}"
+    finally:
+        store.close()
+    with pytest.raises(StoreUnavailable):
+        open_store("")
+
+
+def test_open_store_missing_cluster_file(tmp_path: Path) -> None:
+    missing = tmp_path / "fdb.cluster"
+    with pytest.raises(StoreUnavailable, match=f"{missing} does not exist"):
+        open_store(f"fdb:{missing}")
+
+
+def test_open_store_fdb_without_client_library(tmp_path: Path) -> None:
+    if libfdb_c_present():
+        pytest.skip("libfdb_c is installed: the missing-library message cannot be tested")
+    cluster = tmp_path / "fdb.cluster"
+    cluster.write_text("test:test@127.0.0.1:4500\n")
+    for spec in ("fdb:", f"fdb:{cluster}"):
+        with pytest.raises(StoreUnavailable, match="libfdb_c") as info:
+            open_store(spec)
+        assert "foundationdb-clients 7.3" in str(info.value)
