@@ -25,6 +25,13 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see: fusesqlite --help)", code=2)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def default_store() -> str:
     env = os.environ.get("FUSESQLITE_STORE")
     if env:
@@ -38,17 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fusesqlite", description="SQLite databases on FUSE, pages in a transactional store.")
     p.add_argument("--version", action="version", version=f"fusesqlite {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    m = sub.add_parser("mount", help="mount a volume and serve it in the foreground")
-    m.add_argument("mountpoint", help="an empty directory")
-    m.add_argument(
+    where = _Parser(add_help=False)
+    where.add_argument(
         "--store",
         default=None,
         help=f"embedded store directory, or fdb: / fdb:/path/fdb.cluster for FoundationDB (default: {DEFAULT_STORE_HELP})",
     )
-    m.add_argument("--volume", default="default", help="independent file system inside the store (default: default)")
-    m.add_argument("--cache-mb", type=int, default=64, help="block cache size in MiB (default: 64)")
+    where.add_argument("--volume", default="default", help="independent file system inside the store (default: default)")
+    m = sub.add_parser("mount", parents=[where], help="mount a volume and serve it in the foreground")
+    m.add_argument("mountpoint", help="an empty directory")
+    m.add_argument(
+        "--memory-mb", type=_positive, default=256,
+        help="memory budget in MiB: block cache and uncommitted data; bigger transactions are staged in the store (default: 256)",
+    )
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount (FUSE allow_other)")
     m.add_argument("--debug", action="store_true", help="log every commit")
+    g = sub.add_parser("gc", parents=[where], help="remove what mounts that died left in the store")
+    g.add_argument(
+        "--staging-timeout", type=float, default=None,
+        help="seconds after which another host's unfinished staging counts as abandoned (default: 120)",
+    )
     return p
 
 
@@ -60,29 +76,50 @@ def setup_logging(debug: bool) -> None:
     )
     if not debug:
         logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+    else:
+        logging.getLogger("pyfuse3").setLevel(logging.INFO)  # its per-request debug lines drown ours
 
 
 def run(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     if args.command is None:
         raise CliError("no command given; try: fusesqlite mount MOUNTPOINT (see: fusesqlite --help)", code=2)
+    if not args.volume or "/" in args.volume:
+        raise CliError(f"invalid volume name {args.volume!r}; use a non-empty name without '/'", code=2)
+    store_spec = args.store or default_store()
     if args.command == "mount":
-        if not args.volume or "/" in args.volume:
-            raise CliError(f"invalid volume name {args.volume!r}; use a non-empty name without '/'", code=2)
         setup_logging(args.debug)
         from fusesqlite.mount import MountConfig, MountError, serve
 
         config = MountConfig(
             mountpoint=args.mountpoint,
-            store=args.store or default_store(),
+            store=store_spec,
             volume=args.volume,
-            cache_mb=args.cache_mb,
+            memory_mb=args.memory_mb,
             allow_other=args.allow_other,
         )
         try:
             serve(config)
         except MountError as e:
             raise CliError(str(e)) from None
+    elif args.command == "gc":
+        setup_logging(False)
+        collect(store_spec, args.volume, args.staging_timeout)
+
+
+def collect(store_spec: str, volume_name: str, staging_timeout: float | None) -> None:
+    from fusesqlite import gc
+    from fusesqlite.store import StoreError, open_store
+    from fusesqlite.volume import Volume
+
+    try:
+        volume = Volume(open_store(store_spec), volume_name)
+        volume.open()
+        timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
+        stagings, blocks = gc.reclaim_stagings(volume, gc.new_mount_id(), timeout)
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    print(f"removed {stagings} abandoned staging(s), {blocks} block(s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,10 @@ class Inode:
     target: bytes = b""
     #: blocks [0, hwm) may hold data in the store; growing a file zeroes what lies below it
     hwm: int = 0
+    #: version of the last commit of the file's data: its blocks are read at this version
+    dver: int = 0
 
-    _FIELDS = ("mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev", "target", "hwm")
+    _FIELDS = ("mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev", "target", "hwm", "dver")
 
     def pack(self) -> bytes:
         return pack((1,) + tuple(getattr(self, f) for f in self._FIELDS))
@@ -68,6 +70,14 @@ class Inode:
     @property
     def is_reg(self) -> bool:
         return stat.S_ISREG(self.mode)
+
+    def with_data_of(self, other: "Inode") -> "Inode":
+        """This record's attributes with ``other``'s data fields (size, blocks, data version).
+
+        Commits merge onto the record in the store instead of overwriting it, so a
+        chmod and a data commit of one file never undo each other.
+        """
+        return replace(self, size=other.size, hwm=other.hwm, dver=other.dver)
 
     def with_(self, **changes: object) -> "Inode":
         return replace(self, **changes)

@@ -13,6 +13,12 @@ a tombstone.
     (prefix, 'i', ino, version)              -> inode record (see inodes.py)
     (prefix, 'd', parent, name, version)     -> child inode number
     (prefix, 'b', ino, block_no, version)    -> block (see pages.py)
+    (prefix, 'staging', ino, version)        -> (mount id, heartbeat time) of a staged transaction
+    (prefix, 'stg', ino, version, block_no)  -> b'' : which blocks a staging wrote (for cleanup)
+
+A file's blocks are read at its record's data version, not at the snapshot:
+blocks staged at a newer version stay invisible until a commit points the record
+at them (docs/architecture.md, "Transactions beyond the store's limits").
 
 Keys are FoundationDB tuple-layer encodings (pure Python, needs no client library),
 which order integers numerically and keep each tuple's children after it.
@@ -67,6 +73,12 @@ class Keyspace:
 
     def block(self, ino: int, block_no: int, version: int) -> bytes:
         return self.key("b", ino, block_no, version)
+
+    def staging(self, ino: int, version: int) -> bytes:
+        return self.key("staging", ino, version)
+
+    def staged(self, ino: int, version: int, block_no: int) -> bytes:
+        return self.key("stg", ino, version, block_no)
 
     # ranges: (begin, end) with begin inclusive, end exclusive
     def versions_upto(self, version: int, *parts: object) -> tuple[bytes, bytes]:

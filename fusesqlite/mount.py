@@ -13,6 +13,7 @@ import pyfuse3
 import trio
 
 from fusesqlite.fs.operations import Operations
+from fusesqlite.gc import new_mount_id, reclaim_stagings
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
@@ -30,7 +31,9 @@ class MountConfig:
     mountpoint: str
     store: str
     volume: str = "default"
-    cache_mb: int = 64
+    #: the daemon's memory budget: a quarter for the block cache, a sixteenth per
+    #: file for uncommitted blocks before they are staged into the store
+    memory_mb: int = 256
     allow_other: bool = False
 
 
@@ -77,14 +80,23 @@ def serve(config: MountConfig) -> None:
     mountpoint = os.path.abspath(config.mountpoint)
     check_mountpoint(mountpoint)
     check_fuse()
+    mount_id = new_mount_id()
     try:
         store = open_store(config.store)
         volume = Volume(store, config.volume)
         snapshot = volume.open()
+        reclaim_stagings(volume, mount_id)
     except StoreError as e:
         raise MountError(str(e)) from None
     ops: Operations | None = None
-    tx = Transactions(volume, config.cache_mb << 20, on_rollback=lambda ino: ops.invalidate(ino) if ops else None)
+    budget = config.memory_mb << 20
+    tx = Transactions(
+        volume,
+        cache_bytes=budget // 4,
+        overlay_bytes=max(budget // 16, 1 << 20),
+        mount_id=mount_id,
+        on_rollback=lambda ino: ops.invalidate(ino) if ops else None,
+    )
     tx.snapshot = snapshot
     ops = Operations(tx)
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}

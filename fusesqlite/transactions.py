@@ -18,10 +18,11 @@ from typing import Callable, Iterable, TypeVar
 
 import trio
 
+from fusesqlite.gc import staging_abandoned
 from fusesqlite.inodes import Inode
 from fusesqlite.pages import BlockCache, CorruptBlock, decode_block, encode_block
 from fusesqlite.store.base import StoreError
-from fusesqlite.volume import ChangeSet, Volume
+from fusesqlite.volume import ChangeSet, CommitResult, DataCommit, StagingConflict, Volume
 
 log = logging.getLogger("fusesqlite.transactions")
 T = TypeVar("T")
@@ -34,7 +35,10 @@ class BlockCorrupt(StoreError):
 class FileState:
     """A stored file's state on this mount beyond what is committed."""
 
-    __slots__ = ("ino", "record", "size", "mtime_ns", "dirty", "committing", "opens", "gen", "commit_lock", "label")
+    __slots__ = (
+        "ino", "record", "size", "mtime_ns", "dirty", "committing", "opens", "gen", "commit_lock", "label",
+        "staging", "staged_hwm",
+    )
 
     def __init__(self, ino: int, record: Inode, label: str) -> None:
         self.ino = ino
@@ -47,10 +51,21 @@ class FileState:
         self.gen = 0  # bumped when committed content changes; guards cache fills
         self.commit_lock = trio.Lock()
         self.label = label  # the file's name, for log lines
+        #: version holding blocks staged (written, unpublished) by this mount, if any
+        self.staging: int | None = None
+        self.staged_hwm = 0
 
     @property
     def changed(self) -> bool:
-        return bool(self.dirty) or self.size != self.record.size or self.mtime_ns != self.record.mtime_ns
+        return (
+            bool(self.dirty) or self.staging is not None
+            or self.size != self.record.size or self.mtime_ns != self.record.mtime_ns
+        )
+
+    @property
+    def read_version(self) -> int:
+        """Stored blocks are read as of the file's data version, or of its own staging."""
+        return self.staging if self.staging is not None else self.record.dver
 
     def live_record(self) -> Inode:
         return self.record.with_(size=self.size, mtime_ns=self.mtime_ns)
@@ -86,6 +101,8 @@ class Transactions:
         volume: Volume,
         cache_bytes: int,
         on_rollback: Callable[[int], None],
+        mount_id: str,
+        overlay_bytes: int = 16 << 20,
         store_threads: int = 4,
     ) -> None:
         self.volume = volume
@@ -96,6 +113,11 @@ class Transactions:
         self.files: dict[int, FileState] = {}
         self.snapshot = 0
         self.on_rollback = on_rollback
+        self.mount_id = mount_id
+        #: a file's overlay is staged into the store beyond this (bounds memory)
+        self.overlay_bytes = overlay_bytes
+        #: raw bytes per staging transaction: far below the store's transaction limit
+        self.stage_chunk = min(4 << 20, overlay_bytes)
         self.limiter = trio.CapacityLimiter(store_threads)
         self._inos: Iterable[int] = iter(())
 
@@ -149,14 +171,17 @@ class Transactions:
 
     async def commit_changes(self, changes: ChangeSet) -> int:
         """Commit metadata changes (entries, records) as one version."""
-        version = await self.run(self.volume.commit, changes)
-        self.snapshot = max(self.snapshot, version)
-        for ino, rec in changes.inodes.items():
+        result = await self.run(self.volume.commit, changes)
+        self._committed(result)
+        return result.version
+
+    def _committed(self, result: CommitResult) -> None:
+        self.snapshot = max(self.snapshot, result.version)
+        for ino, rec in result.records.items():
             self.records.put(ino, rec)
             fs = self.files.get(ino)
             if fs is not None and rec is not None:
-                fs.record = rec.with_(size=fs.record.size, mtime_ns=fs.record.mtime_ns, hwm=fs.record.hwm)
-        return version
+                fs.record = rec
 
     # -- file data ---------------------------------------------------------------------
     def state(self, ino: int, rec: Inode, label: str) -> FileState:
@@ -175,7 +200,7 @@ class Transactions:
         """Current content of blocks (overlay, then cache, then store at the snapshot)."""
         out: dict[int, bytes | bytearray] = {}
         missing = []
-        hwm = fs.record.hwm
+        hwm = max(fs.record.hwm, fs.staged_hwm)
         for b in block_nos:
             data = fs.dirty.get(b)
             if data is None:
@@ -191,7 +216,7 @@ class Transactions:
             out[b] = data
         if missing:
             gen = fs.gen
-            loaded = await self.run(self._load, fs.ino, fs.label, missing, self.snapshot)
+            loaded = await self.run(self._load, fs.ino, fs.label, missing, fs.read_version)
             cache = gen == fs.gen
             for b, data in loaded.items():
                 current = fs.dirty.get(b)
@@ -272,54 +297,113 @@ class Transactions:
             block = bytearray((await self.blocks(fs, [b]))[b])
             block[old % bs :] = bytes(bs - old % bs)
             fs.dirty[b] = block
-        stale_end = max([fs.record.hwm, *(b + 1 for b in fs.dirty), *(b + 1 for b in fs.committing)])
+        stale_end = max([fs.record.hwm, fs.staged_hwm, *(b + 1 for b in fs.dirty), *(b + 1 for b in fs.committing)])
         for b in range(-(-old // bs), min(-(-size // bs), stale_end)):
             fs.dirty[b] = self.zero_block
         fs.size = size
 
     async def commit(self, fs: FileState, reason: str) -> None:
-        """Publish ``fs``'s overlay as one new version; on failure revert it and raise."""
+        """Publish ``fs``'s overlay (and staging) as one new version; on failure revert it and raise."""
         async with fs.commit_lock:
             if not fs.changed:
                 return
+            # a big overlay is staged first, so that the publishing transaction stays small
+            while len(fs.dirty) * self.bs > self.stage_chunk:
+                await self._stage_chunk(fs)
             dirty, fs.dirty = fs.dirty, {}
             fs.committing = dirty
-            hwm = max([fs.record.hwm, *(b + 1 for b in dirty)])
+            hwm = max([fs.record.hwm, fs.staged_hwm, *(b + 1 for b in dirty)])
             record = fs.record.with_(size=fs.size, mtime_ns=fs.mtime_ns, ctime_ns=fs.mtime_ns, hwm=hwm)
+            data = DataCommit(based_on=fs.record.dver, staging=fs.staging)
             started = time.monotonic()
             try:
-                version = await self.run(self._commit_blocks, fs.ino, record, dirty)
+                result = await self._publish(fs, record, dirty, data)
             except StoreError as e:
-                log.error(
-                    "event=commit_failed path=%s ino=%d reason=%s blocks=%d cause=%s: %s",
-                    fs.label, fs.ino, reason, len(dirty), type(e).__name__, e,
-                )
-                self.rollback(fs)
+                await self._failed(fs, reason, len(dirty), e)
                 raise
-            for b, data in dirty.items():
-                self.cache.put(fs.ino, b, bytes(data))
+            for b, block in dirty.items():
+                self.cache.put(fs.ino, b, bytes(block))
             fs.committing = {}
-            fs.record = record
+            fs.staging, fs.staged_hwm = None, 0
             fs.gen += 1
-            self.records.put(fs.ino, record)
-            self.snapshot = max(self.snapshot, version)
+            self._committed(result)
             log.debug(
                 "event=commit path=%s ino=%d reason=%s version=%d blocks=%d size=%d ms=%.1f",
-                fs.label, fs.ino, reason, version, len(dirty), record.size, (time.monotonic() - started) * 1000,
+                fs.label, fs.ino, reason, result.version, len(dirty), record.size, (time.monotonic() - started) * 1000,
             )
 
-    def _commit_blocks(self, ino: int, record: Inode, dirty: dict[int, bytes | bytearray]) -> int:
-        changes = ChangeSet(inodes={ino: record})
-        for b, data in dirty.items():
-            changes.blocks[(ino, b)] = encode_block(bytes(data), ino, b)
-        return self.volume.commit(changes)
+    async def _publish(self, fs: FileState, record: Inode, dirty: dict, data: DataCommit) -> CommitResult:
+        for attempt in (1, 2):
+            try:
+                return await self.run(self._commit_blocks, fs.ino, record, dirty, data)
+            except StagingConflict as e:
+                if attempt == 2 or not await self.reclaim_staging(e.ino, e.version, e.owner, e.heartbeat):
+                    raise
+        raise AssertionError("unreachable")
 
-    def rollback(self, fs: FileState) -> None:
+    def _commit_blocks(self, ino: int, record: Inode, dirty: dict, data: DataCommit) -> CommitResult:
+        changes = ChangeSet(inodes={ino: record})
+        for b, block in dirty.items():
+            changes.blocks[(ino, b)] = encode_block(bytes(block), ino, b)
+        return self.volume.commit(changes, {ino: data})
+
+    async def stage(self, fs: FileState) -> None:
+        """Move the overlay into the store, unpublished, until it fits the memory budget."""
+        async with fs.commit_lock:
+            while len(fs.dirty) * self.bs > self.stage_chunk:
+                await self._stage_chunk(fs)
+
+    async def _stage_chunk(self, fs: FileState) -> None:
+        chunk = self.stage_chunk // self.bs
+        picked = sorted(fs.dirty)[:chunk]
+        blocks = {b: fs.dirty.pop(b) for b in picked}
+        fs.committing = blocks
+        try:
+            if fs.staging is None:
+                fs.staging = await self.run(self.volume.begin_staging, fs.ino, self.mount_id)
+            await self.run(self._stage_blocks, fs.ino, fs.staging, blocks)
+        except StoreError as e:
+            await self._failed(fs, "stage", len(blocks), e)
+            raise
+        for b, block in blocks.items():
+            self.cache.put(fs.ino, b, bytes(block))
+        fs.committing = {}
+        fs.staged_hwm = max(fs.staged_hwm, picked[-1] + 1)
+        log.debug("event=staged path=%s ino=%d version=%d blocks=%d", fs.label, fs.ino, fs.staging, len(blocks))
+
+    def _stage_blocks(self, ino: int, version: int, blocks: dict) -> None:
+        encoded = {b: encode_block(bytes(block), ino, b) for b, block in blocks.items()}
+        self.volume.stage_blocks(ino, version, encoded, self.mount_id)
+
+    async def _failed(self, fs: FileState, reason: str, blocks: int, e: StoreError) -> None:
+        log.error(
+            "event=commit_failed path=%s ino=%d reason=%s blocks=%d cause=%s: %s",
+            fs.label, fs.ino, reason, blocks, type(e).__name__, e,
+        )
+        await self.rollback(fs)
+
+    async def rollback(self, fs: FileState) -> None:
         """Forget everything uncommitted of ``fs``: it reads as last committed again."""
+        staging = fs.staging
         fs.dirty = {}
         fs.committing = {}
+        fs.staging, fs.staged_hwm = None, 0
         fs.size = fs.record.size
         fs.mtime_ns = fs.record.mtime_ns
         fs.gen += 1
         self.cache.drop_inode(fs.ino)
         self.on_rollback(fs.ino)
+        if staging is not None:
+            try:
+                removed = await self.run(self.volume.cleanup_staging, fs.ino, staging)
+                log.info("event=staging_removed path=%s ino=%d version=%d blocks=%d", fs.label, fs.ino, staging, removed)
+            except StoreError as e:  # left for the next mount or `fusesqlite gc`
+                log.warning("event=staging_left ino=%d version=%d cause=%s", fs.ino, staging, e)
+
+    async def reclaim_staging(self, ino: int, version: int, owner: str, heartbeat: float) -> bool:
+        """Remove another mount's staging if that mount is gone; say whether it was."""
+        if not staging_abandoned(owner, heartbeat, self.mount_id):
+            return False
+        removed = await self.run(self.volume.cleanup_staging, ino, version)
+        log.info("event=staging_reclaimed ino=%d version=%d owner=%s blocks=%d", ino, version, owner, removed)
+        return True

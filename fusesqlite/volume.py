@@ -5,6 +5,7 @@ that turns file-system state into store keys, so the commit path is in one place
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Iterable
 
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import Keyspace, pack, unpack
-from fusesqlite.store.base import Store, Transaction
+from fusesqlite.store.base import Store, StoreError, Transaction
 
 log = logging.getLogger("fusesqlite.volume")
 
@@ -35,6 +36,39 @@ class ChangeSet:
 
     def touched(self) -> list[int]:
         return sorted(set(self.inodes) | {ino for ino, _ in self.blocks})
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    version: int
+    #: the inode records as written (merged onto the store's, see Inode.with_data_of)
+    records: dict[int, Inode | None]
+
+
+@dataclass(frozen=True)
+class DataCommit:
+    """A file whose data a commit publishes: the record's data version moves to the commit's."""
+
+    #: the data version this mount's writes were made on; another is a lost update
+    based_on: int
+    #: this mount's staging of the file, published by the commit
+    staging: int | None = None
+
+
+class StaleWrite(StoreError):
+    """Another writer committed the file after this mount's writes began."""
+
+    errno = errno.EBUSY
+
+
+class StagingConflict(StoreError):
+    """Another staging of the file is in the store (a live writer elsewhere, or a dead one's leftovers)."""
+
+    errno = errno.EBUSY
+
+    def __init__(self, ino: int, version: int, owner: str, heartbeat: float) -> None:
+        super().__init__(f"ino {ino} has a staged transaction at version {version} by mount {owner}")
+        self.ino, self.version, self.owner, self.heartbeat = ino, version, owner, heartbeat
 
 
 class Volume:
@@ -146,12 +180,40 @@ class Volume:
         return self.store.transact(fn)
 
     # -- commits ---------------------------------------------------------------------
-    def commit(self, changes: ChangeSet) -> int:
-        """Write ``changes`` as the next version of the volume; return that version."""
+    def commit(self, changes: ChangeSet, data: dict[int, DataCommit] | None = None) -> "CommitResult":
+        """Write ``changes`` as the next version of the volume.
 
-        def fn(tr: Transaction) -> int:
+        Files in ``data`` get their data version moved to it, after checking that
+        nobody else committed them meanwhile and that no other staging of them exists.
+        """
+        data = data or {}
+
+        def fn(tr: Transaction) -> CommitResult:
             version = unpack(tr.get(self.ks.head()))[0] + 1
+            written: dict[int, Inode | None] = {}
             for ino, rec in changes.inodes.items():
+                raw = self._latest(tr, self.ks.versions_upto(version, "i", ino))
+                current = Inode.unpack(raw) if raw else None
+                dc = data.get(ino)
+                if dc is not None:
+                    if current is not None and current.dver != dc.based_on:
+                        raise StaleWrite(f"ino {ino} was committed elsewhere after version {dc.based_on}")
+                    for key, value in tr.get_range(*self.ks.children("staging", ino)):
+                        staged = self.ks.parts(key)[-1]
+                        if staged != dc.staging:
+                            owner, heartbeat = unpack(value)
+                            raise StagingConflict(ino, staged, owner, heartbeat)
+                    if dc.staging is not None:
+                        if tr.get(self.ks.staging(ino, dc.staging)) is None:
+                            raise StaleWrite(f"staging of ino {ino} at version {dc.staging} was reclaimed")
+                        tr.clear(self.ks.staging(ino, dc.staging))
+                    assert rec is not None
+                    rec = rec.with_(dver=version)
+                    if current is not None:
+                        rec = current.with_(mtime_ns=rec.mtime_ns, ctime_ns=rec.ctime_ns).with_data_of(rec)
+                elif rec is not None and current is not None:
+                    rec = rec.with_data_of(current)
+                written[ino] = rec
                 tr.set(self.ks.inode(ino, version), rec.pack() if rec else b"")
             for (parent, name), ino in changes.dirents.items():
                 tr.set(self.ks.dirent(parent, name, version), pack((ino,)) if ino else b"")
@@ -159,6 +221,64 @@ class Volume:
                 tr.set(self.ks.block(ino, block_no, version), value)
             tr.set(self.ks.log(version), pack((time.time(), tuple(changes.touched()))))
             tr.set(self.ks.head(), pack((version,)))
+            return CommitResult(version, written)
+
+        return self.store.transact(fn)
+
+    # -- staging: transactions bigger than one store transaction ------------------------
+    def begin_staging(self, ino: int, mount_id: str) -> int:
+        """Reserve a version for a big write of ``ino``; its blocks go there, invisible."""
+
+        def fn(tr: Transaction) -> int:
+            version = unpack(tr.get(self.ks.head()))[0] + 1
+            tr.set(self.ks.head(), pack((version,)))
+            tr.set(self.ks.staging(ino, version), pack((mount_id, time.time())))
             return version
 
         return self.store.transact(fn)
+
+    def stage_blocks(self, ino: int, version: int, blocks: dict[int, bytes], mount_id: str) -> None:
+        """One store transaction's worth of staged blocks (the caller keeps it under the limits)."""
+
+        def fn(tr: Transaction) -> None:
+            if tr.get(self.ks.staging(ino, version)) is None:
+                raise StaleWrite(f"staging of ino {ino} at version {version} was cleaned up by another mount")
+            for block_no, value in blocks.items():
+                tr.set(self.ks.block(ino, block_no, version), value)
+                tr.set(self.ks.staged(ino, version, block_no), b"")
+            tr.set(self.ks.staging(ino, version), pack((mount_id, time.time())))
+
+        self.store.transact(fn)
+
+    def stagings(self) -> list[tuple[int, int, str, float]]:
+        """Every staging in the volume: (ino, version, mount id, last heartbeat)."""
+
+        def fn(tr: Transaction) -> list[tuple[int, int, str, float]]:
+            out = []
+            for key, value in tr.get_range(*self.ks.children("staging")):
+                _, ino, version = self.ks.parts(key)
+                owner, heartbeat = unpack(value)
+                out.append((ino, version, owner, heartbeat))
+            return out
+
+        return self.store.transact(fn)
+
+    def cleanup_staging(self, ino: int, version: int, batch: int = 2000) -> int:
+        """Remove a staging that will never be published; return how many blocks it had."""
+        removed = 0
+        begin, end = self.ks.children("stg", ino, version)
+
+        def fn(tr: Transaction) -> int:
+            rows = tr.get_range(begin, end, limit=batch)
+            for key, _ in rows:
+                tr.clear(self.ks.block(ino, self.ks.parts(key)[-1], version))
+                tr.clear(key)
+            if len(rows) < batch:
+                tr.clear(self.ks.staging(ino, version))
+            return len(rows)
+
+        while True:
+            n = self.store.transact(fn)
+            removed += n
+            if n < batch:
+                return removed

@@ -25,11 +25,6 @@ from fusesqlite.volume import ChangeSet
 
 log = logging.getLogger("fusesqlite.fs")
 
-#: outside a SQLite transaction, a file's overlay is committed once it holds this
-#: much, so writing a big file (cp, dd) never needs a store transaction over its
-#: limits. Such a file becomes visible in parts, as on a local disk after a crash.
-SPILL_BYTES = 4 << 20
-
 
 class FileOps(FsBase):
     # -- commit points -----------------------------------------------------------------
@@ -150,8 +145,11 @@ class FileOps(FsBase):
             await self.tx.write(f, off, buf)
         except StoreError as e:
             raise fail(e.errno) from None
-        if len(f.dirty) * self.tx.bs >= SPILL_BYTES:
-            await self.commit_unless_in_transaction(f, "spill")
+        if len(f.dirty) * self.tx.bs > self.tx.overlay_bytes:
+            try:
+                await self.tx.stage(f)
+            except StoreError as e:
+                raise fail(e.errno) from None
         return len(buf)
 
     async def truncate(self, ino: int, size: int, open_handle: bool) -> None:
@@ -202,6 +200,6 @@ class FileOps(FsBase):
 
     async def drop_unlinked(self, fs: FileState) -> None:
         """The last handle of an unlinked file is gone: its inode goes too."""
-        self.tx.rollback(fs)
+        await self.tx.rollback(fs)
         self.tx.files.pop(fs.ino, None)
         await self.commit_meta(ChangeSet(inodes={fs.ino: None}), f"drop unlinked ino {fs.ino}")

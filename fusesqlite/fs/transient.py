@@ -4,30 +4,36 @@ They live in the daemon's memory only, never in the store (DESIGN.md section 3):
 a journal matters only to processes on this mount, and after a daemon crash the
 store is already at the last commit, which is what playing the journal back would
 have produced. Their inode numbers come from a range the store never uses.
+Contents beyond ``SPOOL_BYTES`` spill to an unlinked local temporary file, so a
+journal as big as its transaction does not count against the daemon's memory.
 """
 from __future__ import annotations
 
 import itertools
 import stat
+import tempfile
 import time
 
 from fusesqlite.inodes import TRANSIENT_BASE, Inode
 
+SPOOL_BYTES = 1 << 20
+
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked")
+    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked")
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
-        self.data = bytearray()
+        self.data = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        self.size = 0
         self.rec = Inode.new(stat.S_IFREG, mode, uid, gid)
         self.opens = 0
         self.linked = True
 
     def record(self) -> Inode:
-        return self.rec.with_(size=len(self.data))
+        return self.rec.with_(size=self.size)
 
     @property
     def active(self) -> bool:
@@ -37,27 +43,33 @@ class TransientFile:
         moment it stops being (deleted, truncated to zero, header zeroed) is
         SQLite's commit point.
         """
-        return bool(self.data) and self.data[0] != 0
+        return self.size > 0 and self.read(0, 1) != b"\0"
 
     def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset : offset + length])
+        self.data.seek(offset)
+        return self.data.read(max(0, min(length, self.size - offset)))
 
     def write(self, offset: int, buf: bytes) -> None:
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(buf)] = buf
+        self.data.seek(offset)  # writing past the end fills the gap with zeros
+        self.data.write(buf)
+        self.size = max(self.size, offset + len(buf))
         self.touch()
 
     def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
+        if size < self.size:
+            self.data.truncate(size)
+        elif size > self.size:
+            self.data.seek(size - 1)
+            self.data.write(b"\0")
+        self.size = size
         self.touch()
 
     def touch(self) -> None:
         now = time.time_ns()
         self.rec = self.rec.with_(mtime_ns=now, ctime_ns=now)
+
+    def close(self) -> None:
+        self.data.close()
 
 
 class TransientFiles:
@@ -93,6 +105,7 @@ class TransientFiles:
     def release_if_unused(self, tf: TransientFile) -> None:
         if not tf.linked and tf.opens == 0:
             self.by_ino.pop(tf.ino, None)
+            tf.close()
 
     def in_dir(self, parent: int) -> list[TransientFile]:
         return [tf for (p, _), tf in self.by_name.items() if p == parent]
