@@ -16,10 +16,16 @@ NAME_MAX = 255
 # SQLite's rollback journals, super-journals ("%s-mj%06X9%02X") and WAL index files
 # are per-mount and transient (DESIGN.md section 3); everything else is stored.
 _TRANSIENT = re.compile(rb"(-journal|-shm|-mj[0-9A-F]{6}9[0-9A-F]{2})\Z")
+_SUPER_JOURNAL = re.compile(rb"-mj[0-9A-F]{6}9[0-9A-F]{2}\Z")
 
 
 def is_transient_name(name: bytes) -> bool:
     return _TRANSIENT.search(name) is not None
+
+
+def is_super_journal(name: bytes) -> bool:
+    """A multi-database transaction's super-journal: its deletion commits all the databases."""
+    return _SUPER_JOURNAL.search(name) is not None
 
 
 def journal_target(name: bytes) -> bytes | None:

@@ -98,7 +98,7 @@ def serve(config: MountConfig) -> None:
         on_rollback=lambda ino: ops.invalidate(ino) if ops else None,
     )
     tx.snapshot = snapshot
-    ops = Operations(tx)
+    ops = Operations(tx, mountpoint)
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from contextlib import AsyncExitStack
 from functools import partial
 from typing import Callable, Iterable, TypeVar
 
@@ -304,48 +305,64 @@ class Transactions:
 
     async def commit(self, fs: FileState, reason: str) -> None:
         """Publish ``fs``'s overlay (and staging) as one new version; on failure revert it and raise."""
-        async with fs.commit_lock:
-            if not fs.changed:
+        await self.commit_many([fs], reason)
+
+    async def commit_many(self, files: list[FileState], reason: str) -> None:
+        """Publish several files' overlays in one store transaction (ATTACHed databases).
+
+        On failure every one of them reverts to its last committed state.
+        """
+        async with AsyncExitStack() as stack:
+            for fs in sorted(files, key=lambda f: f.ino):  # one lock order: no deadlock
+                await stack.enter_async_context(fs.commit_lock)
+            files = [fs for fs in files if fs.changed]
+            if not files:
                 return
-            # a big overlay is staged first, so that the publishing transaction stays small
-            while len(fs.dirty) * self.bs > self.stage_chunk:
-                await self._stage_chunk(fs)
-            dirty, fs.dirty = fs.dirty, {}
-            fs.committing = dirty
-            hwm = max([fs.record.hwm, fs.staged_hwm, *(b + 1 for b in dirty)])
-            record = fs.record.with_(size=fs.size, mtime_ns=fs.mtime_ns, ctime_ns=fs.mtime_ns, hwm=hwm)
-            data = DataCommit(based_on=fs.record.dver, staging=fs.staging)
+            changes = ChangeSet()
+            data: dict[int, DataCommit] = {}
+            for fs in files:
+                # a big overlay is staged first, so that the publishing transaction stays small
+                while len(fs.dirty) * self.bs > self.stage_chunk:
+                    await self._stage_chunk(fs)
+                dirty, fs.dirty = fs.dirty, {}
+                fs.committing = dirty
+                hwm = max([fs.record.hwm, fs.staged_hwm, *(b + 1 for b in dirty)])
+                changes.inodes[fs.ino] = fs.record.with_(size=fs.size, mtime_ns=fs.mtime_ns, ctime_ns=fs.mtime_ns, hwm=hwm)
+                for b, block in dirty.items():
+                    changes.blocks[(fs.ino, b)] = block  # encoded off the event loop
+                data[fs.ino] = DataCommit(based_on=fs.record.dver, staging=fs.staging)
             started = time.monotonic()
             try:
-                result = await self._publish(fs, record, dirty, data)
+                result = await self._publish(changes, data)
             except StoreError as e:
-                await self._failed(fs, reason, len(dirty), e)
+                for fs in files:
+                    await self._failed(fs, reason, len(fs.committing), e)
                 raise
-            for b, block in dirty.items():
-                self.cache.put(fs.ino, b, bytes(block))
-            fs.committing = {}
-            fs.staging, fs.staged_hwm = None, 0
-            fs.gen += 1
+            for fs in files:
+                for b, block in fs.committing.items():
+                    self.cache.put(fs.ino, b, bytes(block))
+                fs.committing = {}
+                fs.staging, fs.staged_hwm = None, 0
+                fs.gen += 1
             self._committed(result)
             log.debug(
-                "event=commit path=%s ino=%d reason=%s version=%d blocks=%d size=%d ms=%.1f",
-                fs.label, fs.ino, reason, result.version, len(dirty), record.size, (time.monotonic() - started) * 1000,
+                "event=commit paths=%s reason=%s version=%d blocks=%d ms=%.1f",
+                ",".join(fs.label for fs in files), reason, result.version, len(changes.blocks),
+                (time.monotonic() - started) * 1000,
             )
 
-    async def _publish(self, fs: FileState, record: Inode, dirty: dict, data: DataCommit) -> CommitResult:
+    async def _publish(self, changes: ChangeSet, data: dict[int, DataCommit]) -> CommitResult:
         for attempt in (1, 2):
             try:
-                return await self.run(self._commit_blocks, fs.ino, record, dirty, data)
+                return await self.run(self._encode_and_commit, changes, data)
             except StagingConflict as e:
                 if attempt == 2 or not await self.reclaim_staging(e.ino, e.version, e.owner, e.heartbeat):
                     raise
         raise AssertionError("unreachable")
 
-    def _commit_blocks(self, ino: int, record: Inode, dirty: dict, data: DataCommit) -> CommitResult:
-        changes = ChangeSet(inodes={ino: record})
-        for b, block in dirty.items():
-            changes.blocks[(ino, b)] = encode_block(bytes(block), ino, b)
-        return self.volume.commit(changes, {ino: data})
+    def _encode_and_commit(self, changes: ChangeSet, data: dict[int, DataCommit]) -> CommitResult:
+        blocks = {(ino, b): encode_block(bytes(block), ino, b) for (ino, b), block in changes.blocks.items()}
+        return self.volume.commit(ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data)
 
     async def stage(self, fs: FileState) -> None:
         """Move the overlay into the store, unpublished, until it fits the memory budget."""

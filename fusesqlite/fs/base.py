@@ -42,9 +42,10 @@ class FsBase(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tx: Transactions) -> None:
+    def __init__(self, tx: Transactions, mountpoint: str) -> None:
         super().__init__()
         self.tx = tx
+        self.mountpoint = mountpoint.encode()
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -129,6 +130,21 @@ class FsBase(pyfuse3.Operations):
             return None
         self.names[found[0]] = (parent, name)
         return found[0], found[1], None
+
+    async def resolve(self, path: bytes) -> int | None:
+        """Inode of an absolute path on this mount (None if elsewhere or missing)."""
+        prefix = self.mountpoint.rstrip(b"/") + b"/"
+        if not path.startswith(prefix):
+            return None
+        ino = ROOT_INO
+        for part in path[len(prefix):].split(b"/"):
+            if not part:
+                continue
+            found = await self.child(ino, part)
+            if found is None:
+                return None
+            ino = found[0]
+        return ino
 
     # -- kernel cache ------------------------------------------------------------------
     def invalidate(self, ino: int) -> None:

@@ -142,10 +142,11 @@ class DirectoryOps(FileOps, FsBase):
             raise fail(errno.ENOENT)
         ino, rec, tf = found
         if tf is not None:
-            was = tf.active
-            self.transient.unlink(tf)
-            if was:
-                await self.journal_settled(tf, "journal deleted")
+            try:
+                if tf.active:
+                    await self.journal_settled(tf, "journal deleted")
+            finally:  # a failed commit reverted the database: its journal must go too
+                self.transient.unlink(tf)
             return
         assert rec is not None
         if rec.is_dir:

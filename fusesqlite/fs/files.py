@@ -18,7 +18,7 @@ import pyfuse3
 
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.transient import TransientFile
-from fusesqlite.inodes import Inode, is_transient_name, journal_target
+from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import FileState
 from fusesqlite.volume import ChangeSet
@@ -48,7 +48,25 @@ class FileOps(FsBase):
             await self.commit(fs, reason)
 
     async def journal_settled(self, tf: TransientFile, reason: str) -> None:
-        """The journal ``tf`` stopped being active: commit its database's transaction."""
+        """The journal ``tf`` stopped being active: commit its database's transaction.
+
+        For a super-journal, that is every database whose journal it lists, in one
+        store transaction: a multi-database transaction is atomic in the store too.
+        """
+        if is_super_journal(tf.name):
+            files = []
+            for path in tf.read(0, tf.size).split(b"\0"):
+                target = journal_target(path)
+                ino = await self.resolve(target) if target else None
+                fs = self.tx.files.get(ino) if ino is not None else None
+                if fs is not None and fs.changed:
+                    files.append(fs)
+            if files:
+                try:
+                    await self.tx.commit_many(files, reason)
+                except StoreError as e:
+                    raise fail(e.errno) from None
+            return
         target = journal_target(tf.name)
         if target is None:
             return
