@@ -117,8 +117,9 @@ class Transactions:
         self.mount_id = mount_id
         #: a file's overlay is staged into the store beyond this (bounds memory)
         self.overlay_bytes = overlay_bytes
-        #: raw bytes per staging transaction: far below the store's transaction limit
-        self.stage_chunk = min(4 << 20, overlay_bytes)
+        #: raw bytes per staging transaction: well inside the store's transaction limit
+        #: (a block's value is at most a few bytes longer than the block)
+        self.stage_chunk = max(self.bs, min(4 << 20, overlay_bytes, volume.store.limits.transaction_bytes // 3))
         self.limiter = trio.CapacityLimiter(store_threads)
         self._inos: Iterable[int] = iter(())
 

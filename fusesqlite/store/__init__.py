@@ -17,6 +17,7 @@ from .base import (
     Transaction,
     TransactionTooOld,
     limit_exceeded,
+    limits_from_env,
     run_with_retries,
 )
 from .embedded import EmbeddedStore
@@ -45,12 +46,13 @@ __all__ = [
 FDB_PREFIX = "fdb:"
 
 
-def open_store(spec: str, limits: Limits = FDB_LIMITS) -> Store:
+def open_store(spec: str, limits: Limits | None = None) -> Store:
     """Open the store named by ``spec``, as given on the command line.
 
     ``fdb:`` is FoundationDB with its default cluster file, ``fdb:PATH`` with
     the cluster file PATH; anything else is the directory of an embedded store.
     """
+    limits = limits or limits_from_env()
     if spec.startswith(FDB_PREFIX):
         cluster = spec[len(FDB_PREFIX):]
         if not cluster:

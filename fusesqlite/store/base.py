@@ -6,12 +6,14 @@ can be held to the same rules.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import os
 import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, Mapping, Protocol, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("fusesqlite.store")
@@ -28,6 +30,28 @@ class Limits:
 
 
 FDB_LIMITS = Limits()
+
+#: tighter limits for tests, e.g. "transaction_bytes=200000,value_bytes=50000": the
+#: real store, refusing earlier, so the refusal paths run without huge data
+LIMITS_ENV = "FUSESQLITE_STORE_LIMITS"
+
+
+def limits_from_env(environ: Mapping[str, str] = os.environ) -> Limits:
+    spec = environ.get(LIMITS_ENV, "").strip()
+    if not spec:
+        return FDB_LIMITS
+    fields = {f.name: f.type for f in dataclasses.fields(Limits)}
+    changes: dict[str, float | int] = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in fields:
+            raise StoreError(f"{LIMITS_ENV}: unknown limit {name!r}; known: {', '.join(fields)}")
+        try:
+            changes[name] = float(value) if name == "transaction_seconds" else int(value)
+        except ValueError:
+            raise StoreError(f"{LIMITS_ENV}: {name} needs a number, not {value!r}") from None
+    return dataclasses.replace(FDB_LIMITS, **changes)
 
 
 class StoreError(Exception):
