@@ -1,6 +1,7 @@
 """Mount lifecycle: checks before mounting, pyfuse3 on trio, signals, clean unmount."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -22,6 +23,18 @@ from fusesqlite.volume import Volume
 log = logging.getLogger("fusesqlite.mount")
 
 
+#: resident memory of an idle daemon (interpreter, trio, pyfuse3, store connections)
+BASELINE_MB = 48
+
+
+def limit_malloc_arenas() -> None:
+    """One glibc malloc arena per thread would keep freed block buffers resident per thread."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 class MountError(Exception):
     """A reason not to mount, worded for the user (one line, says what to do)."""
 
@@ -31,8 +44,9 @@ class MountConfig:
     mountpoint: str
     store: str
     volume: str = "default"
-    #: the daemon's memory budget: a quarter for the block cache, a sixteenth per
-    #: file for uncommitted blocks before they are staged into the store
+    #: the daemon's memory budget. Beyond what the interpreter itself needs
+    #: (BASELINE_MB), a third goes to the block cache and an eighth per file to
+    #: uncommitted blocks, which are staged into the store beyond that
     memory_mb: int = 256
     allow_other: bool = False
 
@@ -80,6 +94,7 @@ def serve(config: MountConfig) -> None:
     mountpoint = os.path.abspath(config.mountpoint)
     check_mountpoint(mountpoint)
     check_fuse()
+    limit_malloc_arenas()
     mount_id = new_mount_id()
     try:
         store = open_store(config.store)
@@ -89,11 +104,11 @@ def serve(config: MountConfig) -> None:
     except StoreError as e:
         raise MountError(str(e)) from None
     ops: Operations | None = None
-    budget = config.memory_mb << 20
+    usable = max(config.memory_mb - BASELINE_MB, 8) << 20
     tx = Transactions(
         volume,
-        cache_bytes=budget // 4,
-        overlay_bytes=max(budget // 16, 1 << 20),
+        cache_bytes=usable // 3,
+        overlay_bytes=max(usable // 8, 1 << 20),
         mount_id=mount_id,
         on_rollback=lambda ino: ops.invalidate(ino) if ops else None,
     )

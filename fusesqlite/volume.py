@@ -207,6 +207,7 @@ class Volume:
                         if tr.get(self.ks.staging(ino, dc.staging)) is None:
                             raise StaleWrite(f"staging of ino {ino} at version {dc.staging} was reclaimed")
                         tr.clear(self.ks.staging(ino, dc.staging))
+                        tr.clear_range(*self.ks.children("stg", ino, dc.staging))  # its blocks are published
                     assert rec is not None
                     rec = rec.with_(dver=version)
                     if current is not None:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import PY, REPO, child_env, fusesqlite_cmd, is_mounted, opendb, run_cli
+from helpers import PY, REPO, child_env, force_unmount, fusesqlite_cmd, is_mounted, opendb, run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,6 +28,27 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.fixture
+def mp(tmp_path):
+    """An empty mountpoint; unmounted afterwards should a command that ought to fail have mounted it."""
+    d = tmp_path / "mp"
+    d.mkdir()
+    yield d
+    if is_mounted(d):
+        force_unmount(d)
+
+
+def expect_error(*args, **kw) -> subprocess.CompletedProcess:
+    """run_cli for a command that must fail quickly (a foreground mount would never return)."""
+    __tracebackhide__ = True
+    kw.setdefault("timeout", 20)
+    try:
+        return run_cli(*args, **kw)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"'fusesqlite {' '.join(map(str, args))}' did not fail: still running after {kw['timeout']} s "
+                    f"(it probably mounted)", pytrace=False)
+
+
 def test_help():
     r = run_cli("mount", "--help")
     assert r.returncode == 0, r.stderr
@@ -37,7 +58,7 @@ def test_help():
 
 def test_mountpoint_missing(tmp_path):
     mp = tmp_path / "nope"
-    r = run_cli("mount", mp, "--store", tmp_path / "store")
+    r = expect_error("mount", mp, "--store", tmp_path / "store")
     assert_one_line_error(r, "does not exist")
     assert not mp.exists()
 
@@ -45,23 +66,21 @@ def test_mountpoint_missing(tmp_path):
 def test_mountpoint_not_a_directory(tmp_path):
     mp = tmp_path / "file"
     mp.write_text("x")
-    r = run_cli("mount", mp, "--store", tmp_path / "store")
+    r = expect_error("mount", mp, "--store", tmp_path / "store")
     line = assert_one_line_error(r)
     assert "not a directory" in line.lower(), line
 
 
-def test_mountpoint_not_empty(tmp_path):
-    mp = tmp_path / "mp"
-    mp.mkdir()
+def test_mountpoint_not_empty(tmp_path, mp):
     (mp / "something").write_text("x")
-    r = run_cli("mount", mp, "--store", tmp_path / "store")
+    r = expect_error("mount", mp, "--store", tmp_path / "store")
     assert_one_line_error(r, "not empty")
     assert not is_mounted(mp)
 
 
 def test_already_mounted(mounts, tmp_path):
     m = mounts()
-    r = run_cli("mount", m.mountpoint, "--store", tmp_path / "store2")
+    r = expect_error("mount", m.mountpoint, "--store", tmp_path / "store2")
     assert_one_line_error(r, "already mounted")
     # the first mount is unharmed
     (m / "f").write_bytes(b"ok")
@@ -71,9 +90,7 @@ def test_already_mounted(mounts, tmp_path):
 
 
 @pytest.mark.usefixtures("root_only")
-def test_dev_fuse_unavailable(tmp_path):
-    mp = tmp_path / "mp"
-    mp.mkdir()
+def test_dev_fuse_unavailable(tmp_path, mp):
     store = tmp_path / "store"
     cmd = " ".join(
         ["mount -t tmpfs none /dev && exec"] + [f"'{a}'" for a in fusesqlite_cmd("mount", mp, "--store", store)]
@@ -85,61 +102,54 @@ def test_dev_fuse_unavailable(tmp_path):
     assert_one_line_error(r, "/dev/fuse")
 
 
-def test_fusermount3_missing(tmp_path):
+def test_fusermount3_missing(tmp_path, mp):
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    os.symlink(sys.executable, bindir / "python3")
-    mp = tmp_path / "mp"
-    mp.mkdir()
-    r = run_cli("mount", mp, "--store", tmp_path / "store", python=str(bindir / "python3"),
+    # a wrapper, not a symlink: a symlinked venv python would lose its venv (pyvenv.cfg lookup)
+    wrapper = bindir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    r = expect_error("mount", mp, "--store", tmp_path / "store", python=str(bindir / "python3"),
                 env=child_env(path=str(bindir)))
     assert_one_line_error(r, "fusermount3")
     assert not is_mounted(mp)
 
 
-def test_store_unwritable(tmp_path):
-    mp = tmp_path / "mp"
-    mp.mkdir()
+def test_store_unwritable(tmp_path, mp):
     bad = tmp_path / "regular-file"
     bad.write_text("x")
     store = f"{bad}/sub"
-    r = run_cli("mount", mp, "--store", store)
+    r = expect_error("mount", mp, "--store", store)
     assert_one_line_error(r, store)
     assert not is_mounted(mp)
 
 
-def test_store_unwritable_etc_hostname(tmp_path):
+def test_store_unwritable_etc_hostname(tmp_path, mp):
     if not os.path.isfile("/etc/hostname"):
         pytest.skip("no /etc/hostname")
-    mp = tmp_path / "mp"
-    mp.mkdir()
-    r = run_cli("mount", mp, "--store", "/etc/hostname/sub")
+    r = expect_error("mount", mp, "--store", "/etc/hostname/sub")
     assert_one_line_error(r, "/etc/hostname/sub")
 
 
 @pytest.mark.parametrize("spec", ["fdb:", "fdb:{cluster}"])
-def test_fdb_client_library_missing(tmp_path, spec):
+def test_fdb_client_library_missing(tmp_path, mp, spec):
     if ctypes.util.find_library("fdb_c"):
         pytest.skip("libfdb_c is installed")
-    mp = tmp_path / "mp"
-    mp.mkdir()
     cluster = tmp_path / "fdb.cluster"
     cluster.write_text("test:test@127.0.0.1:4500\n")
     spec = spec.format(cluster=cluster)
-    r = run_cli("mount", mp, "--store", spec)
+    r = expect_error("mount", mp, "--store", spec)
     assert_one_line_error(r, "libfdb_c")
     assert not is_mounted(mp)
 
 
 def test_unknown_command():
-    r = run_cli("frobnicate")
+    r = expect_error("frobnicate")
     assert_one_line_error(r)
 
 
-def test_unknown_option(tmp_path):
-    mp = tmp_path / "mp"
-    mp.mkdir()
-    r = run_cli("mount", mp, "--store", tmp_path / "store", "--no-such-option")
+def test_unknown_option(tmp_path, mp):
+    r = expect_error("mount", mp, "--store", tmp_path / "store", "--no-such-option")
     assert_one_line_error(r)
 
 
@@ -178,13 +188,16 @@ def test_logs_go_to_stderr_and_foreground(mounts):
     assert sum("event=mounted" in line for line in m.log_text().splitlines()) == 1
 
 
-def test_debug_flag_and_stderr_logging(mounts):
-    m = mounts(debug=True)
-    (m / "f").write_bytes(b"x")
-    m.stop()
-    text = m.log_text()
-    assert "event=mounted" in text
-    assert len(text.splitlines()) > 1
+def test_debug_flag_logs_more(mounts, tmp_path):
+    texts = []
+    for debug in (False, True):
+        m = mounts(store=tmp_path / f"store-{debug}", debug=debug)
+        for i in range(3):
+            (m / f"f{i}").write_bytes(b"x" * i)
+        m.stop()
+        texts.append(m.log_text())
+    assert "event=mounted" in texts[1]
+    assert len(texts[1].splitlines()) > len(texts[0].splitlines()), texts
 
 
 def test_volumes_are_independent(mounts, tmp_path):

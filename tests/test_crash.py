@@ -1,6 +1,7 @@
 """Crashes: kill -9 of the daemon mid-stream, kill -9 of an application mid-transaction."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -326,3 +327,56 @@ def test_kill9_app_mid_transaction(mounts, mode):
     with opendb(db) as c:
         c.execute("INSERT INTO t VALUES (6000, 'after')")
         assert c.execute("SELECT count(*) FROM t").fetchone() == (before[0] + 1,)
+
+
+#: one transaction far over the store's 10 MB limit (stored whole, or refused whole)
+HUGE_TXN_APP = r"""
+import sqlite3, sys, os, hashlib
+c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+blob = os.urandom(12 * 1024 * 1024)
+c.execute("BEGIN")
+c.execute("INSERT INTO big VALUES (1, ?)", (blob,))
+c.execute("INSERT INTO sums VALUES (1, ?, ?)", (hashlib.sha256(blob).hexdigest(), len(blob)))
+print("committing", flush=True)
+try:
+    c.execute("COMMIT")
+    print("committed", flush=True)
+except sqlite3.Error as e:
+    print("refused", e, flush=True)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_kill9_daemon_during_huge_commit(mounts):
+    """kill -9 of the daemon while a > 10 MB transaction commits: after remount it is there
+    whole or not at all (never half staged), and the database passes integrity_check."""
+    rng = random.Random()
+    m = mounts()
+    db = m / "huge.sqlite"
+    with opendb(db) as c:
+        c.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, data BLOB)")
+        c.execute("CREATE TABLE sums(id INTEGER PRIMARY KEY, sha TEXT, n INTEGER)")
+    outcomes = []
+    for round_ in range(2):
+        with opendb(db) as c:
+            c.execute("DELETE FROM big")
+            c.execute("DELETE FROM sums")
+        app = mounts.py(HUGE_TXN_APP, str(db))
+        assert app.stdout.readline().strip() == "committing", app.stderr.read() if app.poll() is not None else ""
+        time.sleep(rng.uniform(0, 0.3))
+        m.kill9()
+        out, err = app.communicate(timeout=60)
+        m = mounts.remount(m)
+        with opendb(db) as c:
+            assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            sums = c.execute("SELECT sha, n FROM sums").fetchall()
+            rows = c.execute("SELECT data FROM big").fetchall()
+            if sums:
+                assert len(rows) == 1, "sums row without its blob: half a transaction"
+                assert (hashlib.sha256(rows[0][0]).hexdigest(), len(rows[0][0])) == sums[0]
+                outcomes.append("whole")
+            else:
+                assert rows == [], "blob without its sums row: half a transaction"
+                assert "committed" not in out, "COMMIT returned but the transaction is gone"
+                outcomes.append("none")
+    print("outcomes:", outcomes)

@@ -432,3 +432,72 @@ def test_statfs_and_df(mount):
     assert st.f_bsize > 0 and st.f_namemax == 255
     r = run(["df", mount.mountpoint], text=True)
     assert str(mount.mountpoint) in r.stdout
+
+
+def test_sparse_file(mount):
+    """Growing with truncate/seek stores no zeros: a 1 GiB hole is instant and reads as zeros."""
+    m = mount
+    p = m / "sparse"
+    run(["truncate", "-s", "1G", p], timeout=30)
+    assert os.stat(p).st_size == 1 << 30
+    with open(p, "r+b") as f:
+        f.seek((1 << 30) - 10)
+        assert f.read() == bytes(10)
+        f.seek(500 << 20)
+        assert f.read(8192) == bytes(8192)
+        f.seek((1 << 30) + 100)  # write past the end: a second hole
+        f.write(b"tail")
+    assert os.stat(p).st_size == (1 << 30) + 104
+    m2 = mount.factory.remount(mount)
+    with open(m2 / "sparse", "rb") as f:
+        f.seek((1 << 30) + 90)
+        assert f.read() == bytes(10) + b"tail"
+        f.seek(123 << 20)
+        assert f.read(4096) == bytes(4096)
+
+
+def test_random_writes_match_a_model(mount):
+    """Unaligned pwrite/truncate at random offsets (crossing block boundaries) read back exactly."""
+    rng = __import__("random").Random(1234)
+    m = mount
+    model = bytearray()
+    fd = os.open(m / "model.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for i in range(400):
+            r = rng.random()
+            if r < 0.85:
+                off = rng.randrange(0, 300_000)
+                data = rng.randbytes(rng.choice([1, 7, 100, 4095, 4096, 4097, 10_000, 40_000]))
+                assert os.pwrite(fd, data, off) == len(data)
+                if off > len(model):
+                    model.extend(bytes(off - len(model)))
+                model[off : off + len(data)] = data
+            else:
+                size = rng.randrange(0, 320_000)
+                os.ftruncate(fd, size)
+                if size < len(model):
+                    del model[size:]
+                else:
+                    model.extend(bytes(size - len(model)))
+            if i % 50 == 0:
+                assert os.fstat(fd).st_size == len(model)
+                off = rng.randrange(0, max(1, len(model)))
+                assert os.pread(fd, 9000, off) == bytes(model[off : off + 9000]), f"step {i}"
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert read(m / "model.bin") == bytes(model)
+    m2 = mount.factory.remount(mount)
+    assert read(m2 / "model.bin") == bytes(model)
+
+
+def test_rename_over_open_file(mount):
+    """The file replaced by a rename stays readable through an open descriptor."""
+    m = mount
+    write(m / "victim", b"old content")
+    write(m / "new", b"new content")
+    with open(m / "victim", "rb") as f:
+        os.rename(m / "new", m / "victim")
+        assert f.read() == b"old content"
+        assert read(m / "victim") == b"new content"
+    assert sorted(os.listdir(m.mountpoint)) == ["victim"]

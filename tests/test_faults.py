@@ -277,6 +277,38 @@ def test_store_disk_full(small_tmpfs, mounts):
 
 @pytest.mark.timeout(200)
 def test_transaction_over_store_limit(mounts):
+    """A store that refuses what a commit needs: here its values may hold 2,000 bytes,
+    and a page of random bytes does not compress below that.
+
+    The commit fails at COMMIT (OperationalError), the daemon logs event=commit_failed,
+    nothing is half-written and the mount keeps serving.
+    """
+    m = mounts(volume=VOLUME, env_extra={"FUSESQLITE_STORE_LIMITS": "value_bytes=2000"})
+    db = m / "limit.sqlite"
+    with opendb(db) as c:
+        c.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, data BLOB)")
+        for k in range(30):  # compressible rows: their pages fit the store
+            c.execute("INSERT INTO t VALUES (?, ?)", (k, b"x" * 1000))
+        before = table_digest(c, "SELECT * FROM t ORDER BY k")
+    with pytest.raises(sqlite3.OperationalError) as ei:
+        with opendb(db) as c:
+            c.execute("BEGIN")
+            c.execute("INSERT INTO t VALUES (?, ?)", (-1, os.urandom(100_000)))
+            c.execute("COMMIT")
+    assert any(x in str(ei.value) for x in DB_ERRORS), str(ei.value)
+    assert m.wait_log("event=commit_failed", 5), f"no event=commit_failed in the log:\n{m.log_tail()}"
+    assert "LimitExceeded" in m.log_text()
+    assert m.alive(), m.log_tail()
+    problems: list[str] = []
+    _after_fault_checks(m, db, before, "after the refused transaction (same mount)", problems)
+    m = mounts.remount(m)
+    _after_fault_checks(m, db, before, "after remount", problems)
+    assert not problems, problems
+
+
+def test_transaction_over_store_transaction_limit_commits_whole(mounts):
+    """12 MB in one SQLite transaction: more than a FoundationDB transaction may hold.
+    It is staged and commits whole (exact blob, integrity ok, survives a remount)."""
     m = mounts(volume=VOLUME)
     db = m / "limit.sqlite"
     with opendb(db) as c:
@@ -284,20 +316,19 @@ def test_transaction_over_store_limit(mounts):
         for k in range(30):
             c.execute("INSERT INTO t VALUES (?, randomblob(1000))", (k,))
         before = table_digest(c, "SELECT * FROM t ORDER BY k")
-    with pytest.raises(sqlite3.Error) as ei:
-        _failing_insert(db, 12 * MB)  # > 10 MB in one transaction, default DELETE journal
-    _assert_db_error(ei)
-    assert m.wait_log("event=commit_failed", 5), f"no event=commit_failed in the log:\n{m.log_tail()}"
-    assert m.alive(), m.log_tail()
-    problems: list[str] = []
-    _after_fault_checks(m, db, before, "after the failed 12 MB transaction (same mount)", problems)
-    # a transaction under the limit still works
+    blob = os.urandom(12 * MB)  # > 10 MB in one transaction, incompressible
     with opendb(db) as c:
-        c.execute("INSERT INTO t VALUES (-2, ?)", (os.urandom(MB),))
-        c.execute("DELETE FROM t WHERE k = -2")
-    m = mounts.remount(m)
-    _after_fault_checks(m, db, before, "after remount", problems)
-    assert not problems, problems
+        c.execute("BEGIN")
+        c.execute("INSERT INTO t VALUES (?, ?)", (-1, blob))
+        c.execute("COMMIT")
+    assert "event=commit_failed" not in m.log_text()
+    for where in ("same mount", "after remount"):
+        if where == "after remount":
+            m = mounts.remount(m)
+        with opendb(db) as c:
+            assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)], where
+            assert c.execute("SELECT data FROM t WHERE k = -1").fetchone() == (blob,), where
+            assert table_digest(c, "SELECT * FROM t WHERE k >= 0 ORDER BY k") == before, where
 
 
 def test_name_too_long_everywhere(mount):
