@@ -32,6 +32,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def default_store() -> str:
     env = os.environ.get("FUSESQLITE_STORE")
     if env:
@@ -57,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--memory-mb", type=_positive, default=256,
         help="memory budget in MiB: block cache and uncommitted data; bigger transactions are staged in the store (default: 256)",
+    )
+    m.add_argument("--read-only", action="store_true", help="serve the latest committed version, refuse writes")
+    m.add_argument(
+        "--lease-seconds", type=_positive_float, default=10.0,
+        help="how long a mount that died keeps other mounts from writing a database it was writing (default: 10)",
     )
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount (FUSE allow_other)")
     m.add_argument("--debug", action="store_true", help="log every commit")
@@ -97,6 +109,8 @@ def run(argv: list[str] | None) -> None:
             volume=args.volume,
             memory_mb=args.memory_mb,
             allow_other=args.allow_other,
+            read_only=args.read_only,
+            lease_seconds=args.lease_seconds,
         )
         try:
             serve(config)
@@ -109,6 +123,7 @@ def run(argv: list[str] | None) -> None:
 
 def collect(store_spec: str, volume_name: str, staging_timeout: float | None) -> None:
     from fusesqlite import gc
+    from fusesqlite.identity import new_mount_id
     from fusesqlite.store import StoreError, open_store
     from fusesqlite.volume import Volume
 
@@ -116,7 +131,7 @@ def collect(store_spec: str, volume_name: str, staging_timeout: float | None) ->
         volume = Volume(open_store(store_spec), volume_name)
         volume.open()
         timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
-        stagings, blocks = gc.reclaim_stagings(volume, gc.new_mount_id(), timeout)
+        stagings, blocks = gc.reclaim_stagings(volume, new_mount_id(), timeout)
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
     print(f"removed {stagings} abandoned staging(s), {blocks} block(s)")

@@ -5,11 +5,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 
+from fusesqlite.identity import dead_here
 from fusesqlite.volume import Volume
 
 log = logging.getLogger("fusesqlite.gc")
@@ -18,27 +16,10 @@ log = logging.getLogger("fusesqlite.gc")
 STAGING_TIMEOUT = 120.0
 
 
-def new_mount_id() -> str:
-    """``host:pid:random``: lets a mount on the same host tell a dead owner at once."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _alive_here(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"fusesqlite" in f.read()
-    except OSError:
-        return False
-
-
 def staging_abandoned(owner: str, heartbeat: float, me: str, timeout: float = STAGING_TIMEOUT) -> bool:
     if owner == me:
         return False
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host == socket.gethostname() and pid.isdigit() and not _alive_here(int(pid)):
-        return True
-    return time.time() - heartbeat > timeout
+    return dead_here(owner) or time.time() - heartbeat > timeout
 
 
 def reclaim_stagings(volume: Volume, me: str, timeout: float = STAGING_TIMEOUT) -> tuple[int, int]:

@@ -9,7 +9,8 @@ a tombstone.
     (prefix, 'meta')                         -> volume format and block size
     (prefix, 'head')                         -> latest committed version
     (prefix, 'next_ino')                     -> next free inode number
-    (prefix, 'log', version)                 -> (unix time, inodes touched)
+    (prefix, 'log', version)                 -> (unix time, author, inodes, entries, lease events)
+    (prefix, 'lease', ino)                   -> (mount id, expiry): the one mount writing a database
     (prefix, 'i', ino, version)              -> inode record (see inodes.py)
     (prefix, 'd', parent, name, version)     -> child inode number
     (prefix, 'b', ino, block_no, version)    -> block (see pages.py)
@@ -73,6 +74,9 @@ class Keyspace:
 
     def block(self, ino: int, block_no: int, version: int) -> bytes:
         return self.key("b", ino, block_no, version)
+
+    def lease(self, ino: int) -> bytes:
+        return self.key("lease", ino)
 
     def staging(self, ino: int, version: int) -> bytes:
         return self.key("staging", ino, version)

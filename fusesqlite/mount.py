@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from fusesqlite.coherence import Coherence
 from fusesqlite.fs.operations import Operations
-from fusesqlite.gc import new_mount_id, reclaim_stagings
+from fusesqlite.gc import reclaim_stagings
+from fusesqlite.identity import new_mount_id
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
@@ -49,6 +51,9 @@ class MountConfig:
     #: uncommitted blocks, which are staged into the store beyond that
     memory_mb: int = 256
     allow_other: bool = False
+    read_only: bool = False
+    #: a mount that dies holding a database's write lease blocks other writers this long
+    lease_seconds: float = 10.0
 
 
 def check_mountpoint(path: str) -> None:
@@ -98,7 +103,7 @@ def serve(config: MountConfig) -> None:
     mount_id = new_mount_id()
     try:
         store = open_store(config.store)
-        volume = Volume(store, config.volume)
+        volume = Volume(store, config.volume, author=mount_id)
         snapshot = volume.open()
         reclaim_stagings(volume, mount_id)
     except StoreError as e:
@@ -113,7 +118,8 @@ def serve(config: MountConfig) -> None:
         on_rollback=lambda ino: ops.invalidate(ino) if ops else None,
     )
     tx.snapshot = snapshot
-    ops = Operations(tx, mountpoint)
+    ops = Operations(tx, mountpoint, read_only=config.read_only)
+    ops.coherence = Coherence(tx, volume, ops.abs_path, ops.invalidate_entry, config.lease_seconds)
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")
@@ -122,8 +128,8 @@ def serve(config: MountConfig) -> None:
     except RuntimeError as e:
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
     log.info(
-        "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d",
-        mountpoint, config.volume, store.description, snapshot, volume.block_size,
+        "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s mount_id=%s",
+        mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only, mount_id,
     )
     unmounted = False
     try:
@@ -138,6 +144,7 @@ def serve(config: MountConfig) -> None:
 async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(ops.coherence.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await _flush_all(ops)
@@ -162,3 +169,9 @@ async def _flush_all(ops: Operations) -> None:
                 await ops.tx.commit(fs, "unmount")
             except StoreError:
                 pass  # logged by commit
+    held = tuple(ops.coherence.my_leases)
+    if held:
+        try:
+            await ops.tx.commit_many([], "unmount", held)
+        except StoreError as e:
+            log.warning("event=lease_release_failed inos=%s cause=%s", held, e)

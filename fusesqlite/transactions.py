@@ -185,6 +185,23 @@ class Transactions:
             if fs is not None and rec is not None:
                 fs.record = rec
 
+    async def refresh(self, ino: int) -> Inode | None:
+        """Another mount committed ``ino``: read it again as of the snapshot.
+
+        The caller holds SQLite's locks on the file (coherence.py), so no local
+        transaction sees the change half-way.
+        """
+        rec = await self.run(self.volume.read_inode, ino, self.snapshot)
+        self.cache.drop_inode(ino)
+        fs = self.files.get(ino)
+        if fs is not None:
+            fs.gen += 1
+            if rec is not None and not fs.changed:  # local uncommitted writes will fail as stale
+                fs.record = rec
+                fs.size, fs.mtime_ns = rec.size, rec.mtime_ns
+        self.records.put(ino, rec)
+        return rec
+
     # -- file data ---------------------------------------------------------------------
     def state(self, ino: int, rec: Inode, label: str) -> FileState:
         fs = self.files.get(ino)
@@ -304,20 +321,24 @@ class Transactions:
             fs.dirty[b] = self.zero_block
         fs.size = size
 
-    async def commit(self, fs: FileState, reason: str) -> None:
+    async def commit(self, fs: FileState, reason: str, release: Iterable[int] = ()) -> None:
         """Publish ``fs``'s overlay (and staging) as one new version; on failure revert it and raise."""
-        await self.commit_many([fs], reason)
+        await self.commit_many([fs], reason, release)
 
-    async def commit_many(self, files: list[FileState], reason: str) -> None:
+    async def commit_many(self, files: list[FileState], reason: str, release: Iterable[int] = ()) -> None:
         """Publish several files' overlays in one store transaction (ATTACHed databases).
 
-        On failure every one of them reverts to its last committed state.
+        On failure every one of them reverts to its last committed state. This
+        mount's write leases on ``release`` end with the commit.
         """
+        release = tuple(release)
         async with AsyncExitStack() as stack:
             for fs in sorted(files, key=lambda f: f.ino):  # one lock order: no deadlock
                 await stack.enter_async_context(fs.commit_lock)
             files = [fs for fs in files if fs.changed]
             if not files:
+                if release:
+                    self._committed(await self.run(self.volume.commit, ChangeSet(), None, release))
                 return
             changes = ChangeSet()
             data: dict[int, DataCommit] = {}
@@ -334,7 +355,7 @@ class Transactions:
                 data[fs.ino] = DataCommit(based_on=fs.record.dver, staging=fs.staging)
             started = time.monotonic()
             try:
-                result = await self._publish(changes, data)
+                result = await self._publish(changes, data, release)
             except StoreError as e:
                 for fs in files:
                     await self._failed(fs, reason, len(fs.committing), e)
@@ -352,18 +373,18 @@ class Transactions:
                 (time.monotonic() - started) * 1000,
             )
 
-    async def _publish(self, changes: ChangeSet, data: dict[int, DataCommit]) -> CommitResult:
+    async def _publish(self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...]) -> CommitResult:
         for attempt in (1, 2):
             try:
-                return await self.run(self._encode_and_commit, changes, data)
+                return await self.run(self._encode_and_commit, changes, data, release)
             except StagingConflict as e:
                 if attempt == 2 or not await self.reclaim_staging(e.ino, e.version, e.owner, e.heartbeat):
                     raise
         raise AssertionError("unreachable")
 
-    def _encode_and_commit(self, changes: ChangeSet, data: dict[int, DataCommit]) -> CommitResult:
+    def _encode_and_commit(self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...]) -> CommitResult:
         blocks = {(ino, b): encode_block(bytes(block), ino, b) for (ino, b), block in changes.blocks.items()}
-        return self.volume.commit(ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data)
+        return self.volume.commit(ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data, release)
 
     async def stage(self, fs: FileState) -> None:
         """Move the overlay into the store, unpublished, until it fits the memory budget."""

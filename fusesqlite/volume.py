@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from fusesqlite.identity import dead_here
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import Keyspace, pack, unpack
 from fusesqlite.store.base import Store, StoreError, Transaction
@@ -36,6 +37,30 @@ class ChangeSet:
 
     def touched(self) -> list[int]:
         return sorted(set(self.inodes) | {ino for ino, _ in self.blocks})
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """What one version changed, for other mounts to follow (and, later, time travel)."""
+
+    version: int
+    author: str
+    inodes: tuple[int, ...] = ()
+    dirents: tuple[tuple[int, bytes], ...] = ()
+    #: (ino, owner, expiry): a write lease taken (owner set) or released (owner "")
+    leases: tuple[tuple[int, str, float], ...] = ()
+
+
+class LeaseHeld(StoreError):
+    """Another mount is writing the database (its write lease has not expired)."""
+
+    errno = errno.EBUSY
+
+
+class StaleView(StoreError):
+    """Another mount committed the database since this mount last read it."""
+
+    errno = errno.EBUSY
 
 
 @dataclass(frozen=True)
@@ -72,9 +97,11 @@ class StagingConflict(StoreError):
 
 
 class Volume:
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str, author: str = "") -> None:
         self.store = store
         self.name = name
+        #: this mount's id, written into every log entry so a mount skips its own
+        self.author = author
         self.ks = Keyspace(name)
         self.block_size = DEFAULT_BLOCK_SIZE
 
@@ -95,7 +122,7 @@ class Volume:
             tr.set(self.ks.inode(ROOT_INO, 1), root.pack())
             tr.set(self.ks.next_ino(), pack((ROOT_INO + 1,)))
             tr.set(self.ks.head(), pack((1,)))
-            tr.set(self.ks.log(1), pack((time.time(), (ROOT_INO,))))
+            self._log(tr, 1, LogEntry(1, self.author, (ROOT_INO,)))
             return block_size, 1
 
         self.block_size, head = self.store.transact(fn)
@@ -180,13 +207,17 @@ class Volume:
         return self.store.transact(fn)
 
     # -- commits ---------------------------------------------------------------------
-    def commit(self, changes: ChangeSet, data: dict[int, DataCommit] | None = None) -> "CommitResult":
+    def commit(
+        self, changes: ChangeSet, data: dict[int, DataCommit] | None = None, release_leases: Iterable[int] = ()
+    ) -> "CommitResult":
         """Write ``changes`` as the next version of the volume.
 
         Files in ``data`` get their data version moved to it, after checking that
         nobody else committed them meanwhile and that no other staging of them exists.
+        This mount's write leases on ``release_leases`` end with it.
         """
         data = data or {}
+        release_leases = tuple(release_leases)
 
         def fn(tr: Transaction) -> CommitResult:
             version = unpack(tr.get(self.ks.head()))[0] + 1
@@ -220,11 +251,83 @@ class Volume:
                 tr.set(self.ks.dirent(parent, name, version), pack((ino,)) if ino else b"")
             for (ino, block_no), value in changes.blocks.items():
                 tr.set(self.ks.block(ino, block_no, version), value)
-            tr.set(self.ks.log(version), pack((time.time(), tuple(changes.touched()))))
+            released = []
+            for ino in release_leases:
+                lease = tr.get(self.ks.lease(ino))
+                if lease is not None and unpack(lease)[0] == self.author:
+                    tr.clear(self.ks.lease(ino))
+                    released.append((ino, "", 0.0))
+            entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released))
+            self._log(tr, version, entry)
             tr.set(self.ks.head(), pack((version,)))
             return CommitResult(version, written)
 
         return self.store.transact(fn)
+
+    def _log(self, tr: Transaction, version: int, entry: LogEntry) -> None:
+        tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases)))
+
+    def log_range(self, after: int, upto: int) -> list[LogEntry]:
+        """Log entries of versions ``after`` < v <= ``upto``, oldest first."""
+
+        def fn(tr: Transaction) -> list[LogEntry]:
+            out = []
+            for key, value in tr.get_range(self.ks.log(after + 1), self.ks.log(upto + 1)):
+                _, author, inodes, dirents, leases = unpack(value)
+                out.append(LogEntry(self.ks.parts(key)[-1], author, inodes, dirents, leases))
+            return out
+
+        return self.store.transact(fn)
+
+    # -- write leases: one writing mount per database ------------------------------------
+    def acquire_lease(self, ino: int, ttl: float, view_dver: int) -> float:
+        """Take (or renew) this mount's write lease on ``ino``; return its expiry.
+
+        Fails if another mount holds it, or if this mount's view of the file is
+        older than the store's (it would write on stale reads).
+        """
+
+        def fn(tr: Transaction) -> float:
+            now = time.time()
+            lease = tr.get(self.ks.lease(ino))
+            if lease is not None:
+                owner, expiry = unpack(lease)
+                if owner != self.author and expiry > now and not dead_here(owner):
+                    raise LeaseHeld(f"ino {ino} is being written by mount {owner} (lease until {expiry:.1f})")
+            raw = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
+            if raw and Inode.unpack(raw).dver != view_dver:
+                raise StaleView(f"ino {ino} changed in the store since this mount read it")
+            expiry = now + ttl
+            tr.set(self.ks.lease(ino), pack((self.author, expiry)))
+            version = unpack(tr.get(self.ks.head()))[0] + 1
+            self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),)))
+            tr.set(self.ks.head(), pack((version,)))
+            return expiry
+
+        return self.store.transact(fn)
+
+    def renew_leases(self, inos: Iterable[int], ttl: float) -> list[int]:
+        """Extend this mount's leases (no new version: only their holder's expiry moves); return those lost."""
+        inos = list(inos)
+
+        def fn(tr: Transaction) -> list[int]:
+            lost, expiry = [], time.time() + ttl
+            for ino in inos:
+                lease = tr.get(self.ks.lease(ino))
+                if lease is None or unpack(lease)[0] != self.author:
+                    lost.append(ino)
+                else:
+                    tr.set(self.ks.lease(ino), pack((self.author, expiry)))
+            return lost
+
+        return self.store.transact(fn)
+
+    def release_lease(self, ino: int) -> None:
+        self.commit(ChangeSet(), release_leases=(ino,))
+
+    def lease(self, ino: int) -> tuple[str, float] | None:
+        value = self.store.transact(lambda tr: tr.get(self.ks.lease(ino)))
+        return tuple(unpack(value)) if value else None  # type: ignore[return-value]
 
     # -- staging: transactions bigger than one store transaction ------------------------
     def begin_staging(self, ino: int, mount_id: str) -> int:

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
 from fusesqlite.fs.transient import TransientFile, TransientFiles
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, TRANSIENT_BASE, Inode, is_transient_name
 from fusesqlite.transactions import FileState, Transactions
+
+if TYPE_CHECKING:
+    from fusesqlite.coherence import Coherence
 
 log = logging.getLogger("fusesqlite.fs")
 
@@ -42,10 +47,12 @@ class FsBase(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tx: Transactions, mountpoint: str) -> None:
+    def __init__(self, tx: Transactions, mountpoint: str, read_only: bool = False) -> None:
         super().__init__()
         self.tx = tx
         self.mountpoint = mountpoint.encode()
+        self.read_only = read_only
+        self.coherence: Coherence  # set by mount.py before the first request
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -67,6 +74,22 @@ class FsBase(pyfuse3.Operations):
 
     def child_path(self, parent: int, name: bytes) -> str:
         return self.path(parent).rstrip("/") + "/" + name.decode(errors="replace")
+
+    def abs_path(self, ino: int) -> bytes | None:
+        """Where ``ino`` is on this host, if this mount knows it."""
+        parts = []
+        while ino != ROOT_INO and len(parts) < 64:
+            known = self.names.get(ino)
+            if known is None:
+                return None
+            ino, name = known
+            parts.append(name)
+        return b"/".join([self.mountpoint.rstrip(b"/"), *reversed(parts)])
+
+    def writable(self, ctx: pyfuse3.RequestContext) -> None:
+        """A read-only mount refuses changes (its own lock proxy may still open files read-write)."""
+        if self.read_only and ctx.pid != os.getpid():
+            raise fail(errno.EROFS)
 
     def path(self, ino: int) -> str:
         """Best-effort path inside the volume, for log lines."""
@@ -162,3 +185,8 @@ class FsBase(pyfuse3.Operations):
                     log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)
 
         threading.Thread(target=run, name="invalidate", daemon=True).start()
+
+    @staticmethod
+    def invalidate_entry(parent: int, name: bytes) -> None:
+        """Another mount changed ``name`` in ``parent``: the kernel must ask again."""
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)

@@ -43,6 +43,7 @@ class DirectoryOps(FileOps, FsBase):
         return self.entry(inode, await self.record(inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        self.writable(ctx)
         if fields.update_size:
             await self.truncate(inode, attr.st_size, open_handle=fh is not None)
         tf = self.transient.by_ino.get(inode)
@@ -96,12 +97,15 @@ class DirectoryOps(FileOps, FsBase):
         return self.entry(ino, rec)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
+        self.writable(ctx)
         return await self._new_entry(parent_inode, name, Inode.new(stat.S_IFDIR, mode, ctx.uid, ctx.gid, nlink=2))
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext):
+        self.writable(ctx)
         return await self._new_entry(parent_inode, name, Inode.new(stat.S_IFLNK, 0o777, ctx.uid, ctx.gid, target=target))
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext):
+        self.writable(ctx)
         if not stat.S_ISREG(mode):
             raise fail(errno.EPERM)  # only regular files, directories and symlinks are stored
         if is_transient_name(name):
@@ -113,6 +117,7 @@ class DirectoryOps(FileOps, FsBase):
         return await self._new_entry(parent_inode, name, Inode.new(stat.S_IFREG, mode, ctx.uid, ctx.gid))
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext):
+        self.writable(ctx)
         check_name(new_name)
         if inode in self.transient.by_ino or is_transient_name(new_name):
             raise fail(errno.EPERM)  # transient files cannot gain a stored name
@@ -136,6 +141,7 @@ class DirectoryOps(FileOps, FsBase):
 
     # -- removing entries ------------------------------------------------------------------
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.writable(ctx)
         check_name(name)
         found = await self.child(parent_inode, name)
         if found is None:
@@ -171,6 +177,7 @@ class DirectoryOps(FileOps, FsBase):
             changes.inodes[ino] = self._committed(ino, rec.with_(nlink=max(nlink, 0), ctime_ns=time.time_ns()))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.writable(ctx)
         check_name(name)
         found = await self.child(parent_inode, name)
         if found is None:
@@ -186,6 +193,7 @@ class DirectoryOps(FileOps, FsBase):
         self.names.pop(ino, None)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx) -> None:
+        self.writable(ctx)
         check_name(name_old)
         check_name(name_new)
         if flags & pyfuse3.RENAME_EXCHANGE:

@@ -21,7 +21,7 @@ from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import FileState
-from fusesqlite.volume import ChangeSet
+from fusesqlite.volume import ChangeSet, LeaseHeld, StaleView
 
 log = logging.getLogger("fusesqlite.fs")
 
@@ -48,34 +48,51 @@ class FileOps(FsBase):
             await self.commit(fs, reason)
 
     async def journal_settled(self, tf: TransientFile, reason: str) -> None:
-        """The journal ``tf`` stopped being active: commit its database's transaction.
+        """The journal ``tf`` stopped being active: commit its database's transaction
+        and end this mount's write lease on it.
 
         For a super-journal, that is every database whose journal it lists, in one
         store transaction: a multi-database transaction is atomic in the store too.
         """
         if is_super_journal(tf.name):
-            files = []
-            for path in tf.read(0, tf.size).split(b"\0"):
-                target = journal_target(path)
-                ino = await self.resolve(target) if target else None
-                fs = self.tx.files.get(ino) if ino is not None else None
-                if fs is not None and fs.changed:
-                    files.append(fs)
-            if files:
-                try:
-                    await self.tx.commit_many(files, reason)
-                except StoreError as e:
-                    raise fail(e.errno) from None
-            return
+            targets = [journal_target(path) for path in tf.read(0, tf.size).split(b"\0")]
+            inos = [await self.resolve(t) for t in targets if t]
+        else:
+            target = journal_target(tf.name)
+            found = await self.child(tf.parent, target) if target else None
+            inos = [found[0]] if found is not None and found[2] is None else []
+        inos = [ino for ino in inos if ino is not None]
+        release = [ino for ino in inos if self.coherence.end_write(ino)]
+        files = [fs for fs in map(self.tx.files.get, inos) if fs is not None and fs.changed]
+        try:
+            await self.tx.commit_many(files, reason, release)
+        except StoreError as e:
+            if release:  # the failed commit released nothing; do not make other mounts wait
+                await self.tx.commit_many([], "release lease", release)
+            raise fail(e.errno) from None
+
+    async def journal_started(self, tf: TransientFile) -> None:
+        """A write to an inactive journal: a transaction on its database is starting.
+
+        Take the database's write lease, which also checks that this mount's view
+        of it is current; otherwise fail the write (and so the transaction).
+        """
         target = journal_target(tf.name)
-        if target is None:
-            return
-        found = await self.child(tf.parent, target)
+        found = await self.child(tf.parent, target) if target else None
         if found is None or found[2] is not None:
             return
-        fs = self.tx.files.get(found[0])
-        if fs is not None and fs.changed:
-            await self.commit(fs, reason)
+        rec = await self.record(found[0])
+        try:
+            await self.coherence.begin_write(found[0], rec.dver)
+        except (LeaseHeld, StaleView) as e:  # contention with another mount
+            log.info("event=write_refused path=%s cause=%s", self.child_path(tf.parent, target), e)
+            raise fail(e.errno) from None
+        except StoreError as e:
+            log.error(
+                "event=commit_failed path=%s reason=begin_transaction cause=%s: %s",
+                self.child_path(tf.parent, target), type(e).__name__, e,
+            )
+            raise fail(e.errno) from None
 
     async def transient_changed(self, tf: TransientFile, was_active: bool, reason: str) -> None:
         if was_active and not tf.active:
@@ -84,6 +101,7 @@ class FileOps(FsBase):
     # -- create and open ---------------------------------------------------------------
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
         check_name(name)
+        self.writable(ctx)
         if await self.child(parent_inode, name) is not None:
             raise fail(errno.EEXIST)
         if is_transient_name(name):
@@ -124,6 +142,8 @@ class FileOps(FsBase):
         return fi
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self.writable(ctx)
         tf = self.transient.by_ino.get(inode)
         if tf is not None:
             tf.opens += 1
@@ -155,6 +175,8 @@ class FileOps(FsBase):
         f = self.handle(fh).file
         if isinstance(f, TransientFile):
             was = f.active
+            if not was:
+                await self.journal_started(f)
             f.write(off, buf)
             if off == 0:
                 await self.transient_changed(f, was, "journal header zeroed")

@@ -1,0 +1,250 @@
+"""Many mounts, one store: write leases, following other mounts' commits, lock proxy.
+
+Each mount follows the volume's log. For a file another mount committed, it moves
+its view only while holding SQLite's EXCLUSIVE lock on the file on this host
+(PENDING, then the SHARED range: the kernel grants it once local readers are
+done, and blocks new ones), so a local read transaction sees one version from
+start to end. While another mount holds a database's write lease, this mount
+holds SQLite's RESERVED byte on it, so local writers get SQLITE_BUSY and their
+busy handler waits. The locks are taken on this mount's own files from worker
+threads: the kernel keeps fcntl locks per host, the event loop keeps serving the
+opens they cause. docs/many-mounts.md says why this is correct.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from fusesqlite.identity import dead_here
+from fusesqlite.keyspace import pack, unpack
+from fusesqlite.store.base import StoreError
+from fusesqlite.transactions import Transactions
+from fusesqlite.volume import LogEntry, Volume
+
+log = logging.getLogger("fusesqlite.coherence")
+
+# SQLite's lock bytes (os_unix.c): PENDING, RESERVED, then the SHARED range
+PENDING_BYTE = 0x40000000
+RESERVED_BYTE = PENDING_BYTE + 1
+SHARED_FIRST = PENDING_BYTE + 2
+SHARED_SIZE = 510
+
+#: how often a mount asks the store whether anything changed
+POLL_TIMEOUT = 0.5
+
+
+@dataclass
+class Proxy:
+    """This mount standing in, with SQLite's locks, for another mount's writer."""
+
+    fd: int | None = None
+    reserved: bool = False  # holding RESERVED now
+    want_reserved: bool = False  # another mount holds the write lease
+    move: bool = False  # another mount committed: refresh under EXCLUSIVE
+    running: bool = False
+
+
+class Coherence:
+    def __init__(self, tx: Transactions, volume: Volume, path_of, invalidate_entry, lease_ttl: float) -> None:
+        self.tx = tx
+        self.volume = volume
+        self.me = volume.author
+        self.path_of = path_of  # ino -> absolute path on this mount, or None
+        self.invalidate_entry = invalidate_entry
+        self.lease_ttl = lease_ttl
+        self.seen = tx.snapshot
+        self.my_leases: dict[int, float] = {}  # ino -> expiry
+        self.remote_leases: dict[int, tuple[str, float]] = {}
+        self.proxies: dict[int, Proxy] = {}
+        self.locks = trio.CapacityLimiter(64)  # threads waiting on local readers and writers
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            nursery.start_soon(self._follow)
+            nursery.start_soon(self._renew)
+
+    # -- write leases ------------------------------------------------------------------
+    async def begin_write(self, ino: int, view_dver: int) -> None:
+        """A local writer starts a transaction on database ``ino``: take its write lease."""
+        expiry = self.my_leases.get(ino)
+        if expiry is not None and expiry - time.time() > self.lease_ttl / 2:
+            return
+        self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
+        log.debug("event=lease_taken ino=%d", ino)
+
+    def end_write(self, ino: int) -> tuple[int, ...]:
+        """The leases a commit of ``ino`` releases (those this mount holds)."""
+        return (ino,) if self.my_leases.pop(ino, None) is not None else ()
+
+    async def _renew(self) -> None:
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            if self.my_leases:
+                held = list(self.my_leases)
+                try:
+                    lost = await self.tx.run(self.volume.renew_leases, held, self.lease_ttl)
+                except StoreError as e:
+                    log.warning("event=lease_renew_failed cause=%s", e)
+                    continue
+                expiry = time.time() + self.lease_ttl
+                for ino in held:
+                    if ino in lost:
+                        self.my_leases.pop(ino, None)
+                        log.warning("event=lease_lost ino=%d", ino)
+                    elif ino in self.my_leases:
+                        self.my_leases[ino] = expiry
+
+    # -- following other mounts ------------------------------------------------------------
+    async def _follow(self) -> None:
+        while True:
+            try:
+                head = await self._wait_head()
+                if head > self.seen:
+                    await self._apply(await self.tx.run(self.volume.log_range, self.seen, head), head)
+                await self._expire_remote_leases()
+            except StoreError as e:
+                log.warning("event=follow_failed cause=%s", e)
+                await trio.sleep(POLL_TIMEOUT)
+
+    async def _wait_head(self) -> int:
+        """The volume's head version, once it differs from what this mount has seen (or after a while)."""
+        raw = await trio.to_thread.run_sync(
+            self.volume.store.wait_for_change, self.volume.ks.head(), pack((self.seen,)), POLL_TIMEOUT,
+            abandon_on_cancel=True,
+        )
+        return unpack(raw)[0] if raw else self.seen
+
+    async def _apply(self, entries: list[LogEntry], head: int) -> None:
+        self.seen = head
+        self.tx.snapshot = max(self.tx.snapshot, head)
+        files: set[int] = set()
+        for e in entries:
+            if e.author == self.me:
+                continue
+            for parent, name in e.dirents:
+                self.tx.records.put(parent, None)
+                self.invalidate_entry(parent, name)
+            files.update(e.inodes)
+            for ino, owner, expiry in e.leases:
+                if owner:
+                    self.remote_leases[ino] = (owner, expiry)
+                    self._proxy(ino).want_reserved = True
+                else:
+                    self.remote_leases.pop(ino, None)
+                    self._proxy(ino).want_reserved = False
+        for ino in files:
+            self._proxy(ino).move = True
+        for ino, p in list(self.proxies.items()):
+            if (p.move or p.want_reserved != p.reserved) and not p.running:
+                p.running = True
+                self.nursery.start_soon(self._work, ino, p)
+
+    async def _expire_remote_leases(self) -> None:
+        now = time.time()
+        for ino, (owner, expiry) in list(self.remote_leases.items()):
+            if expiry > now and not dead_here(owner):
+                continue
+            current = await self.tx.run(self.volume.lease, ino)
+            if current is not None and current[0] == owner and current[1] > now and not dead_here(owner):
+                self.remote_leases[ino] = current  # renewed by its holder
+                continue
+            log.info("event=lease_expired ino=%d owner=%s", ino, owner)
+            del self.remote_leases[ino]
+            p = self._proxy(ino)
+            p.want_reserved = False
+            if not p.running:
+                p.running = True
+                self.nursery.start_soon(self._work, ino, p)
+
+    def _proxy(self, ino: int) -> Proxy:
+        p = self.proxies.get(ino)
+        if p is None:
+            p = self.proxies[ino] = Proxy()
+        return p
+
+    # -- the lock proxy --------------------------------------------------------------------
+    async def _work(self, ino: int, p: Proxy) -> None:
+        """Bring this host's locks and caches of ``ino`` to what the store says, in order."""
+        try:
+            while True:
+                if p.move:
+                    p.move = False
+                    await self._move(ino, p)
+                elif p.want_reserved and not p.reserved:
+                    if await self._lock(ino, p, RESERVED_BYTE, 1):
+                        p.reserved = True
+                elif p.reserved and not p.want_reserved:
+                    await self._unlock(p, RESERVED_BYTE, 1)
+                    p.reserved = False
+                else:
+                    break
+        except Exception:
+            log.exception("event=proxy_failed ino=%d", ino)
+        finally:
+            p.running = False
+            if not p.reserved and p.fd is not None:
+                fd, p.fd = p.fd, None
+                await trio.to_thread.run_sync(os.close, fd)
+            if not (p.reserved or p.want_reserved or p.move or p.running):
+                self.proxies.pop(ino, None)
+
+    async def _move(self, ino: int, p: Proxy) -> None:
+        """Refresh ``ino`` while no local SQLite transaction is reading or writing it."""
+        locked = await self._lock(ino, p, PENDING_BYTE, 1) and await self._lock(ino, p, SHARED_FIRST, SHARED_SIZE)
+        try:
+            rec = await self.tx.refresh(ino)
+            await trio.to_thread.run_sync(_invalidate_inode, ino)
+        finally:
+            if locked:
+                await self._unlock(p, SHARED_FIRST, SHARED_SIZE)
+                await self._unlock(p, PENDING_BYTE, 1)
+        log.debug("event=moved ino=%d locked=%s", ino, locked)
+
+    async def _lock(self, ino: int, p: Proxy, start: int, length: int) -> bool:
+        """Take a write lock on SQLite's bytes of ``ino`` on this host (False: no local path)."""
+        if p.fd is None:
+            path = self.path_of(ino)
+            if path is None:
+                return False  # nobody here knows the file: no local reader to protect
+            try:
+                p.fd = await trio.to_thread.run_sync(_open_for_locks, path, limiter=self.locks)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+                    log.warning("event=proxy_open_failed ino=%d path=%s cause=%s", ino, path, e)
+                return False
+            if p.fd is None:
+                return False
+        fd = p.fd
+        await trio.to_thread.run_sync(fcntl.lockf, fd, fcntl.LOCK_EX, length, start, os.SEEK_SET, limiter=self.locks)
+        return True
+
+    async def _unlock(self, p: Proxy, start: int, length: int) -> None:
+        if p.fd is not None:
+            await trio.to_thread.run_sync(fcntl.lockf, p.fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
+
+
+def _open_for_locks(path: bytes) -> int | None:
+    """A descriptor of a regular file that fcntl write locks accept."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _invalidate_inode(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTCONN):
+            log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)
