@@ -1,46 +1,104 @@
 """Benchmarks: each workload on a fresh fusesqlite mount and on the local disk, same run.
 
-    python3 bench/run.py [--seconds 5] [--only NAME ...]
+    python3 bench/run.py [--quick] [--only NAME ...] [--json PATH] [--source DIR]
 
-Prints one row per workload with the rate on the local disk, on the mount, and
-their ratio (mount / local; higher is better), plus the mount daemon's peak RSS
-and CPU seconds. Speed targets are judged here, never in timed tests.
+Each workload runs first on the local disk (the file system holding the mount's
+store), then on the mount, and the summary compares them. ratio is the mount's
+speed over the local disk's (for speedtest1: local time / mount time), so higher
+is better and 1.0 is parity. The targets are the project's speed goals for the
+embedded store; they are judged here, never in timed tests. The daemon's peak
+RSS and CPU seconds per transaction are reported too. --quick shrinks every
+workload for a smoke test of the harness (well under a minute).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import random
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-Workload = Callable[[Path, float], tuple[float, str]]
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path("/var/tmp/fusesqlite-bench-cache")  # inputs worth keeping between runs
+MiB = 1 << 20
 
 
-def small_write_txns(root: Path, seconds: float) -> tuple[float, str]:
+@dataclass(frozen=True)
+class Config:
+    """Sizes of the workloads: defaults for a full run (~5 min), smaller with --quick."""
+
+    seconds: float = 5.0  # each timed loop
+    scan_mb: int = 200  # cold_scan database size
+    speedtest_size: int = 200  # speedtest1 --size: ~12 s on the local disk
+    copy_mb: int = 64  # bulk_copy file size
+
+
+QUICK = Config(seconds=1.0, scan_mb=16, speedtest_size=10, copy_mb=16)
+
+
+@dataclass
+class Side:
+    """Where a workload runs, and how to make its caches cold (returns a note on what was done)."""
+
+    name: str
+    root: Path
+    make_cold: Callable[[], str]
+
+
+@dataclass
+class Measure:
+    value: float
+    unit: str
+    higher_is_better: bool = True  # rates; False for elapsed times
+    txns: int = 0  # write transactions committed, for the daemon's CPU per transaction
+    note: str = ""
+    parts: dict[str, float] = field(default_factory=dict)  # seconds per step, where the workload has steps
+
+
+class Skip(Exception):
+    """The workload cannot run on this machine; the message is the one-line reason."""
+
+
+class PartialFailure(RuntimeError):
+    """The workload failed after some of its steps: their times still compare with the other side."""
+
+    def __init__(self, message: str, parts: dict[str, float]) -> None:
+        super().__init__(message)
+        self.parts = parts
+
+
+Workload = Callable[[Side, Config], Measure]
+
+
+def small_write_txns(side: Side, cfg: Config) -> Measure:
     """Autocommit INSERTs, default journal mode and synchronous: commits per second."""
-    db = sqlite3.connect(root / "writes.sqlite")
+    db = sqlite3.connect(side.root / "writes.sqlite")
     db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-    n, deadline = 0, time.monotonic() + seconds
-    start = time.monotonic()
+    n, start = 0, time.monotonic()
+    deadline = start + cfg.seconds
     while time.monotonic() < deadline:
         db.execute("INSERT INTO t(v) VALUES (?)", ("x" * 100,))
         db.commit()
         n += 1
     elapsed = time.monotonic() - start
     db.close()
-    return n / elapsed, "commits/s"
+    return Measure(n / elapsed, "commits/s", txns=n)
 
 
-def point_selects(root: Path, seconds: float) -> tuple[float, str]:
+def point_selects(side: Side, cfg: Config) -> Measure:
     """Warm point SELECTs in autocommit (each its own read transaction): queries per second."""
-    path = root / "reads.sqlite"
+    path = side.root / "reads.sqlite"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
     with db:
@@ -50,92 +108,370 @@ def point_selects(root: Path, seconds: float) -> tuple[float, str]:
     rng = random.Random(1)
     for i in range(1, 20_001):  # warm
         db.execute("SELECT v FROM t WHERE id=?", (i,)).fetchone()
-    n, deadline = 0, time.monotonic() + seconds
-    start = time.monotonic()
+    n, start = 0, time.monotonic()
+    deadline = start + cfg.seconds
     while time.monotonic() < deadline:
         db.execute("SELECT v FROM t WHERE id=?", (rng.randint(1, 20_000),)).fetchone()
         n += 1
     elapsed = time.monotonic() - start
     db.close()
-    return n / elapsed, "queries/s"
+    return Measure(n / elapsed, "queries/s")
 
 
-def bulk_copy(root: Path, seconds: float) -> tuple[float, str]:
-    """cp of a 64 MB file into the directory: MB/s (includes the commit at close)."""
-    src = Path(tempfile.gettempdir()) / "fusesqlite-bench-64m.bin"
-    if not src.exists():
-        src.write_bytes(os.urandom(64 << 20))
+@functools.cache
+def speedtest1_binary() -> Path:
+    """SQLite's speedtest1, built once from Debian's source package (bench/build_speedtest1.sh)."""
+    script = Path(__file__).with_name("build_speedtest1.sh")
+    r = subprocess.run(["sh", str(script), str(CACHE)], capture_output=True, text=True)
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        raise Skip(f"cannot build speedtest1 ({script.name}): {why}")
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+def speedtest1(side: Side, cfg: Config) -> Measure:
+    """SQLite's speedtest1 (big and small transactions, scans, index builds, updates, VACUUM): total seconds."""
+    binary = speedtest1_binary()
     start = time.monotonic()
-    subprocess.run(["cp", src, root / "copy.bin"], check=True)
-    subprocess.run(["sync", "-f", root / "copy.bin"], check=True)
-    return 64 / (time.monotonic() - start), "MB/s"
+    r = subprocess.run(
+        [str(binary), "--size", str(cfg.speedtest_size), "speedtest1.db"],
+        cwd=side.root, capture_output=True, text=True, timeout=300,
+    )
+    elapsed = time.monotonic() - start
+    # stdout: " 200 - VACUUM......   0.200s" per step; a failing step has no time and its error is on stderr.
+    steps = [m for line in r.stdout.splitlines() if (m := re.match(r"\s*(\d+) - (.*?)\.{3,}\s*([\d.]+s)?", line))]
+    parts = {f"{m[1]} {m[2]}": float(m[3][:-1]) for m in steps if m[3]}
+    if r.returncode != 0:
+        at = f" at step {steps[-1][1]} {steps[-1][2]}" if steps and not steps[-1][3] else ""
+        error = " | ".join(r.stderr.split("\n")[:2]).strip(" |")
+        raise PartialFailure(f"speedtest1 exit {r.returncode}{at}: {error}", parts)
+    return Measure(elapsed, "s", higher_is_better=False, parts=parts)
+
+
+def bulk_copy(side: Side, cfg: Config) -> Measure:
+    """cp of an incompressible file into the directory: MiB/s (includes the commit at close)."""
+    src = cached_file(f"random-{cfg.copy_mb}m.bin", lambda p: p.write_bytes(os.urandom(cfg.copy_mb * MiB)))
+    start = time.monotonic()
+    subprocess.run(["cp", src, side.root / "copy.bin"], check=True)
+    subprocess.run(["sync", "-f", side.root / "copy.bin"], check=True)
+    return Measure(cfg.copy_mb / (time.monotonic() - start), "MiB/s")
+
+
+def cold_scan(side: Side, cfg: Config) -> Measure:
+    """Full table scan reading every page, with cold caches (fresh daemon, page cache dropped): MiB/s.
+
+    The database is built on the local disk in one transaction and copied in with
+    cp, since one SQLite transaction on the mount may write at most ~10 MB.
+    """
+    src = cached_file(f"scan-{cfg.scan_mb}m.sqlite", functools.partial(build_scan_db, mb=cfg.scan_mb))
+    dst = side.root / "scan.sqlite"
+    subprocess.run(["cp", src, dst], check=True)
+    note = side.make_cold()
+    start = time.monotonic()
+    db = sqlite3.connect(dst)
+    rows, _ = db.execute("SELECT count(*), sum(length(v)) FROM t").fetchone()
+    db.close()
+    elapsed = time.monotonic() - start
+    if rows != cfg.scan_mb * 1024:
+        raise RuntimeError(f"scan saw {rows} rows, expected {cfg.scan_mb * 1024}")
+    return Measure(dst.stat().st_size / MiB / elapsed, "MiB/s", note=note)
+
+
+def build_scan_db(path: Path, mb: int) -> None:
+    """mb*1024 rows of 1000 random bytes (no overflow pages, incompressible): about mb MiB."""
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+        db.execute(
+            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < ?)"
+            " INSERT INTO t(v) SELECT randomblob(1000) FROM c",
+            (mb * 1024,),
+        )
+    db.close()
+
+
+def cached_file(name: str, make: Callable[[Path], object]) -> Path:
+    """CACHE/name, made by make(tmp path) on first use and renamed into place whole."""
+    path = CACHE / name
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        make(tmp)
+        tmp.rename(path)
+    return path
 
 
 WORKLOADS: dict[str, Workload] = {
-    "small_write_txns": small_write_txns,
     "point_selects": point_selects,
+    "small_write_txns": small_write_txns,
+    "speedtest1": speedtest1,
     "bulk_copy": bulk_copy,
+    "cold_scan": cold_scan,
+}
+
+# Minimum ratio (mount speed / local speed) each workload should reach on the embedded store.
+TARGETS: dict[str, float] = {
+    "point_selects": 0.8,
+    "small_write_txns": 0.5,
+    "speedtest1": 0.5,  # total time at most 2x the local disk's
+    "cold_scan": 0.3,
 }
 
 
-class Daemon:
-    """A fusesqlite mount in its own process, for measuring."""
+def drop_page_cache() -> str:
+    """Write dirty pages and drop the OS page cache, so reads come from the disk."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        return f"OS page cache NOT dropped ({e.strerror})"
+    return "OS page cache dropped"
 
-    def __init__(self, work: Path) -> None:
+
+class Daemon:
+    """A fusesqlite mount in its own process, for measuring; restartable on the same store."""
+
+    def __init__(self, work: Path, source: Path = REPO) -> None:
+        self.source = source  # the checkout whose fusesqlite package is run
         self.mountpoint = work / "mnt"
         self.mountpoint.mkdir()
-        self.log = open(work / "daemon.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fusesqlite", "mount", str(self.mountpoint), "--store", str(work / "store")],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+        self.store = work / "store"
+        self.log_path = work / "daemon.log"
+        self.peak_mib = 0.0  # over all processes (restarts)
+        self.window_peak_mib = 0.0  # since reset_peak, over processes
+        self.proc_cpu_s = 0.0  # of the current process
+        self.past_cpu_s = 0.0  # of earlier processes
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.past_cpu_s += self.proc_cpu_s
+        self.proc_cpu_s = 0.0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fusesqlite", "mount", str(self.mountpoint), "--store", str(self.store)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.source,
+            )
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.mountpoint):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"fusesqlite did not mount: see {work / 'daemon.log'}")
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise SystemExit(f"fusesqlite (from {self.source}) did not mount: {' '.join(tail)}")
             time.sleep(0.05)
 
     def usage(self) -> tuple[float, float]:
-        """(peak RSS in MiB, CPU seconds) of the daemon so far."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        peak = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return peak / 1024, cpu
+        """(peak RSS in MiB, CPU seconds) of the daemon so far, over all its processes.
 
-    def stop(self) -> None:
+        A process that died takes its CPU seconds since the last call with it.
+        """
+        if self.alive():
+            assert self.proc is not None
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            self.proc_cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            self.peak_mib = max(self.peak_mib, hwm / 1024)
+            self.window_peak_mib = max(self.window_peak_mib, hwm / 1024)
+        return self.peak_mib, self.past_cpu_s + self.proc_cpu_s
+
+    def reset_peak(self) -> None:
+        """Start a new window_peak_mib (clear_refs 5 resets VmHWM); peak_mib stays the overall peak."""
+        self.usage()
+        if self.alive():
+            assert self.proc is not None
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5\n")
+        self.window_peak_mib = 0.0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def recover(self) -> None:
+        """Mount again after the daemon died, so later workloads still run."""
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+        self.start()
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def problems_since(self, offset: int) -> list[str]:
+        """WARNING/ERROR/CRITICAL lines and tracebacks the daemon logged after offset."""
+        with open(self.log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        return [line for line in text.splitlines()
+                if any(w in line for w in (" WARNING ", " ERROR ", " CRITICAL ", "Traceback", "Error:"))]
+
+    def restart(self) -> str:
+        """Stop and mount again: a fresh process, so every cache of the daemon and the kernel's is cold."""
+        self.usage()
+        code = self.stop()
+        if code != 0:
+            raise RuntimeError(f"daemon exited {code} on SIGTERM; see {self.log_path}")
+        note = drop_page_cache()
+        self.start()
+        return f"daemon restarted, {note}"
+
+    def stop(self) -> int | None:
+        """SIGTERM (finishes commits, unmounts); returns the exit code, None if it had to be killed."""
+        assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(60)
+            return self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], check=False)
+            return None
+
+
+@dataclass
+class Row:
+    """One workload's outcome on both sides, as printed and written to --json."""
+
+    workload: str
+    unit: str = ""
+    local: float | None = None
+    mount: float | None = None
+    ratio: float | None = None
+    target: float | None = None
+    met: bool | None = None
+    mount_cpu_s: float | None = None
+    mount_peak_rss_mib: float | None = None
+    mount_cpu_ms_per_txn: float | None = None
+    notes: list[str] = field(default_factory=list)
+    steps: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> seconds per step, if it has steps
+
+
+def run_workload(name: str, local: Side, mount: Side, daemon: Daemon, cfg: Config) -> Row:
+    """Local disk first, then the mount; failures become notes, never end the run."""
+    row = Row(name, target=TARGETS.get(name))
+    fn = WORKLOADS[name]
+    results: dict[str, Measure] = {}
+    for side in (local, mount):
+        (side.root / name).mkdir()
+        here = Side(side.name, side.root / name, side.make_cold)
+        offset, (_, cpu0) = daemon.log_size(), daemon.usage()
+        if side is mount:
+            daemon.reset_peak()
+        try:
+            results[side.name] = m = fn(here, cfg)
+            if m.note:
+                row.notes.append(f"{side.name}: {m.note}")
+        except Skip as e:
+            row.notes.append(f"skipped: {e}")
+            return row
+        except Exception as e:  # noqa: BLE001 - a failing workload is a finding to report
+            row.notes.append(f"{side.name} FAILED: {type(e).__name__}: {e}")
+            row.steps[side.name] = getattr(e, "parts", {})
+        else:
+            row.steps[side.name] = results[side.name].parts
+        if side is mount:
+            row.mount_cpu_s = daemon.usage()[1] - cpu0
+            row.mount_peak_rss_mib = daemon.window_peak_mib
+            row.notes += [f"daemon: {line}" for line in daemon.problems_since(offset)]
+            if not daemon.alive():
+                row.notes.append(f"daemon DIED (exit {daemon.proc.returncode}); mounted again")
+                daemon.recover()
+    if "local" in results:
+        row.local, row.unit = results["local"].value, results["local"].unit
+    if "mount" in results:
+        m = results["mount"]
+        row.mount, row.unit = m.value, m.unit
+        if m.txns and row.mount_cpu_s is not None:
+            row.mount_cpu_ms_per_txn = 1000 * row.mount_cpu_s / m.txns
+        if row.local:
+            row.ratio = m.value / row.local if m.higher_is_better else row.local / m.value
+    if row.steps.get("local") and row.steps.get("mount"):
+        row.notes.append(compare_steps(row.steps["local"], row.steps["mount"]))
+    if row.target is not None:
+        row.met = row.ratio is not None and row.ratio >= row.target
+    return row
+
+
+def compare_steps(local: dict[str, float], mount: dict[str, float]) -> str:
+    """Total time over the steps both sides completed, and the steps where the mount lags most."""
+    common = [k for k in local if k in mount]
+    if not common:
+        return "no step completed on both sides"
+    lt, mt = sum(local[k] for k in common), sum(mount[k] for k in common)
+    worst = sorted(common, key=lambda k: mount[k] - local[k], reverse=True)[:3]
+    return (f"steps done on both sides: {len(common)} ({common[0]} .. {common[-1]}), local {lt:.2f} s,"
+            f" mount {mt:.2f} s, ratio {lt / mt:.2f}x; most time lost: "
+            + "; ".join(f"{k} ({local[k]:.2f} s vs {mount[k]:.2f} s)" for k in worst))
+
+
+def fmt(x: float | None) -> str:
+    """One decimal for big numbers, two for small ones (seconds of a quick run)."""
+    return "-" if x is None else format(x, ".1f" if abs(x) >= 10 else ".2f")
+
+
+def print_summary(rows: list[Row], peak_mib: float, cpu_s: float) -> None:
+    head = (f"{'workload':<18} {'local':>10} {'mount':>10}  {'unit':<10} {'ratio':>6}  {'target':>6}  {'met?':<4}"
+            f"  {'RSS MiB':>7} {'CPU s':>6}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        met = "-" if r.met is None else ("yes" if r.met else "NO")
+        target = "-" if r.target is None else f">={r.target:.1f}x"
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
+        rss = "-" if r.mount_peak_rss_mib is None else f"{r.mount_peak_rss_mib:.0f}"
+        print(f"{r.workload:<18} {fmt(r.local):>10} {fmt(r.mount):>10}  {r.unit:<10} {ratio:>6}  {target:>6}  {met:<4}"
+              f"  {rss:>7} {fmt(r.mount_cpu_s):>6}")
+    print(f"daemon, whole run: peak RSS {peak_mib:.0f} MiB, CPU {cpu_s:.1f} s", end="")
+    print("".join(f"; {r.mount_cpu_ms_per_txn:.2f} ms CPU per transaction ({r.workload})"
+                  for r in rows if r.mount_cpu_ms_per_txn is not None))
+    print("ratio: mount speed / local speed (speedtest1: local time / mount time), higher is better;"
+          " RSS, CPU: the daemon's peak RSS and CPU seconds during the workload's mount run")
+    for r in rows:
+        for note in r.notes:
+            print(f"  {r.workload}: {note}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="duration of each timed workload")
-    ap.add_argument("--only", nargs="*", choices=sorted(WORKLOADS), help="run only these workloads")
+    ap.add_argument("--quick", action="store_true", help="small sizes, ~1 s per workload: a smoke test")
+    ap.add_argument("--seconds", type=float, help="duration of each timed loop (default 5, quick 1)")
+    ap.add_argument("--scan-mb", type=int, help="cold_scan database size in MiB (default 200, quick 16)")
+    ap.add_argument("--speedtest-size", type=int, help="speedtest1 --size (default 200, quick 10)")
+    ap.add_argument("--only", nargs="+", choices=list(WORKLOADS), metavar="NAME",
+                    help=f"run only these workloads ({', '.join(WORKLOADS)})")
+    ap.add_argument("--source", type=Path, default=REPO, metavar="DIR",
+                    help="run the daemon from this checkout's fusesqlite package (default: this repo)")
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
-    names = args.only or list(WORKLOADS)
+    cfg = QUICK if args.quick else Config()
+    overrides = {"seconds": args.seconds, "scan_mb": args.scan_mb, "speedtest_size": args.speedtest_size}
+    cfg = Config(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})
+    names = [n for n in WORKLOADS if n in (args.only or WORKLOADS)]
+
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fusesqlite-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
-        local = work / "local"
-        local.mkdir()
-        daemon = Daemon(work)
+        (work / "local").mkdir()
+        daemon = Daemon(work, args.source.resolve())
+        local = Side("local", work / "local", drop_page_cache)
+        mount = Side("mount", daemon.mountpoint, daemon.restart)
         try:
-            print(f"{'workload':<20} {'local':>12} {'mount':>12} {'ratio':>7}  unit")
+            print(f"{cfg}; local disk: {work / 'local'}", flush=True)
             for name in names:
-                (local / name).mkdir()
-                (daemon.mountpoint / name).mkdir()
-                lrate, unit = WORKLOADS[name](local / name, args.seconds)
-                mrate, _ = WORKLOADS[name](daemon.mountpoint / name, args.seconds)
-                print(f"{name:<20} {lrate:>12.1f} {mrate:>12.1f} {mrate / lrate:>6.2f}x  {unit}", flush=True)
-            peak, cpu = daemon.usage()
-            print(f"mount daemon: peak RSS {peak:.0f} MiB, CPU {cpu:.1f} s")
+                started = time.monotonic()
+                row = run_workload(name, local, mount, daemon, cfg)
+                rows.append(row)
+                print(f"{name:<18} {fmt(row.local):>10} {fmt(row.mount):>10}  {row.unit:<10}"
+                      f" ({time.monotonic() - started:.0f} s)", flush=True)
+            peak_mib, cpu_s = daemon.usage()
         finally:
-            daemon.stop()
+            code = daemon.stop()
+            CACHE.mkdir(parents=True, exist_ok=True)
+            shutil.copy(daemon.log_path, CACHE / "last-daemon.log")
+    print_summary(rows, peak_mib, cpu_s)
+    print(f"daemon log: {CACHE / 'last-daemon.log'}" + ("" if code == 0 else f"  (daemon exit on SIGTERM: {code})"))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "config": asdict(cfg),
+            "daemon": {"peak_rss_mib": peak_mib, "cpu_s": cpu_s, "exit_code": code},
+            "workloads": [asdict(r) for r in rows],
+        }, indent=2) + "\n")
     return 0
 
 

@@ -145,9 +145,18 @@ class Coherence:
         for ino in files:
             self._proxy(ino).move = True
         for ino, p in list(self.proxies.items()):
-            if (p.move or p.want_reserved != p.reserved) and not p.running:
-                p.running = True
-                self.nursery.start_soon(self._work, ino, p)
+            self._kick(ino, p)
+
+    def _kick(self, ino: int, p: Proxy) -> None:
+        if (p.move or p.want_reserved != p.reserved) and not p.running and self.nursery is not None:
+            p.running = True
+            self.nursery.start_soon(self._work, ino, p)
+
+    def known(self, ino: int) -> None:
+        """This mount just learned a path of ``ino``: stand in for a remote writer now."""
+        p = self.proxies.get(ino)
+        if p is not None:
+            self._kick(ino, p)
 
     async def _expire_remote_leases(self) -> None:
         now = time.time()
@@ -162,9 +171,7 @@ class Coherence:
             del self.remote_leases[ino]
             p = self._proxy(ino)
             p.want_reserved = False
-            if not p.running:
-                p.running = True
-                self.nursery.start_soon(self._work, ino, p)
+            self._kick(ino, p)
 
     def _proxy(self, ino: int) -> Proxy:
         p = self.proxies.get(ino)
@@ -181,8 +188,9 @@ class Coherence:
                     p.move = False
                     await self._move(ino, p)
                 elif p.want_reserved and not p.reserved:
-                    if await self._lock(ino, p, RESERVED_BYTE, 1):
-                        p.reserved = True
+                    p.reserved = await self._lock(ino, p, RESERVED_BYTE, 1)
+                    if not p.reserved:
+                        break  # no local path yet: `known` starts again once there is one
                 elif p.reserved and not p.want_reserved:
                     await self._unlock(p, RESERVED_BYTE, 1)
                     p.reserved = False
@@ -191,12 +199,14 @@ class Coherence:
         except Exception:
             log.exception("event=proxy_failed ino=%d", ino)
         finally:
-            p.running = False
             if not p.reserved and p.fd is not None:
                 fd, p.fd = p.fd, None
-                await trio.to_thread.run_sync(os.close, fd)
-            if not (p.reserved or p.want_reserved or p.move or p.running):
+                await trio.to_thread.run_sync(os.close, fd)  # also drops every lock we held on it
+            p.running = False
+            if not (p.reserved or p.want_reserved or p.move):
                 self.proxies.pop(ino, None)
+            else:
+                self._kick(ino, p)
 
     async def _move(self, ino: int, p: Proxy) -> None:
         """Refresh ``ino`` while no local SQLite transaction is reading or writing it."""

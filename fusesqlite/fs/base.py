@@ -152,6 +152,7 @@ class FsBase(pyfuse3.Operations):
         if found is None:
             return None
         self.names[found[0]] = (parent, name)
+        self.coherence.known(found[0])
         return found[0], found[1], None
 
     async def resolve(self, path: bytes) -> int | None:

@@ -1,0 +1,256 @@
+"""Several mounts of one embedded store (how the tests model hosts): whole
+transactions only, serialized writers, contention as SQLITE_BUSY or an error,
+never a lost update."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+INCREMENT = r"""
+import sqlite3, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+con = sqlite3.connect(path, timeout=30, isolation_level=None)
+done = errors = 0
+while done < n:
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        v = con.execute("SELECT v FROM counter").fetchone()[0]
+        con.execute("UPDATE counter SET v = ?", (v + 1,))
+        con.execute("COMMIT")
+        done += 1
+    except sqlite3.Error:
+        errors += 1
+        try:
+            con.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        time.sleep(0.005)
+print(done, errors, flush=True)
+"""
+
+
+def wait_for(predicate, timeout: float = 5.0):
+    """Poll until ``predicate`` holds; errors count as "not yet" (a file may exist before
+    the transaction that fills it has reached this mount)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except (sqlite3.Error, OSError) as e:
+            value, error = False, e
+        else:
+            error = None
+        if value or time.monotonic() > deadline:
+            if error is not None and not value:
+                raise error
+            return value
+        time.sleep(0.02)
+
+
+def query(path, sql, *args):
+    con = sqlite3.connect(path, timeout=30)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("n_mounts", [2, 3])
+@pytest.mark.timeout(240)
+def test_counter_incremented_from_every_mount_is_exact(mounts, n_mounts):
+    first = mounts()
+    ms = [first] + [mounts(store=first.store) for _ in range(n_mounts - 1)]
+    con = sqlite3.connect(first / "counter.db")
+    con.execute("CREATE TABLE counter(v INTEGER)")
+    con.execute("INSERT INTO counter VALUES (0)")
+    con.commit()
+    con.close()
+    for m in ms[1:]:
+        assert wait_for(lambda: (m / "counter.db").exists() and query(m / "counter.db", "SELECT v FROM counter") == [(0,)])
+    per_process, procs = 20, []
+    for m in ms:
+        for _ in range(2):
+            procs.append(m.py(INCREMENT, str(m / "counter.db"), str(per_process)))
+    for p in procs:
+        out, err = p.communicate(timeout=200)
+        assert p.returncode == 0, err
+        assert int(out.split()[0]) == per_process
+    expected = per_process * len(procs)
+    for m in ms:
+        assert wait_for(lambda: query(m / "counter.db", "SELECT v FROM counter") == [(expected,)]), (
+            f"{m.mountpoint}: {query(m / 'counter.db', 'SELECT v FROM counter')} != {expected}")
+        assert query(m / "counter.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+TRANSFERS = r"""
+import random, sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+rng = random.Random(int(sys.argv[3]))
+deadline = time.monotonic() + float(sys.argv[2])
+n = 0
+while time.monotonic() < deadline:
+    a, b = rng.sample(range(10), 2)
+    amount = rng.randint(1, 20)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, a))
+        con.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, b))
+        con.execute("COMMIT")
+        n += 1
+    except sqlite3.Error:
+        try:
+            con.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+print(n, flush=True)
+"""
+
+READER = r"""
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+deadline = time.monotonic() + float(sys.argv[2])
+sums, checks, seen = set(), set(), set()
+while time.monotonic() < deadline:
+    try:
+        con.execute("BEGIN")
+        s1 = con.execute("SELECT sum(balance) FROM accounts").fetchone()[0]
+        rows = tuple(con.execute("SELECT balance FROM accounts ORDER BY id"))
+        time.sleep(0.005)  # commits elsewhere land meanwhile: this transaction must not see them
+        s2 = con.execute("SELECT sum(balance) FROM accounts").fetchone()[0]
+        rows2 = tuple(con.execute("SELECT balance FROM accounts ORDER BY id"))
+        checks.add(con.execute("PRAGMA quick_check").fetchone()[0])
+        con.execute("COMMIT")
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            continue
+        raise
+    sums.update((s1, s2))
+    if rows != rows2:
+        sums.add("changed within one read transaction")
+    seen.add(rows)
+print(sorted(map(str, sums)), sorted(checks), len(seen), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_readers_on_another_mount_see_whole_transfers(mounts):
+    a = mounts()
+    b = mounts(store=a.store)
+    con = sqlite3.connect(a / "bank.db")
+    con.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER)")
+    con.executemany("INSERT INTO accounts VALUES (?, 100)", [(i,) for i in range(10)])
+    con.commit()
+    con.close()
+    assert wait_for(lambda: (b / "bank.db").exists() and query(b / "bank.db", "SELECT count(*) FROM accounts") == [(10,)])
+    writers = [a.py(TRANSFERS, str(a / "bank.db"), "6", str(seed)) for seed in (1, 2)]
+    readers = [b.py(READER, str(b / "bank.db"), "6") for _ in range(2)]
+    transfers = 0
+    for w in writers:
+        out, err = w.communicate(timeout=60)
+        assert w.returncode == 0, err
+        transfers += int(out)
+    assert transfers > 20
+    for r in readers:
+        out, err = r.communicate(timeout=60)
+        assert r.returncode == 0, err
+        assert "['1000']" in out and "changed" not in out, f"reader saw: {out}"
+        assert "['ok']" in out, f"quick_check: {out}"
+        assert int(out.split()[-1]) > 1, f"the reader never saw a transfer: {out}"
+    final_a = query(a / "bank.db", "SELECT balance FROM accounts ORDER BY id")
+    assert wait_for(lambda: query(b / "bank.db", "SELECT balance FROM accounts ORDER BY id") == final_a)
+
+
+HOLDER = r"""
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")
+con.execute("UPDATE counter SET v = -1")
+con.execute("INSERT INTO counter VALUES (-2)")
+con.execute("PRAGMA cache_size = 1")
+con.executemany("INSERT INTO counter VALUES (?)", [(-3,)] * 2000)  # spills into the file: journal active
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill -9", "frozen until its lease expires"])
+@pytest.mark.timeout(120)
+def test_dead_lease_holder_blocks_others_only_briefly(mounts, how):
+    a = mounts(extra_args=("--lease-seconds", "2"))
+    b = mounts(store=a.store, extra_args=("--lease-seconds", "2"))
+    con = sqlite3.connect(a / "c.db")
+    con.execute("CREATE TABLE counter(v INTEGER)")
+    con.execute("INSERT INTO counter VALUES (0)")
+    con.commit()
+    con.close()
+    assert wait_for(lambda: (b / "c.db").exists() and query(b / "c.db", "SELECT v FROM counter") == [(0,)])
+    holder = a.py(HOLDER, str(a / "c.db"))
+    assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+    if how == "kill -9":
+        a.kill9()
+    else:
+        os.kill(a.pid, signal.SIGSTOP)  # alive but silent, like a host cut off
+    started = time.monotonic()
+    writer = b.py(INCREMENT, str(b / "c.db"), "5")
+    out, err = writer.communicate(timeout=60)
+    took = time.monotonic() - started
+    assert writer.returncode == 0, err
+    assert out.split()[0] == "5"
+    if how != "kill -9":
+        assert took > 1.0, f"B wrote after {took:.1f}s although A's 2 s lease had not expired"
+        os.kill(a.pid, signal.SIGKILL)
+        os.kill(a.pid, signal.SIGCONT)
+        a.proc.wait(10)
+    holder.kill()
+    rows = query(b / "c.db", "SELECT v FROM counter")
+    assert rows == [(5,)], f"the dead mount's transaction leaked: {rows[:5]}"
+    assert query(b / "c.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.timeout(60)
+def test_read_only_mount_refuses_writes_and_follows_commits(mounts):
+    a = mounts()
+    ro = mounts(store=a.store, extra_args=("--read-only",))
+    con = sqlite3.connect(a / "r.db")
+    con.execute("CREATE TABLE t(x)")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.commit()
+    assert wait_for(lambda: (ro / "r.db").exists() and query(ro / "r.db", "SELECT count(*) FROM t") == [(1,)])
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        c = sqlite3.connect(ro / "r.db")
+        c.execute("INSERT INTO t VALUES (2)")
+        c.commit()
+    for op in (lambda: (ro / "new.txt").write_text("x"), lambda: os.mkdir(ro / "d"), lambda: os.unlink(ro / "r.db")):
+        with pytest.raises(OSError) as ei:
+            op()
+        assert ei.value.errno == 30  # EROFS
+    con.execute("INSERT INTO t VALUES (3)")
+    con.commit()
+    con.close()
+    assert wait_for(lambda: query(ro / "r.db", "SELECT x FROM t ORDER BY x") == [(1,), (3,)])
+    assert sorted(os.listdir(ro.mountpoint)) == sorted(os.listdir(a.mountpoint))
+
+
+@pytest.mark.timeout(60)
+def test_namespace_changes_reach_other_mounts(mounts):
+    a = mounts()
+    b = mounts(store=a.store)
+    assert not (b / "later.txt").exists()  # the kernel now caches this negative answer
+    (a / "later.txt").write_text("hello")
+    os.mkdir(a / "dir")
+    assert wait_for(lambda: (b / "later.txt").exists()), "a file created on A never appeared on B"
+    assert (b / "later.txt").read_text() == "hello"
+    (a / "later.txt").write_text("changed!")
+    assert wait_for(lambda: (b / "later.txt").read_text() == "changed!")
+    os.rename(a / "later.txt", a / "dir" / "moved.txt")
+    assert wait_for(lambda: not (b / "later.txt").exists() and (b / "dir" / "moved.txt").exists())
+    assert sorted(os.listdir(b / "dir")) == ["moved.txt"]
