@@ -66,6 +66,9 @@ class Coherence:
         self.proxies: dict[int, Proxy] = {}
         self.locks = trio.CapacityLimiter(64)  # threads waiting on local readers and writers
         self.nursery: trio.Nursery | None = None
+        #: moves when other mounts' changes arrive: an answer computed across a
+        #: move must not be cached by the kernel (it may predate an invalidation)
+        self.epoch = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -125,6 +128,7 @@ class Coherence:
         return unpack(raw)[0] if raw else self.seen
 
     async def _apply(self, entries: list[LogEntry], head: int) -> None:
+        self.epoch += 1
         self.seen = head
         self.tx.snapshot = max(self.tx.snapshot, head)
         files: set[int] = set()

@@ -22,8 +22,10 @@ log = logging.getLogger("fusesqlite.fs")
 #: the kernel may cache attributes and entries this long; every change goes
 #: through this mount's kernel, which updates its caches itself
 ATTR_TIMEOUT = 1.0
-#: how long the kernel may remember that a name does not exist
+#: how long the kernel may remember that a journal name does not exist
 NEGATIVE_TIMEOUT = 60.0
+#: ... and that a stored name does not exist
+STORED_NEGATIVE_TIMEOUT = 0.5
 
 
 @dataclass
@@ -128,10 +130,16 @@ class FsBase(pyfuse3.Operations):
         return e
 
     @staticmethod
-    def negative_entry() -> pyfuse3.EntryAttributes:
+    def negative_entry(name: bytes, cacheable: bool = True) -> pyfuse3.EntryAttributes:
+        """"No such file", which the kernel may remember: long for journals (only this
+        mount creates them), briefly for stored names (another mount may create one,
+        and its invalidation can cross this answer on its way to the kernel)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = NEGATIVE_TIMEOUT
+        if cacheable:
+            e.entry_timeout = NEGATIVE_TIMEOUT if is_transient_name(name) else STORED_NEGATIVE_TIMEOUT
+        else:
+            e.entry_timeout = 0.0
         return e
 
     async def record(self, ino: int) -> Inode:

@@ -30,12 +30,14 @@ class DirectoryOps(FileOps, FsBase):
         if name == b"..":
             up = self.names.get(parent_inode, (ROOT_INO, b""))[0]
             return self.entry(up, await self.record(up))
+        epoch = self.coherence.epoch
         found = await self.child(parent_inode, name)
         if found is None:
-            # SQLite looks for X-journal and X-wal at every read transaction. Every
-            # creation passes through this mount's kernel, which drops the cached
-            # negative entry itself, so the kernel may remember the answer.
-            return self.negative_entry()
+            # SQLite looks for X-journal and X-wal at every read transaction. Local
+            # creations drop the kernel's negative entry themselves, other mounts'
+            # through coherence.py, so the kernel may remember the answer -- unless
+            # other mounts' changes arrived while it was being computed.
+            return self.negative_entry(name, cacheable=epoch == self.coherence.epoch)
         ino, rec, tf = found
         return self.entry(ino, tf.record() if tf else rec)
 
