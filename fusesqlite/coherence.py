@@ -77,10 +77,14 @@ class Coherence:
             nursery.start_soon(self._renew)
 
     # -- write leases ------------------------------------------------------------------
+    def holds(self, ino: int) -> bool:
+        """Whether this mount holds the write lease on ``ino``, with enough time left to write."""
+        expiry = self.my_leases.get(ino)
+        return expiry is not None and expiry - time.time() > self.lease_ttl / 2
+
     async def begin_write(self, ino: int, view_dver: int) -> None:
         """A local writer starts a transaction on database ``ino``: take its write lease."""
-        expiry = self.my_leases.get(ino)
-        if expiry is not None and expiry - time.time() > self.lease_ttl / 2:
+        if self.holds(ino):
             return
         self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
         log.debug("event=lease_taken ino=%d", ino)

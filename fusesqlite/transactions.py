@@ -38,7 +38,7 @@ class FileState:
 
     __slots__ = (
         "ino", "record", "size", "mtime_ns", "dirty", "committing", "opens", "gen", "commit_lock", "label",
-        "staging", "staged_hwm",
+        "staging", "staged_hwm", "modified",
     )
 
     def __init__(self, ino: int, record: Inode, label: str) -> None:
@@ -55,11 +55,14 @@ class FileState:
         #: version holding blocks staged (written, unpublished) by this mount, if any
         self.staging: int | None = None
         self.staged_hwm = 0
+        #: data written or truncated since the last commit: the commit moves mtime
+        #: (see Transactions.write for why not every write does)
+        self.modified = False
 
     @property
     def changed(self) -> bool:
         return (
-            bool(self.dirty) or self.staging is not None
+            bool(self.dirty) or self.staging is not None or self.modified
             or self.size != self.record.size or self.mtime_ns != self.record.mtime_ns
         )
 
@@ -296,7 +299,14 @@ class Transactions:
                 block[lo - b * bs : hi - b * bs] = chunk
                 fs.dirty[b] = block
         fs.size = max(fs.size, end)
-        fs.mtime_ns = time.time_ns()
+        # The mtime moves at the commit, not here. The kernel drops a file's whole
+        # page cache whenever a getattr shows a new mtime (libfuse's default
+        # auto_inval_data, which pyfuse3 cannot turn off), and it asks for the
+        # attributes again after every write: a new mtime per write made every
+        # read after a write, within one SQLite transaction too, go to the daemon.
+        # Every write passes through this mount's kernel, so its page cache is
+        # right; other mounts' commits invalidate it explicitly (coherence.py).
+        fs.modified = True
 
     async def truncate(self, fs: FileState, size: int) -> None:
         if size > fs.size:
@@ -306,7 +316,7 @@ class Transactions:
             for b in [b for b in fs.dirty if b >= keep]:
                 del fs.dirty[b]
             fs.size = size
-        fs.mtime_ns = time.time_ns()
+        fs.modified = True  # mtime moves at the commit, as for write
 
     async def _grow(self, fs: FileState, size: int) -> None:
         """Extend to ``size``, zeroing what earlier, longer versions left beyond the old end."""
@@ -342,6 +352,7 @@ class Transactions:
                 return
             changes = ChangeSet()
             data: dict[int, DataCommit] = {}
+            mtimes: dict[int, tuple[int, int]] = {}  # ino -> (mtime before, mtime committed)
             for fs in files:
                 # a big overlay is staged first, so that the publishing transaction stays small
                 while len(fs.dirty) * self.bs > self.stage_chunk:
@@ -349,7 +360,10 @@ class Transactions:
                 dirty, fs.dirty = fs.dirty, {}
                 fs.committing = dirty
                 hwm = max([fs.record.hwm, fs.staged_hwm, *(b + 1 for b in dirty)])
-                changes.inodes[fs.ino] = fs.record.with_(size=fs.size, mtime_ns=fs.mtime_ns, ctime_ns=fs.mtime_ns, hwm=hwm)
+                mtime = time.time_ns() if fs.modified else fs.mtime_ns
+                mtimes[fs.ino] = (fs.mtime_ns, mtime)
+                fs.modified = False  # writes from now on move it again at the next commit
+                changes.inodes[fs.ino] = fs.record.with_(size=fs.size, mtime_ns=mtime, ctime_ns=mtime, hwm=hwm)
                 for b, block in dirty.items():
                     changes.blocks[(fs.ino, b)] = block  # encoded off the event loop
                 data[fs.ino] = DataCommit(based_on=fs.record.dver, staging=fs.staging)
@@ -364,6 +378,9 @@ class Transactions:
                 for b, block in fs.committing.items():
                     self.cache.put(fs.ino, b, bytes(block))
                 fs.committing = {}
+                before, mtime = mtimes[fs.ino]
+                if fs.mtime_ns == before:  # not set explicitly (utime) meanwhile
+                    fs.mtime_ns = mtime
                 fs.staging, fs.staged_hwm = None, 0
                 fs.gen += 1
             self._committed(result)
@@ -429,6 +446,7 @@ class Transactions:
         fs.staging, fs.staged_hwm = None, 0
         fs.size = fs.record.size
         fs.mtime_ns = fs.record.mtime_ns
+        fs.modified = False
         fs.gen += 1
         self.cache.drop_inode(fs.ino)
         self.on_rollback(fs.ino)

@@ -254,3 +254,28 @@ def test_namespace_changes_reach_other_mounts(mounts):
     os.rename(a / "later.txt", a / "dir" / "moved.txt")
     assert wait_for(lambda: not (b / "later.txt").exists() and (b / "dir" / "moved.txt").exists())
     assert sorted(os.listdir(b / "dir")) == ["moved.txt"]
+
+
+@pytest.mark.timeout(120)
+def test_creating_a_name_another_mount_just_created_never_replaces_it(mounts):
+    """B's view may lag A's by a few milliseconds; a create on B of a name A just
+    created must fail or open A's file, never replace it with an empty one."""
+    a = mounts()
+    b = mounts(store=a.store)
+    lost = []
+    for i in range(60):
+        name = f"race{i}.sqlite"
+        con = sqlite3.connect(a / name)
+        con.execute("CREATE TABLE c(x)")
+        con.execute("INSERT INTO c VALUES (1)")
+        con.commit()
+        con.close()
+        try:  # plain connect creates the file if this mount does not see it yet
+            sqlite3.connect(b / name).execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.Error:
+            pass
+        time.sleep(0.02)
+        if wait_for(lambda: query(a / name, "SELECT x FROM c") == [(1,)], timeout=2) is not True:
+            lost.append(name)
+    assert not lost, f"A's databases replaced by B's creates: {lost}"
+    print("creates refused on B:", b.log_text().count("event=namespace_conflict"))

@@ -61,6 +61,7 @@ class DirectoryOps(FileOps, FsBase):
             new = self._apply(committed, attr, fields)
             if fs is not None and fields.update_mtime:
                 fs.mtime_ns = new.mtime_ns
+                fs.modified = False  # earlier writes must not move it again at their commit (cp -p)
             await self.commit_meta(ChangeSet(inodes={inode: new}), f"setattr {self.path(inode)}")
         return self.entry(inode, await self.record(inode))
 
@@ -129,7 +130,11 @@ class DirectoryOps(FileOps, FsBase):
         if await self.child(new_parent_inode, new_name) is not None:
             raise fail(errno.EEXIST)
         new = rec.with_(nlink=rec.nlink + 1, ctime_ns=time.time_ns())
-        changes = ChangeSet(inodes={inode: self._committed(inode, new)}, dirents={(new_parent_inode, new_name): inode})
+        changes = ChangeSet(
+            inodes={inode: self._committed(inode, new)},
+            dirents={(new_parent_inode, new_name): inode},
+            expect={(new_parent_inode, new_name): None},
+        )
         await self.dir_changed(changes, new_parent_inode)
         await self.commit_meta(changes, f"link {self.path(inode)}")
         return self.entry(inode, new)
@@ -159,7 +164,7 @@ class DirectoryOps(FileOps, FsBase):
         assert rec is not None
         if rec.is_dir:
             raise fail(errno.EISDIR)
-        changes = ChangeSet(dirents={(parent_inode, name): None})
+        changes = ChangeSet(dirents={(parent_inode, name): None}, expect={(parent_inode, name): ino})
         self._drop_link(ino, rec, changes)
         await self.dir_changed(changes, parent_inode)
         await self.commit_meta(changes, f"unlink {self.path(ino)}")
@@ -189,7 +194,7 @@ class DirectoryOps(FileOps, FsBase):
             raise fail(errno.ENOTDIR)
         if self.transient.in_dir(ino) or await self.tx.list_dir(ino):
             raise fail(errno.ENOTEMPTY)
-        changes = ChangeSet(inodes={ino: None}, dirents={(parent_inode, name): None})
+        changes = ChangeSet(inodes={ino: None}, dirents={(parent_inode, name): None}, expect={(parent_inode, name): ino})
         await self.dir_changed(changes, parent_inode, nlink_delta=-1)
         await self.commit_meta(changes, f"rmdir {self.path(ino)}")
         self.names.pop(ino, None)
@@ -216,7 +221,10 @@ class DirectoryOps(FileOps, FsBase):
             self.transient.move(src_tf, parent_inode_new, name_new)
             return
         assert src_rec is not None
-        changes = ChangeSet(dirents={(parent_inode_old, name_old): None, (parent_inode_new, name_new): src_ino})
+        changes = ChangeSet(
+            dirents={(parent_inode_old, name_old): None, (parent_inode_new, name_new): src_ino},
+            expect={(parent_inode_old, name_old): src_ino, (parent_inode_new, name_new): dst[0] if dst else None},
+        )
         if dst is not None:
             dst_ino, dst_rec, _ = dst
             assert dst_rec is not None

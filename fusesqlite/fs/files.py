@@ -21,7 +21,7 @@ from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import FileState
-from fusesqlite.volume import ChangeSet, LeaseHeld, StaleView
+from fusesqlite.volume import ChangeSet, EntryChanged, LeaseHeld, StaleView
 
 log = logging.getLogger("fusesqlite.fs")
 
@@ -59,8 +59,14 @@ class FileOps(FsBase):
             inos = [await self.resolve(t) for t in targets if t]
         else:
             target = journal_target(tf.name)
-            found = await self.child(tf.parent, target) if target else None
-            inos = [found[0]] if found is not None and found[2] is None else []
+            writing, tf.writing = tf.writing, None
+            if writing is not None and self.names.get(writing) == (tf.parent, target):
+                # the database journal_started found for this transaction, still under
+                # that name: one store lookup fewer per commit
+                inos = [writing]
+            else:
+                found = await self.child(tf.parent, target) if target else None
+                inos = [found[0]] if found is not None and found[2] is None else []
         inos = [ino for ino in inos if ino is not None]
         release = [ino for ino in inos if self.coherence.end_write(ino)]
         files = [fs for fs in map(self.tx.files.get, inos) if fs is not None and fs.changed]
@@ -71,12 +77,21 @@ class FileOps(FsBase):
                 await self.tx.commit_many([], "release lease", release)
             raise fail(e.errno) from None
 
-    async def journal_started(self, tf: TransientFile) -> None:
+    async def journal_started(self, tf: TransientFile, offset: int) -> None:
         """A write to an inactive journal: a transaction on its database is starting.
 
         Take the database's write lease, which also checks that this mount's view
         of it is current; otherwise fail the write (and so the transaction).
+
+        SQLite writes a journal's header (at offset 0) and then its pages, all
+        while the journal is still inactive: only the header write starts the
+        transaction. The later writes skip the store lookup of the database while
+        this mount still holds the lease it took for it (a commit ends the lease,
+        so the next transaction looks again).
         """
+        if offset and tf.writing is not None and self.coherence.holds(tf.writing):
+            return
+        tf.writing = None
         target = journal_target(tf.name)
         found = await self.child(tf.parent, target) if target else None
         if found is None or found[2] is not None:
@@ -84,6 +99,7 @@ class FileOps(FsBase):
         rec = await self.record(found[0])
         try:
             await self.coherence.begin_write(found[0], rec.dver)
+            tf.writing = found[0]
         except (LeaseHeld, StaleView) as e:  # contention with another mount
             log.info("event=write_refused path=%s cause=%s", self.child_path(tf.parent, target), e)
             raise fail(e.errno) from None
@@ -118,7 +134,7 @@ class FileOps(FsBase):
 
     async def commit_entry(self, parent: int, name: bytes, ino: int, rec: Inode) -> None:
         """A new entry and its inode, plus the parent's link count for directories."""
-        changes = ChangeSet(inodes={ino: rec}, dirents={(parent, name): ino})
+        changes = ChangeSet(inodes={ino: rec}, dirents={(parent, name): ino}, expect={(parent, name): None})
         await self.dir_changed(changes, parent, nlink_delta=1 if rec.is_dir else 0)
         await self.commit_meta(changes, f"create {self.child_path(parent, name)}")
 
@@ -132,6 +148,9 @@ class FileOps(FsBase):
     async def commit_meta(self, changes: ChangeSet, what: str) -> None:
         try:
             await self.tx.commit_changes(changes)
+        except EntryChanged as e:  # another mount got there first: as if it had been seen
+            log.info("event=namespace_conflict op=%r cause=%s", what, e)
+            raise fail(e.errno) from None
         except StoreError as e:
             log.error("event=commit_failed op=%r cause=%s: %s", what, type(e).__name__, e)
             raise fail(e.errno) from None
@@ -176,7 +195,7 @@ class FileOps(FsBase):
         if isinstance(f, TransientFile):
             was = f.active
             if not was:
-                await self.journal_started(f)
+                await self.journal_started(f, off)
             f.write(off, buf)
             if off == 0:
                 await self.transient_changed(f, was, "journal header zeroed")

@@ -20,7 +20,7 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked")
+    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing")
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
@@ -31,6 +31,8 @@ class TransientFile:
         self.rec = Inode.new(stat.S_IFREG, mode, uid, gid)
         self.opens = 0
         self.linked = True
+        #: the database whose transaction this journal's writes belong to, once started (files.py)
+        self.writing: int | None = None
 
     def record(self) -> Inode:
         return self.rec.with_(size=self.size)
