@@ -9,7 +9,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from fusesqlite.identity import dead_here
 from fusesqlite.inodes import ROOT_INO, Inode
@@ -180,27 +180,41 @@ class Volume:
 
         return self.store.transact(fn)
 
-    def list_dir(self, parent: int, version: int) -> list[tuple[bytes, int, Inode]]:
-        """(name, ino, record) of every entry visible at ``version``, by name."""
+    #: inode records read per store transaction when listing a directory
+    LIST_BATCH = 500
 
-        def fn(tr: Transaction) -> list[tuple[bytes, int, Inode]]:
+    def list_dir(self, parent: int, version: int) -> list[tuple[bytes, int, Inode]]:
+        """(name, ino, record) of every entry visible at ``version``, by name.
+
+        The records are read in batches, each its own store transaction: what is
+        visible at one version never changes, so the batches agree, and a big
+        directory stays far inside FoundationDB's 5 seconds per transaction.
+        """
+
+        def entries(tr: Transaction) -> list[tuple[bytes, int]]:
             latest: dict[bytes, tuple[int, bytes]] = {}
             for key, value in tr.get_range(*self.ks.children("d", parent)):
                 _, _, name, ver = self.ks.parts(key)
                 if ver <= version:
                     latest[name] = (ver, value)
-            out = []
-            for name in sorted(latest):
-                value = latest[name][1]
-                if not value:
-                    continue
-                ino = unpack(value)[0]
-                rec = self._latest(tr, self.ks.versions_upto(version, "i", ino))
-                if rec:
-                    out.append((name, ino, Inode.unpack(rec)))
-            return out
+            return [(name, unpack(value)[0]) for name, (_, value) in sorted(latest.items()) if value]
 
-        return self.store.transact(fn)
+        def records(batch: list[tuple[bytes, int]]) -> Callable[[Transaction], list[tuple[bytes, int, Inode]]]:
+            def fn(tr: Transaction) -> list[tuple[bytes, int, Inode]]:
+                out = []
+                for name, ino in batch:
+                    rec = self._latest(tr, self.ks.versions_upto(version, "i", ino))
+                    if rec:
+                        out.append((name, ino, Inode.unpack(rec)))
+                return out
+
+            return fn
+
+        listed = self.store.transact(entries)
+        out: list[tuple[bytes, int, Inode]] = []
+        for i in range(0, len(listed), self.LIST_BATCH):
+            out.extend(self.store.transact(records(listed[i : i + self.LIST_BATCH])))
+        return out
 
     def read_blocks(self, ino: int, block_nos: Iterable[int], version: int) -> dict[int, bytes]:
         """Encoded values of ``block_nos`` as of ``version`` (absent = hole).
