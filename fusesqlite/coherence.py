@@ -27,7 +27,7 @@ from fusesqlite.identity import dead_here
 from fusesqlite.keyspace import pack, unpack
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import LogEntry, Volume
+from fusesqlite.volume import WANT, LeaseHeld, LogEntry, Volume
 
 log = logging.getLogger("fusesqlite.coherence")
 
@@ -39,6 +39,8 @@ SHARED_SIZE = 510
 
 #: how often a mount asks the store whether anything changed
 POLL_TIMEOUT = 0.5
+#: how long a mount refused a lease holds the holder's next writers back
+WANT_SECONDS = 2.0
 
 
 @dataclass
@@ -86,7 +88,14 @@ class Coherence:
         """A local writer starts a transaction on database ``ino``: take its write lease."""
         if self.holds(ino):
             return
-        self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
+        try:
+            self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
+        except LeaseHeld:
+            try:  # this transaction fails; ask the holder to let the next one through
+                await self.tx.run(self.volume.want_lease, ino, WANT_SECONDS)
+            except StoreError as e:
+                log.warning("event=lease_want_failed ino=%d cause=%s", ino, e)
+            raise
         log.debug("event=lease_taken ino=%d", ino)
 
     def end_write(self, ino: int) -> tuple[int, ...]:
@@ -144,7 +153,12 @@ class Coherence:
                 self.invalidate_entry(parent, name)
             files.update(e.inodes)
             for ino, owner, expiry in e.leases:
-                if owner:
+                if owner.startswith(WANT):
+                    # another mount waits: hold local writers back (SQLITE_BUSY) once the
+                    # local transaction ends, until it has had the lease or stops waiting
+                    self.remote_leases.setdefault(ino, (owner, expiry))
+                    self._proxy(ino).want_reserved = True
+                elif owner:
                     self.remote_leases[ino] = (owner, expiry)
                     self._proxy(ino).want_reserved = True
                 else:

@@ -54,6 +54,10 @@ class LogEntry:
     leases: tuple[tuple[int, str, float], ...] = ()
 
 
+#: prefix of a lease event's owner that means "waiting for it", not "holding it"
+WANT = "?"
+
+
 class LeaseHeld(StoreError):
     """Another mount is writing the database (its write lease has not expired)."""
 
@@ -393,8 +397,17 @@ class Volume:
 
         return self.store.transact(fn)
 
-    def release_lease(self, ino: int) -> None:
-        self.commit(ChangeSet(), release_leases=(ino,))
+    def want_lease(self, ino: int, wait: float) -> None:
+        """Log that this mount waits for ``ino``'s lease: its holder then holds its own
+        writers back once its transaction ends, so the lease changes hands (coherence.py)."""
+
+        def fn(tr: Transaction) -> None:
+            version = unpack(tr.get(self.ks.head()))[0] + 1
+            event = (ino, WANT + self.author, time.time() + wait)
+            self._log(tr, version, LogEntry(version, self.author, leases=(event,)))
+            tr.set(self.ks.head(), pack((version,)))
+
+        self.store.transact(fn)
 
     def lease(self, ino: int) -> tuple[str, float] | None:
         value = self.store.transact(lambda tr: tr.get(self.ks.lease(ino)))
