@@ -147,13 +147,17 @@ class DirectoryOps(FileOps, FsBase):
         return rec.with_(size=fs.record.size, mtime_ns=fs.record.mtime_ns, hwm=fs.record.hwm)
 
     # -- removing entries ------------------------------------------------------------------
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def _to_remove(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext):
+        """The entry an unlink or rmdir removes: (ino, stored record, transient file)."""
         self.writable(ctx)
         check_name(name)
-        found = await self.child(parent_inode, name)
+        found = await self.child(parent, name)
         if found is None:
             raise fail(errno.ENOENT)
-        ino, rec, tf = found
+        return found
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        ino, rec, tf = await self._to_remove(parent_inode, name, ctx)
         if tf is not None:
             try:
                 if tf.active:
@@ -184,12 +188,7 @@ class DirectoryOps(FileOps, FsBase):
             changes.inodes[ino] = self._committed(ino, rec.with_(nlink=max(nlink, 0), ctime_ns=time.time_ns()))
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.writable(ctx)
-        check_name(name)
-        found = await self.child(parent_inode, name)
-        if found is None:
-            raise fail(errno.ENOENT)
-        ino, rec, tf = found
+        ino, rec, tf = await self._to_remove(parent_inode, name, ctx)
         if tf is not None or not rec.is_dir:
             raise fail(errno.ENOTDIR)
         if self.transient.in_dir(ino) or await self.tx.list_dir(ino):
