@@ -234,7 +234,7 @@ class Coherence:
         """Refresh ``ino`` while no local SQLite transaction is reading or writing it."""
         locked = await self._lock(ino, p, PENDING_BYTE, 1) and await self._lock(ino, p, SHARED_FIRST, SHARED_SIZE)
         try:
-            rec = await self.tx.refresh(ino)
+            await self.tx.refresh(ino)
             await trio.to_thread.run_sync(_invalidate_inode, ino)
         finally:
             if locked:
