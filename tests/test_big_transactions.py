@@ -41,6 +41,14 @@ def make_db(path: Path, rows: int = 100) -> None:
     con.close()
 
 
+def insert_rows(path: Path, rows: int) -> sqlite3.Connection:
+    """``rows`` random rows in one transaction; the connection stays open for more checks."""
+    con = sqlite3.connect(path)
+    with con:
+        con.executemany("INSERT INTO t(v) VALUES (?)", ((os.urandom(ROW),) for _ in range(rows)))
+    return con
+
+
 def check(path: Path) -> tuple[int, str]:
     con = sqlite3.connect(path)
     try:
@@ -75,9 +83,7 @@ def test_transaction_many_times_the_budget_commits_atomically(mounts):
     m = mounts(extra_args=SMALL, debug=True)
     db = m / "big.sqlite"
     make_db(db, 10)
-    con = sqlite3.connect(db)
-    with con:
-        con.executemany("INSERT INTO t(v) VALUES (?)", ((os.urandom(ROW),) for _ in range(20_000)))
+    con = insert_rows(db, 20_000)
     digest = con.execute("SELECT sum(length(v)), count(DISTINCT v) FROM t").fetchone()
     con.close()
     assert check(db) == (20_010, "ok")
@@ -100,9 +106,7 @@ def test_big_transaction_within_tight_store_limits(mounts):
     m = mounts(extra_args=SMALL, env_extra={"FUSESQLITE_STORE_LIMITS": "transaction_bytes=300000"})
     db = m / "tight.sqlite"
     make_db(db, 10)
-    con = sqlite3.connect(db)
-    with con:
-        con.executemany("INSERT INTO t(v) VALUES (?)", ((os.urandom(ROW),) for _ in range(20_000)))
+    con = insert_rows(db, 20_000)
     con.close()
     assert check(db) == (20_010, "ok")
     assert "event=commit_failed" not in m.log_text()
