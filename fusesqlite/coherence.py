@@ -149,7 +149,7 @@ class Coherence:
             if e.author == self.me:
                 continue
             for parent, name in e.dirents:
-                self.tx.records.put(parent, None)
+                self.tx.records.put(parent, None, head)
                 self.invalidate_entry(parent, name)
             files.update(e.inodes)
             for ino, owner, expiry in e.leases:
@@ -165,6 +165,7 @@ class Coherence:
                     self.remote_leases.pop(ino, None)
                     self._proxy(ino).want_reserved = False
         for ino in files:
+            self.tx.records.put(ino, None, head)  # an open file keeps its own until it moves
             self._proxy(ino).move = True
         for ino, p in list(self.proxies.items()):
             self._kick(ino, p)
@@ -204,6 +205,7 @@ class Coherence:
     # -- the lock proxy --------------------------------------------------------------------
     async def _work(self, ino: int, p: Proxy) -> None:
         """Bring this host's locks and caches of ``ino`` to what the store says, in order."""
+        parked = False  # waiting for a local path (`known` starts it again), not busy-retrying
         try:
             while True:
                 if p.move:
@@ -212,7 +214,8 @@ class Coherence:
                 elif p.want_reserved and not p.reserved:
                     p.reserved = await self._lock(ino, p, RESERVED_BYTE, 1)
                     if not p.reserved:
-                        break  # no local path yet: `known` starts again once there is one
+                        parked = True
+                        break
                 elif p.reserved and not p.want_reserved:
                     await self._unlock(p, RESERVED_BYTE, 1)
                     p.reserved = False
@@ -220,6 +223,7 @@ class Coherence:
                     break
         except Exception:
             log.exception("event=proxy_failed ino=%d", ino)
+            parked = True
         finally:
             if not p.reserved and p.fd is not None:
                 fd, p.fd = p.fd, None
@@ -227,7 +231,7 @@ class Coherence:
             p.running = False
             if not (p.reserved or p.want_reserved or p.move):
                 self.proxies.pop(ino, None)
-            else:
+            elif p.move or not parked:  # something arrived while it was finishing
                 self._kick(ino, p)
 
     async def _move(self, ino: int, p: Proxy) -> None:

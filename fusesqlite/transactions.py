@@ -76,25 +76,36 @@ class FileState:
 
 
 class RecordCache:
-    """Bounded LRU of committed inode records as of the mount's snapshot."""
+    """Bounded LRU of committed inode records, each tagged with the snapshot it was read at.
+
+    Store reads run in threads and finish in any order: a lookup that started
+    before another mount's change was applied must not put its older record back
+    over the refreshed one (a file would then be opened, and its blocks cached, as
+    of a version this mount has moved past). So a record read at an older snapshot
+    than the entry's never replaces it.
+    """
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._lru: OrderedDict[int, Inode] = OrderedDict()
+        self._lru: OrderedDict[int, tuple[int, Inode | None]] = OrderedDict()
 
     def get(self, ino: int) -> Inode | None:
-        rec = self._lru.get(ino)
-        if rec is not None:
-            self._lru.move_to_end(ino)
-        return rec
+        entry = self._lru.get(ino)
+        if entry is None:
+            return None
+        self._lru.move_to_end(ino)
+        return entry[1]
 
-    def put(self, ino: int, rec: Inode | None) -> None:
+    def put(self, ino: int, rec: Inode | None, as_of: int) -> Inode | None:
+        """Keep ``rec`` (None: unknown, read it again) unless a newer read is cached; return the newer record."""
+        entry = self._lru.get(ino)
+        if entry is not None and entry[0] > as_of:
+            return entry[1]
         self._lru.pop(ino, None)
-        if rec is None:
-            return
-        self._lru[ino] = rec
+        self._lru[ino] = (as_of, rec)
         if len(self._lru) > self.capacity:
             self._lru.popitem(last=False)
+        return rec
 
 
 class Transactions:
@@ -150,21 +161,22 @@ class Transactions:
             return fs.live_record()
         rec = self.records.get(ino)
         if rec is None:
-            rec = await self.run(self.volume.read_inode, ino, self.snapshot)
+            at = self.snapshot
+            rec = await self.run(self.volume.read_inode, ino, at)
             if rec is not None:
-                self.records.put(ino, rec)
+                rec = self.records.put(ino, rec, at) or rec
         return rec
 
     async def lookup(self, parent: int, name: bytes) -> tuple[int, Inode] | None:
-        found = await self.run(self.volume.lookup, parent, name, self.snapshot)
+        at = self.snapshot
+        found = await self.run(self.volume.lookup, parent, name, at)
         if found is None:
             return None
         ino, rec = found
         fs = self.files.get(ino)
         if fs is not None:
             return ino, fs.live_record()
-        self.records.put(ino, rec)
-        return ino, rec
+        return ino, self.records.put(ino, rec, at) or rec
 
     async def list_dir(self, parent: int) -> list[tuple[bytes, int, Inode]]:
         entries = await self.run(self.volume.list_dir, parent, self.snapshot)
@@ -183,7 +195,7 @@ class Transactions:
     def _committed(self, result: CommitResult) -> None:
         self.snapshot = max(self.snapshot, result.version)
         for ino, rec in result.records.items():
-            self.records.put(ino, rec)
+            self.records.put(ino, rec, result.version)
             fs = self.files.get(ino)
             if fs is not None and rec is not None:
                 fs.record = rec
@@ -194,7 +206,8 @@ class Transactions:
         The caller holds SQLite's locks on the file (coherence.py), so no local
         transaction sees the change half-way.
         """
-        rec = await self.run(self.volume.read_inode, ino, self.snapshot)
+        at = self.snapshot
+        rec = await self.run(self.volume.read_inode, ino, at)
         self.cache.drop_inode(ino)
         fs = self.files.get(ino)
         if fs is not None:
@@ -202,7 +215,7 @@ class Transactions:
             if rec is not None and not fs.changed:  # local uncommitted writes will fail as stale
                 fs.record = rec
                 fs.size, fs.mtime_ns = rec.size, rec.mtime_ns
-        self.records.put(ino, rec)
+        self.records.put(ino, rec, at)
         return rec
 
     # -- file data ---------------------------------------------------------------------
@@ -216,7 +229,6 @@ class Transactions:
         """Drop a FileState that has no opens and nothing uncommitted."""
         if fs.opens == 0 and not fs.changed and not fs.committing and self.files.get(fs.ino) is fs:
             del self.files[fs.ino]
-            self.records.put(fs.ino, fs.record)
 
     async def blocks(self, fs: FileState, block_nos: Iterable[int]) -> dict[int, bytes | bytearray]:
         """Current content of blocks (overlay, then cache, then store at the snapshot)."""

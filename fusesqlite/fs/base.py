@@ -89,8 +89,12 @@ class FsBase(pyfuse3.Operations):
         return b"/".join([self.mountpoint.rstrip(b"/"), *reversed(parts)])
 
     def writable(self, ctx: pyfuse3.RequestContext) -> None:
-        """A read-only mount refuses changes (its own lock proxy may still open files read-write)."""
-        if self.read_only and ctx.pid != os.getpid():
+        """A read-only mount refuses changes (its own lock proxy may still open files read-write).
+
+        The kernel names the calling thread, not the process: the proxy's opens come
+        from worker threads, which are tasks of this process.
+        """
+        if self.read_only and not os.path.exists(f"/proc/self/task/{ctx.pid}"):
             raise fail(errno.EROFS)
 
     def path(self, ino: int) -> str:
