@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyfuse3
@@ -27,7 +28,7 @@ from fusesqlite.identity import dead_here
 from fusesqlite.keyspace import pack, unpack
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import WANT, LeaseHeld, LogEntry, Volume
+from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume
 
 log = logging.getLogger("fusesqlite.coherence")
 
@@ -41,6 +42,9 @@ SHARED_SIZE = 510
 POLL_TIMEOUT = 0.5
 #: how long a mount refused a lease holds the holder's next writers back
 WANT_SECONDS = 2.0
+#: a transaction started on an idle lease (no store round trip) marks the lease busy
+#: once it has run this long, so that only short transactions can lose it to a steal
+PROMOTE_AFTER = 0.05
 
 
 @dataclass
@@ -63,7 +67,14 @@ class Coherence:
         self.invalidate_entry = invalidate_entry
         self.lease_ttl = lease_ttl
         self.seen = tx.snapshot
-        self.my_leases: dict[int, float] = {}  # ino -> expiry
+        self.my_leases: dict[int, float] = {}  # ino -> expiry: taken for a transaction, busy in the store
+        self.idle: set[int] = set()  # leases this mount keeps between its transactions
+        #: databases with a local transaction: on a lease taken for it ("busy"), on the
+        #: idle one ("idle"), or on one another mount has taken since ("lost")
+        self.writing: dict[int, str] = {}
+        self.txn_of: dict[int, int] = {}  # ino -> number of its transaction on an idle lease
+        self._txn = 0
+        self.promoting: dict[int, trio.Event] = {}
         self.remote_leases: dict[int, tuple[str, float]] = {}
         self.proxies: dict[int, Proxy] = {}
         self.locks = trio.CapacityLimiter(64)  # threads waiting on local readers and writers
@@ -80,13 +91,27 @@ class Coherence:
 
     # -- write leases ------------------------------------------------------------------
     def holds(self, ino: int) -> bool:
-        """Whether this mount holds the write lease on ``ino``, with enough time left to write."""
+        """Whether a local transaction on ``ino`` may go on writing without asking the store."""
+        mode = self.writing.get(ino)
+        if mode == "idle":
+            return True  # its commit checks that the lease is still this mount's
         expiry = self.my_leases.get(ino)
-        return expiry is not None and expiry - time.time() > self.lease_ttl / 2
+        return mode == "busy" and expiry is not None and expiry - time.time() > self.lease_ttl / 2
 
     async def begin_write(self, ino: int, view_dver: int) -> None:
-        """A local writer starts a transaction on database ``ino``: take its write lease."""
+        """A local writer starts a transaction on database ``ino``: make sure this mount has its lease.
+
+        The lease this mount kept idle since its last commit costs nothing; otherwise
+        one store transaction takes it (and checks that this mount's view is current).
+        """
         if self.holds(ino):
+            return
+        if ino in self.idle and ino not in self.writing:
+            self.writing[ino] = "idle"
+            self._txn += 1
+            self.txn_of[ino] = self._txn
+            if self.nursery is not None:
+                self.nursery.start_soon(self._promote, ino, self._txn, view_dver)
             return
         try:
             self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
@@ -96,11 +121,59 @@ class Coherence:
             except StoreError as e:
                 log.warning("event=lease_want_failed ino=%d cause=%s", ino, e)
             raise
+        self.idle.discard(ino)
+        self.writing[ino] = "busy"
         log.debug("event=lease_taken ino=%d", ino)
 
+    async def _promote(self, ino: int, txn: int, view_dver: int) -> None:
+        """Mark the idle lease of a transaction still running after PROMOTE_AFTER busy."""
+        await trio.sleep(PROMOTE_AFTER)
+        if self.txn_of.get(ino) != txn or self.writing.get(ino) != "idle":
+            return
+        done = self.promoting[ino] = trio.Event()
+        try:
+            expiry = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
+            if self.writing.get(ino) == "idle":
+                self.my_leases[ino] = expiry
+                self.writing[ino] = "busy"
+        except (LeaseHeld, StaleView) as e:
+            log.info("event=lease_lost ino=%d cause=%s", ino, e)
+            self._lose(ino)
+        except StoreError as e:
+            log.warning("event=lease_promote_failed ino=%d cause=%s", ino, e)
+        finally:
+            del self.promoting[ino]
+            done.set()
+
+    async def settle(self, ino: int) -> None:
+        """Wait for a promotion of ``ino``'s lease in flight (a commit must come after it)."""
+        done = self.promoting.get(ino)
+        if done is not None:
+            await done.wait()
+
     def end_write(self, ino: int) -> tuple[int, ...]:
-        """The leases a commit of ``ino`` releases (those this mount holds)."""
-        return (ino,) if self.my_leases.pop(ino, None) is not None else ()
+        """The leases a commit of ``ino`` must still hold (it fails if one was lost)."""
+        self.my_leases.pop(ino, None)
+        self.txn_of.pop(ino, None)
+        return (ino,) if self.writing.pop(ino, None) is not None else ()
+
+    def kept(self, inos: Iterable[int], ok: bool) -> None:
+        """A commit holding ``inos``' leases ended: they stay this mount's, idle, if it succeeded."""
+        if ok:
+            self.idle.update(inos)
+        else:
+            self.idle.difference_update(inos)
+
+    def held(self) -> tuple[int, ...]:
+        """Every lease this mount holds, busy or idle (released at unmount)."""
+        return tuple(set(self.my_leases) | self.idle)
+
+    def _lose(self, ino: int) -> None:
+        """Another mount took ``ino``'s lease or committed it: a local transaction on it fails at commit."""
+        self.idle.discard(ino)
+        self.my_leases.pop(ino, None)
+        if ino in self.writing:
+            self.writing[ino] = "lost"
 
     async def _renew(self) -> None:
         while True:
@@ -115,7 +188,7 @@ class Coherence:
                 expiry = time.time() + self.lease_ttl
                 for ino in held:
                     if ino in lost:
-                        self.my_leases.pop(ino, None)
+                        self._lose(ino)
                         log.warning("event=lease_lost ino=%d", ino)
                     elif ino in self.my_leases:
                         self.my_leases[ino] = expiry
@@ -152,6 +225,8 @@ class Coherence:
                 self.tx.records.put(parent, None, head)
                 self.invalidate_entry(parent, name)
             files.update(e.inodes)
+            for ino in e.inodes:
+                self._lose(ino)
             for ino, owner, expiry in e.leases:
                 if owner.startswith(WANT):
                     # another mount waits: hold local writers back (SQLITE_BUSY) once the
@@ -159,6 +234,7 @@ class Coherence:
                     self.remote_leases.setdefault(ino, (owner, expiry))
                     self._proxy(ino).want_reserved = True
                 elif owner:
+                    self._lose(ino)
                     self.remote_leases[ino] = (owner, expiry)
                     self._proxy(ino).want_reserved = True
                 else:
@@ -187,8 +263,8 @@ class Coherence:
             if expiry > now and not dead_here(owner):
                 continue
             current = await self.tx.run(self.volume.lease, ino)
-            if current is not None and current[0] == owner and current[1] > now and not dead_here(owner):
-                self.remote_leases[ino] = current  # renewed by its holder
+            if current is not None and current.owner == owner and current.expiry > now and not dead_here(owner):
+                self.remote_leases[ino] = (owner, current.expiry)  # renewed by its holder
                 continue
             log.info("event=lease_expired ino=%d owner=%s", ino, owner)
             del self.remote_leases[ino]

@@ -169,7 +169,7 @@ async def _flush_all(ops: Operations) -> None:
                 await ops.tx.commit(fs, "unmount")
             except StoreError:
                 pass  # logged by commit
-    held = tuple(ops.coherence.my_leases)
+    held = ops.coherence.held()
     if held:
         try:
             await ops.tx.commit_many([], "unmount", held)

@@ -343,24 +343,27 @@ class Transactions:
             fs.dirty[b] = self.zero_block
         fs.size = size
 
-    async def commit(self, fs: FileState, reason: str, release: Iterable[int] = ()) -> None:
+    async def commit(self, fs: FileState, reason: str) -> None:
         """Publish ``fs``'s overlay (and staging) as one new version; on failure revert it and raise."""
-        await self.commit_many([fs], reason, release)
+        await self.commit_many([fs], reason)
 
-    async def commit_many(self, files: list[FileState], reason: str, release: Iterable[int] = ()) -> None:
+    async def commit_many(
+        self, files: list[FileState], reason: str, release: Iterable[int] = (), keep: Iterable[int] = ()
+    ) -> None:
         """Publish several files' overlays in one store transaction (ATTACHed databases).
 
         On failure every one of them reverts to its last committed state. This
-        mount's write leases on ``release`` end with the commit.
+        mount's write leases on ``release`` end with the commit; those on ``keep``
+        must still be this mount's, and stay so, idle (Volume.commit).
         """
-        release = tuple(release)
+        release, keep = tuple(release), tuple(keep)
         async with AsyncExitStack() as stack:
             for fs in sorted(files, key=lambda f: f.ino):  # one lock order: no deadlock
                 await stack.enter_async_context(fs.commit_lock)
             files = [fs for fs in files if fs.changed]
             if not files:
-                if release:
-                    self._committed(await self.run(self.volume.commit, ChangeSet(), None, release))
+                if release or keep:
+                    self._committed(await self.run(self.volume.commit, ChangeSet(), None, release, keep))
                 return
             changes = ChangeSet()
             data: dict[int, DataCommit] = {}
@@ -381,7 +384,7 @@ class Transactions:
                 data[fs.ino] = DataCommit(based_on=fs.record.dver, staging=fs.staging)
             started = time.monotonic()
             try:
-                result = await self._publish(changes, data, release)
+                result = await self._publish(changes, data, release, keep)
             except StoreError as e:
                 for fs in files:
                     await self._failed(fs, reason, len(fs.committing), e)
@@ -402,18 +405,22 @@ class Transactions:
                 (time.monotonic() - started) * 1000,
             )
 
-    async def _publish(self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...]) -> CommitResult:
+    async def _publish(
+        self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...], keep: tuple[int, ...]
+    ) -> CommitResult:
         for attempt in (1, 2):
             try:
-                return await self.run(self._encode_and_commit, changes, data, release)
+                return await self.run(self._encode_and_commit, changes, data, release, keep)
             except StagingConflict as e:
                 if attempt == 2 or not await self.reclaim_staging(e.ino, e.version, e.owner, e.heartbeat):
                     raise
         raise AssertionError("unreachable")
 
-    def _encode_and_commit(self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...]) -> CommitResult:
+    def _encode_and_commit(
+        self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...], keep: tuple[int, ...]
+    ) -> CommitResult:
         blocks = {(ino, b): encode_block(bytes(block), ino, b) for (ino, b), block in changes.blocks.items()}
-        return self.volume.commit(ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data, release)
+        return self.volume.commit(ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data, release, keep)
 
     async def stage(self, fs: FileState) -> None:
         """Move the overlay into the store, unpublished, until it fits the memory budget."""

@@ -64,6 +64,31 @@ class LeaseHeld(StoreError):
     errno = errno.EBUSY
 
 
+class LeaseLost(StoreError):
+    """Another mount took this mount's idle write lease while a local transaction ran on it."""
+
+    errno = errno.EBUSY
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A database's write lease as stored. An idle lease stays with the mount that
+    last wrote, so that its next transaction needs no store round trip; any other
+    mount may take it at once (docs/many-mounts.md)."""
+
+    owner: str
+    expiry: float
+    busy: bool
+
+    @classmethod
+    def unpack(cls, value: bytes) -> "Lease":
+        owner, expiry, *busy = unpack(value)
+        return cls(owner, expiry, bool(busy[0]) if busy else True)
+
+    def pack(self) -> bytes:
+        return pack((self.owner, self.expiry, self.busy))
+
+
 class EntryChanged(StoreError):
     """Another mount changed a directory entry after this mount looked it up."""
 
@@ -278,16 +303,23 @@ class Volume:
 
     # -- commits ---------------------------------------------------------------------
     def commit(
-        self, changes: ChangeSet, data: dict[int, DataCommit] | None = None, release_leases: Iterable[int] = ()
+        self,
+        changes: ChangeSet,
+        data: dict[int, DataCommit] | None = None,
+        release_leases: Iterable[int] = (),
+        idle_leases: Iterable[int] = (),
     ) -> "CommitResult":
         """Write ``changes`` as the next version of the volume.
 
         Files in ``data`` get their data version moved to it, after checking that
         nobody else committed them meanwhile and that no other staging of them exists.
-        This mount's write leases on ``release_leases`` end with it.
+        This mount's write leases on ``release_leases`` end with it. Those on
+        ``idle_leases`` (the transaction's own) must still be this mount's, else the
+        commit fails with LeaseLost; they become idle, still this mount's.
         """
         data = data or {}
         release_leases = tuple(release_leases)
+        idle_leases = tuple(idle_leases)
 
         def fn(tr: Transaction) -> CommitResult:
             version = unpack(tr.get(self.ks.head()))[0] + 1
@@ -327,9 +359,16 @@ class Volume:
             for (ino, block_no), value in changes.blocks.items():
                 tr.set(self.ks.block(ino, block_no, version), value)
             released = []
+            for ino in idle_leases:
+                raw = tr.get(self.ks.lease(ino))
+                lease = Lease.unpack(raw) if raw is not None else None
+                if lease is None or lease.owner != self.author:
+                    raise LeaseLost(f"ino {ino}: mount {lease.owner if lease else '(none)'} took the write lease")
+                tr.set(self.ks.lease(ino), Lease(self.author, lease.expiry, busy=False).pack())
+                released.append((ino, "", 0.0))  # other mounts' writers may go: it is theirs for the taking
             for ino in release_leases:
-                lease = tr.get(self.ks.lease(ino))
-                if lease is not None and unpack(lease)[0] == self.author:
+                raw = tr.get(self.ks.lease(ino))
+                if raw is not None and Lease.unpack(raw).owner == self.author:
                     tr.clear(self.ks.lease(ino))
                     released.append((ino, "", 0.0))
             entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released))
@@ -364,16 +403,16 @@ class Volume:
 
         def fn(tr: Transaction) -> float:
             now = time.time()
-            lease = tr.get(self.ks.lease(ino))
-            if lease is not None:
-                owner, expiry = unpack(lease)
-                if owner != self.author and expiry > now and not dead_here(owner):
-                    raise LeaseHeld(f"ino {ino} is being written by mount {owner} (lease until {expiry:.1f})")
+            raw = tr.get(self.ks.lease(ino))
+            if raw is not None:
+                held = Lease.unpack(raw)
+                if held.owner != self.author and held.busy and held.expiry > now and not dead_here(held.owner):
+                    raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
             raw = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
             if raw and Inode.unpack(raw).dver != view_dver:
                 raise StaleView(f"ino {ino} changed in the store since this mount read it")
             expiry = now + ttl
-            tr.set(self.ks.lease(ino), pack((self.author, expiry)))
+            tr.set(self.ks.lease(ino), Lease(self.author, expiry, busy=True).pack())
             version = unpack(tr.get(self.ks.head()))[0] + 1
             self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),)))
             tr.set(self.ks.head(), pack((version,)))
@@ -388,11 +427,12 @@ class Volume:
         def fn(tr: Transaction) -> list[int]:
             lost, expiry = [], time.time() + ttl
             for ino in inos:
-                lease = tr.get(self.ks.lease(ino))
-                if lease is None or unpack(lease)[0] != self.author:
+                raw = tr.get(self.ks.lease(ino))
+                lease = Lease.unpack(raw) if raw is not None else None
+                if lease is None or lease.owner != self.author:
                     lost.append(ino)
                 else:
-                    tr.set(self.ks.lease(ino), pack((self.author, expiry)))
+                    tr.set(self.ks.lease(ino), Lease(self.author, expiry, lease.busy).pack())
             return lost
 
         return self.store.transact(fn)
@@ -409,9 +449,11 @@ class Volume:
 
         self.store.transact(fn)
 
-    def lease(self, ino: int) -> tuple[str, float] | None:
+    def lease(self, ino: int) -> Lease | None:
+        """``ino``'s write lease, if a mount is writing it (an idle lease holds nobody back)."""
         value = self.store.transact(lambda tr: tr.get(self.ks.lease(ino)))
-        return tuple(unpack(value)) if value else None  # type: ignore[return-value]
+        lease = Lease.unpack(value) if value else None
+        return lease if lease is not None and lease.busy else None
 
     # -- staging: transactions bigger than one store transaction ------------------------
     def begin_staging(self, ino: int, mount_id: str) -> int:

@@ -68,14 +68,18 @@ class FileOps(FsBase):
                 found = await self.child(tf.parent, target) if target else None
                 inos = [found[0]] if found is not None and found[2] is None else []
         inos = [ino for ino in inos if ino is not None]
-        release = [ino for ino in inos if self.coherence.end_write(ino)]
+        for ino in inos:
+            await self.coherence.settle(ino)
+        leases = [ino for ino in inos if self.coherence.end_write(ino)]
         files = [fs for fs in map(self.tx.files.get, inos) if fs is not None and fs.changed]
         try:
-            await self.tx.commit_many(files, reason, release)
+            await self.tx.commit_many(files, reason, keep=leases)
         except StoreError as e:
-            if release:  # the failed commit released nothing; do not make other mounts wait
-                await self.tx.commit_many([], "release lease", release)
+            self.coherence.kept(leases, ok=False)
+            if leases:  # the failed commit changed no lease; do not make other mounts wait
+                await self.tx.commit_many([], "release lease", release=leases)
             raise fail(e.errno) from None
+        self.coherence.kept(leases, ok=True)
 
     async def journal_started(self, tf: TransientFile, offset: int) -> None:
         """A write to an inactive journal: a transaction on its database is starting.
@@ -86,8 +90,7 @@ class FileOps(FsBase):
         SQLite writes a journal's header (at offset 0) and then its pages, all
         while the journal is still inactive: only the header write starts the
         transaction. The later writes skip the store lookup of the database while
-        this mount still holds the lease it took for it (a commit ends the lease,
-        so the next transaction looks again).
+        this mount still holds its lease.
         """
         if offset and tf.writing is not None and self.coherence.holds(tf.writing):
             return
