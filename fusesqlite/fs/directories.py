@@ -275,7 +275,10 @@ class DirectoryOps(FileOps, FsBase):
         self.handles.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        """Namespace changes are committed when they happen."""
+        """Namespace changes are committed when they happen, so there is nothing to sync:
+        ENOSYS tells the kernel so once, and it answers every later fsync of a directory
+        (SQLite syncs the directory at every commit) with success itself."""
+        raise fail(errno.ENOSYS)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()

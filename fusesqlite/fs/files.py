@@ -36,6 +36,14 @@ class FileOps(FsBase):
         tf = self.transient.get(known[0], known[1] + b"-journal")
         return tf is not None and tf.active
 
+    def open_file_named(self, parent: int, name: bytes) -> int | None:
+        """The stored file open on this mount as ``name`` in ``parent``: SQLite holds its
+        database open, so a journal finds it without a store lookup."""
+        for ino, fs in self.tx.files.items():
+            if fs.opens and fs.record.nlink and self.names.get(ino) == (parent, name):
+                return ino
+        return None
+
     async def commit(self, fs: FileState, reason: str) -> None:
         try:
             await self.tx.commit(fs, reason)
@@ -96,13 +104,18 @@ class FileOps(FsBase):
             return
         tf.writing = None
         target = journal_target(tf.name)
-        found = await self.child(tf.parent, target) if target else None
-        if found is None or found[2] is not None:
+        if not target:
             return
-        rec = await self.record(found[0])
+        ino = self.open_file_named(tf.parent, target)
+        if ino is None:
+            found = await self.child(tf.parent, target)
+            if found is None or found[2] is not None:
+                return
+            ino = found[0]
+        rec = await self.record(ino)
         try:
-            await self.coherence.begin_write(found[0], rec.dver)
-            tf.writing = found[0]
+            await self.coherence.begin_write(ino, rec.dver)
+            tf.writing = ino
         except (LeaseHeld, StaleView) as e:  # contention with another mount
             log.info("event=write_refused path=%s cause=%s", self.child_path(tf.parent, target), e)
             raise fail(e.errno) from None
