@@ -17,15 +17,15 @@ LZ4 = 1  # payload is an lz4 block with its size prefix
 ZERO = 2  # no payload: a block of zeros (holes made by truncate-and-grow)
 
 _HEADER = struct.Struct(">BI")
-_IDENTITY = struct.Struct(">QQ")
+_IDENTITY = struct.Struct(">QQB")  # ino, block number, kind: what the crc covers besides the payload
 
 
 class CorruptBlock(Exception):
     """A stored block failed its checksum or cannot be decoded."""
 
 
-def _crc(kind: int, payload: bytes, ino: int, block_no: int) -> int:
-    seed = zlib.crc32(_IDENTITY.pack(ino, block_no) + bytes((kind,)))
+def _crc(kind: int, payload: bytes | memoryview, ino: int, block_no: int) -> int:
+    seed = zlib.crc32(_IDENTITY.pack(ino, block_no, kind))
     return zlib.crc32(payload, seed)
 
 
@@ -63,17 +63,40 @@ def decode_block(value: bytes, ino: int, block_no: int, block_size: int) -> byte
     return data
 
 
+def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block_size: int) -> bytearray:
+    """Blocks ``start .. start + count - 1`` decoded into one buffer (absent: zeros).
+
+    For read-ahead, which loads hundreds of blocks at once: one buffer and one
+    call instead of a bytes object and a call per block.
+    """
+    buf = bytearray(count * block_size)
+    for block_no, value in values.items():
+        pos = (block_no - start) * block_size
+        buf[pos : pos + block_size] = decode_block(value, ino, block_no, block_size)
+    return buf
+
+
 class BlockCache:
     """LRU of decoded committed blocks, bounded in bytes.
 
     Holds only blocks as of the mount's current snapshot; whoever moves the
-    snapshot or commits a block updates or drops the entries it changes.
+    snapshot or commits a block updates or drops the entries it changes
+    (``put``, ``drop_inode``). Blocks loaded from the store go in with ``fill``
+    instead: a load runs in a thread while commits and stagings go on, so a
+    fill is refused when its file's entries changed after the load began
+    (``mark``) -- it would put older content back over newer.
     """
+
+    #: files whose last change is remembered exactly; beyond it older fills are all refused
+    CHANGES_KEPT = 4096
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity = capacity_bytes
         self.used = 0
         self._lru: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._clock = 0  # counts changes; a mark is its value when a load begins
+        self._changed: dict[int, int] = {}  # ino -> clock at its last change
+        self._floor = 0  # fills marked before this are refused (_changed was cleared)
 
     def get(self, ino: int, block_no: int) -> bytes | None:
         key = (ino, block_no)
@@ -82,7 +105,39 @@ class BlockCache:
             self._lru.move_to_end(key)
         return data
 
+    def mark(self) -> int:
+        """Taken before loading blocks from the store; ``fill`` and ``unchanged_since`` check it."""
+        return self._clock
+
+    def unchanged_since(self, ino: int, mark: int) -> bool:
+        """No ``put`` or ``drop_inode`` touched ``ino`` since ``mark`` was taken."""
+        return mark >= self._floor and self._changed.get(ino, -1) < mark
+
+    def fill(self, ino: int, block_no: int, data: bytes, mark: int) -> bool:
+        """Cache a block loaded from the store, unless the file changed since ``mark``."""
+        if not self.unchanged_since(ino, mark):
+            return False
+        self._insert(ino, block_no, data)
+        return True
+
     def put(self, ino: int, block_no: int, data: bytes) -> None:
+        """The block's new committed (or staged) content."""
+        self._changed_now(ino)
+        self._insert(ino, block_no, data)
+
+    def drop_inode(self, ino: int) -> None:
+        self._changed_now(ino)
+        for key in [k for k in self._lru if k[0] == ino]:
+            self.used -= len(self._lru.pop(key))
+
+    def _changed_now(self, ino: int) -> None:
+        if len(self._changed) >= self.CHANGES_KEPT and ino not in self._changed:
+            self._changed.clear()
+            self._floor = self._clock
+        self._changed[ino] = self._clock
+        self._clock += 1
+
+    def _insert(self, ino: int, block_no: int, data: bytes) -> None:
         key = (ino, block_no)
         old = self._lru.pop(key, None)
         if old is not None:
@@ -94,7 +149,3 @@ class BlockCache:
         while self.used > self.capacity:
             _, evicted = self._lru.popitem(last=False)
             self.used -= len(evicted)
-
-    def drop_inode(self, ino: int) -> None:
-        for key in [k for k in self._lru if k[0] == ino]:
-            self.used -= len(self._lru.pop(key))
