@@ -22,6 +22,7 @@ import trio
 from fusesqlite.gc import staging_abandoned
 from fusesqlite.inodes import Inode
 from fusesqlite.pages import BlockCache, CorruptBlock, decode_block, encode_block
+from fusesqlite.readahead import ReadAhead
 from fusesqlite.store.base import StoreError
 from fusesqlite.volume import ChangeSet, CommitResult, DataCommit, StagingConflict, Volume
 
@@ -124,6 +125,7 @@ class Transactions:
         self.bs = volume.block_size
         self.zero_block = bytes(self.bs)
         self.cache = BlockCache(cache_bytes)
+        self.readahead = ReadAhead(volume, self.cache)
         self.records = RecordCache()
         self.files: dict[int, FileState] = {}
         self.snapshot = 0
@@ -231,16 +233,40 @@ class Transactions:
             del self.files[fs.ino]
 
     async def blocks(self, fs: FileState, block_nos: Iterable[int]) -> dict[int, bytes | bytearray]:
-        """Current content of blocks (overlay, then cache, then store at the snapshot)."""
+        """Current content of blocks (overlay, then cache, then store at the snapshot).
+
+        Blocks come from the store in a worker thread while commits and stagings
+        go on; when one of those changed the file's cached blocks meanwhile, the
+        loaded content may be older than theirs, so the blocks are looked up again.
+        """
         out: dict[int, bytes | bytearray] = {}
+        wanted = list(block_nos)
+        for _ in range(3):
+            missing = self._known(fs, wanted, out)
+            if not missing:
+                break
+            loaded, settled = await self._fetch(fs, missing)
+            for b, data in loaded.items():
+                current = fs.dirty.get(b)
+                if current is None:
+                    current = fs.committing.get(b)
+                out[b] = data if current is None else current
+            if settled:
+                break
+            wanted = missing
+        return out
+
+    def _known(self, fs: FileState, block_nos: Iterable[int], out: dict[int, bytes | bytearray]) -> list[int]:
+        """Put the blocks known without the store into ``out``; return the others."""
         missing = []
         hwm = max(fs.record.hwm, fs.staged_hwm)
+        dirty, committing, cache, ino = fs.dirty, fs.committing, self.cache, fs.ino
         for b in block_nos:
-            data = fs.dirty.get(b)
+            data = dirty.get(b)
             if data is None:
-                data = fs.committing.get(b)
+                data = committing.get(b)
             if data is None:
-                data = self.cache.get(fs.ino, b)
+                data = cache.get(ino, b)
             if data is None:
                 if b >= hwm:
                     data = self.zero_block
@@ -248,18 +274,17 @@ class Transactions:
                     missing.append(b)
                     continue
             out[b] = data
-        if missing:
-            gen = fs.gen
-            loaded = await self.run(self._load, fs.ino, fs.label, missing, fs.read_version)
-            cache = gen == fs.gen
+        return missing
+
+    async def _fetch(self, fs: FileState, missing: list[int]) -> tuple[dict[int, bytes], bool]:
+        """Committed content of ``missing``, and whether no commit or staging changed
+        the file's blocks while it was loaded."""
+        gen, mark = fs.gen, self.cache.mark()
+        loaded = await self.run(self._load, fs.ino, fs.label, missing, fs.read_version)
+        if gen == fs.gen:
             for b, data in loaded.items():
-                current = fs.dirty.get(b)
-                if current is None:
-                    current = fs.committing.get(b)
-                out[b] = data if current is None else current
-                if cache:
-                    self.cache.put(fs.ino, b, data)
-        return out
+                self.cache.fill(fs.ino, b, data, mark)
+        return loaded, self.cache.unchanged_since(fs.ino, mark)
 
     def _load(self, ino: int, label: str, block_nos: list[int], version: int) -> dict[int, bytes]:
         values = self.volume.read_blocks(ino, block_nos, version)
@@ -282,11 +307,19 @@ class Transactions:
             return b""
         bs = self.bs
         first, last = offset // bs, (end - 1) // bs
+        self.readahead.note_read(fs, first, last, bs)
+        ahead = await self.readahead.read(fs, offset, end, bs)
+        if ahead is not None:
+            return ahead
         content = await self.blocks(fs, range(first, last + 1))
         if first == last:
             return bytes(content[first][offset - first * bs : end - first * bs])
-        data = b"".join(bytes(content[b]) for b in range(first, last + 1))
-        return data[offset - first * bs : end - first * bs]
+        # one copy: only the partial first and last blocks are sliced
+        return b"".join([
+            content[first][offset - first * bs :],
+            *(content[b] for b in range(first + 1, last)),
+            content[last][: end - last * bs],
+        ])
 
     async def write(self, fs: FileState, offset: int, data: bytes) -> None:
         if not data:
