@@ -28,6 +28,12 @@ log = logging.getLogger("fusesqlite.mount")
 #: resident memory of an idle daemon (interpreter, trio, pyfuse3, store connections)
 BASELINE_MB = 48
 
+#: the kernel's read-ahead for this mount (its default is 128 KiB). Up to 1 MiB it
+#: makes the kernel's reads bigger (libfuse allows 1 MiB reads), beyond it keeps
+#: several in flight: a cold scan's reads then overlap the daemon's own read-ahead
+#: (readahead.py) instead of waiting for it one by one.
+READ_AHEAD_KB = 4096
+
 
 def limit_malloc_arenas() -> None:
     """One glibc malloc arena per thread would keep freed block buffers resident per thread."""
@@ -145,9 +151,32 @@ async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(ops.coherence.run)
+        nursery.start_soon(_raise_read_ahead, ops.mountpoint.decode(errors="surrogateescape"))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await _flush_all(ops)
+
+
+async def _raise_read_ahead(mountpoint: str) -> None:
+    """Set the kernel's read-ahead for this mount to READ_AHEAD_KB, if allowed (root).
+
+    Only after the kernel's INIT handshake, which sets it from what libfuse
+    answered: the stat of the root waits for that handshake (and this loop serves
+    it; abandoned if the mount ends first, so that unmounting never waits for it).
+    """
+    try:
+        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        await trio.to_thread.run_sync(_write_text, path, f"{READ_AHEAD_KB}\n")
+    except OSError as e:
+        log.info("event=read_ahead_unchanged kb=%d cause=%s", READ_AHEAD_KB, e.strerror or e)
+    else:
+        log.debug("event=read_ahead_set kb=%d path=%s", READ_AHEAD_KB, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
