@@ -49,7 +49,7 @@ class Run:
         self.mark = mark  # BlockCache.mark() when the load began
         self.done = trio.Event()
         self.data: bytearray | None = None  # None once done: the load failed (a read reports it)
-        self.dropped = False  # no read will want it: the loader skips it if it has not begun
+        self.dropped = False  # no read is likely to want it: the loader skips it if it has not begun
 
 
 class _Stream:
@@ -174,13 +174,14 @@ class ReadAhead:
 
     # -- memory ----------------------------------------------------------------------------
     def _drop(self, stream: _Stream, below: int) -> None:
-        """Forget the stream's runs that end at or before block ``below``."""
+        """Forget the stream's runs that end at or before block ``below`` (reads may still wait for them)."""
         while stream.runs and stream.runs[0].end <= below:
-            run = stream.runs.pop(0)
-            run.dropped = True
-            self._bytes -= run.size
+            self._bytes -= stream.runs.pop(0).size
 
     def _forget(self, stream: _Stream) -> None:
+        """Forget all the stream's runs: its reads went elsewhere, so the loader skips those not begun."""
+        for run in stream.runs:
+            run.dropped = True
         self._drop(stream, stream.runs[-1].end if stream.runs else 0)
 
     def _evict(self, keep: _Stream, size: int) -> bool:
