@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from fusesqlite import fuse_caps
 from fusesqlite.coherence import Coherence
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_stagings
@@ -151,21 +152,27 @@ async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         nursery.start_soon(ops.coherence.run)
-        nursery.start_soon(_raise_read_ahead, ops.mountpoint.decode(errors="surrogateescape"))
+        nursery.start_soon(_after_handshake, ops.mountpoint.decode(errors="surrogateescape"))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await _flush_all(ops)
 
 
-async def _raise_read_ahead(mountpoint: str) -> None:
-    """Set the kernel's read-ahead for this mount to READ_AHEAD_KB, if allowed (root).
+async def _after_handshake(mountpoint: str) -> None:
+    """Log the capabilities the kernel's INIT handshake settled, and set the kernel's
+    read-ahead for this mount to READ_AHEAD_KB if allowed (root).
 
-    Only after the kernel's INIT handshake, which sets it from what libfuse
-    answered: the stat of the root waits for that handshake (and this loop serves
-    it; abandoned if the mount ends first, so that unmounting never waits for it).
+    Only after the handshake, which sets the read-ahead from what libfuse
+    answered: the stat of the root waits for it (and this loop serves it;
+    abandoned if the mount ends first, so that unmounting never waits for it).
     """
     try:
         st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError as e:
+        log.info("event=read_ahead_unchanged kb=%d cause=%s", READ_AHEAD_KB, e.strerror or e)
+        return
+    fuse_caps.report()
+    try:
         path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
         await trio.to_thread.run_sync(_write_text, path, f"{READ_AHEAD_KB}\n")
     except OSError as e:

@@ -344,13 +344,12 @@ class Transactions:
                 block[lo - b * bs : hi - b * bs] = chunk
                 fs.dirty[b] = block
         fs.size = max(fs.size, end)
-        # The mtime moves at the commit, not here. The kernel drops a file's whole
-        # page cache whenever a getattr shows a new mtime (libfuse's default
-        # auto_inval_data, which pyfuse3 cannot turn off), and it asks for the
-        # attributes again after every write: a new mtime per write made every
-        # read after a write, within one SQLite transaction too, go to the daemon.
-        # Every write passes through this mount's kernel, so its page cache is
-        # right; other mounts' commits invalidate it explicitly (coherence.py).
+        # The mtime moves at the commit, not here: one new mtime per commit, not per
+        # write. Where libfuse's auto_inval_data is still on (fuse_caps.py), the
+        # kernel drops a file's whole page cache whenever a getattr shows a new
+        # mtime, and it asks for the attributes after every write. Every write
+        # passes through this mount's kernel, so its page cache is right; other
+        # mounts' commits invalidate it explicitly (coherence.py).
         fs.modified = True
 
     async def truncate(self, fs: FileState, size: int) -> None:

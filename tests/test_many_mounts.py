@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from helpers import page_cache_bytes
+
 INCREMENT = r"""
 import sqlite3, sys, time
 path, n = sys.argv[1], int(sys.argv[2])
@@ -260,6 +262,40 @@ def test_a_mount_never_keeps_a_view_older_than_what_it_followed(mounts):
         assert wait_for(lambda: query(ro / name, "SELECT count(*) FROM t") == [(1,)], timeout=3), (
             f"round {i}: the read-only mount kept {query(ro / name, 'SELECT count(*) FROM t')}"
         )
+
+
+@pytest.mark.timeout(60)
+def test_kernel_keeps_pages_across_own_commits_and_drops_them_on_others(mounts):
+    """The kernel's page cache of a database outlives this mount's own commits (reads of
+    unchanged pages never reach the daemon) and is dropped when another mount commits.
+
+    With libfuse's default auto_inval_data (fuse_caps.py turns it off), the first
+    getattr after every commit would show a new mtime and drop the whole cache."""
+    a = mounts()
+    b = mounts(store=a.store)
+    db = a / "cached.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    con.executemany("INSERT INTO t(v) VALUES (randomblob(1000))", [()] * 2000)
+    con.commit()
+    size = os.path.getsize(db)
+    (a / "cached.db").read_bytes()
+    assert page_cache_bytes(db) >= size * 0.9, a.log_tail()
+    for _ in range(3):  # commits of this mount, each followed by a new read transaction
+        con.execute("INSERT INTO t(v) VALUES (x'01')")
+        con.commit()
+        assert con.execute("SELECT max(k) FROM t").fetchone() >= (2001,)
+        os.stat(db)
+    assert page_cache_bytes(db) >= size * 0.9, f"own commits dropped the cache\n{a.log_tail()}"
+    # B follows A's commits a moment later; a transaction on an older view would fail
+    assert wait_for(lambda: query(b / "cached.db", "SELECT max(k) FROM t") == [(2003,)])
+    other = sqlite3.connect(b / "cached.db", timeout=30)
+    other.execute("INSERT INTO t(v) VALUES (x'02')")
+    other.commit()
+    other.close()
+    assert wait_for(lambda: query(db, "SELECT max(k) FROM t") == [(2004,)])  # reads a few pages only
+    assert page_cache_bytes(db) < size / 2, "another mount's commit left this mount's cache in place"
+    con.close()
 
 
 @pytest.mark.timeout(60)

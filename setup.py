@@ -1,0 +1,19 @@
+"""Builds fusesqlite's one C module, ``fusesqlite._fuse_init`` (fuse_caps.py says why).
+
+Everything else is in pyproject.toml. The module needs libfuse3's headers, as
+pyfuse3 does; it does not link libfuse3 (it finds the copy pyfuse3 loaded).
+"""
+import subprocess
+
+from setuptools import Extension, setup
+
+
+def fuse3_cflags() -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "fuse3"], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return ["-I/usr/include/fuse3"]
+
+
+setup(ext_modules=[Extension("fusesqlite._fuse_init", ["fusesqlite/_fuse_init.c"], extra_compile_args=fuse3_cflags())])
