@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 
 from fusesqlite.fs.transient import TransientFile, TransientFiles
-from fusesqlite.inodes import NAME_MAX, ROOT_INO, TRANSIENT_BASE, Inode, is_transient_name
+from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
 from fusesqlite.transactions import FileState, Transactions
 
 if TYPE_CHECKING:
@@ -114,12 +114,11 @@ class FsBase(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
-        # A transient file can vanish behind the kernel's back (a failed commit drops
-        # its journal while unlink reports the error), so the kernel re-asks for those:
-        # cheap, they are in memory. Absent journals are still cached (negative_entry).
-        timeout = 0.0 if ino >= TRANSIENT_BASE else ATTR_TIMEOUT
-        e.entry_timeout = timeout
-        e.attr_timeout = timeout
+        # Transient files too: where one changes behind the kernel's back (a failed
+        # commit drops its journal while unlink reports the error) the kernel is told
+        # (FileOps.transient_failed).
+        e.entry_timeout = ATTR_TIMEOUT
+        e.attr_timeout = ATTR_TIMEOUT
         e.st_mode = rec.mode
         e.st_nlink = rec.nlink
         e.st_uid = rec.uid

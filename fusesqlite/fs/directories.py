@@ -162,8 +162,11 @@ class DirectoryOps(FileOps, FsBase):
             try:
                 if tf.active:
                     await self.journal_settled(tf, "journal deleted")
-            finally:  # a failed commit reverted the database: its journal must go too
+            except BaseException:  # a failed commit reverted the database: its journal goes too
                 self.transient.unlink(tf)
+                self.transient_failed(tf)
+                raise
+            self.transient.unlink(tf)
             return
         assert rec is not None
         if rec.is_dir:

@@ -128,7 +128,18 @@ class FileOps(FsBase):
 
     async def transient_changed(self, tf: TransientFile, was_active: bool, reason: str) -> None:
         if was_active and not tf.active:
-            await self.journal_settled(tf, reason)
+            try:
+                await self.journal_settled(tf, reason)
+            except pyfuse3.FUSEError:
+                self.transient_failed(tf)
+                raise
+
+    def transient_failed(self, tf: TransientFile) -> None:
+        """A call that changed ``tf`` fails: the kernel keeps the size (and, for unlink,
+        the entry) it knew before, which are no longer true."""
+        self.invalidate(tf.ino)
+        if not tf.linked:
+            self.invalidate_entry(tf.parent, tf.name)
 
     # -- create and open ---------------------------------------------------------------
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
@@ -174,6 +185,10 @@ class FileOps(FsBase):
     def file_info(self, ino: int, file: FileState | TransientFile) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=self.new_handle(ino, file))
         fi.keep_cache = True  # every change passes through this mount's kernel
+        # A journal is written once and read back only by a rollback: through the
+        # page cache, each record's write would be split at page boundaries (the
+        # kernel ends a request at a partly written page it has not read).
+        fi.direct_io = isinstance(file, TransientFile) and journal_target(file.name) is not None
         return fi
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -181,6 +196,8 @@ class FileOps(FsBase):
             self.writable(ctx)
         tf = self.transient.by_ino.get(inode)
         if tf is not None:
+            if not tf.linked:  # reached through an entry transient_failed is invalidating
+                raise fail(errno.ENOENT)
             tf.opens += 1
             if flags & os.O_TRUNC:
                 was = tf.active
