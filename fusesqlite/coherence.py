@@ -198,7 +198,9 @@ class Coherence:
         while True:
             try:
                 head = await self._wait_head()
-                if head > self.seen:
+                if head > self.seen and self.tx.only_mine(self.seen, head):
+                    self.seen = head  # this mount's own commits: nothing to apply, no log to read
+                elif head > self.seen:
                     await self._apply(await self.tx.run(self.volume.log_range, self.seen, head), head)
                 await self._expire_remote_leases()
             except StoreError as e:
