@@ -39,18 +39,21 @@ def encode_block(data: bytes, ino: int, block_no: int) -> bytes:
     return _HEADER.pack(kind, _crc(kind, payload, ino, block_no)) + payload
 
 
-def decode_block(value: bytes, ino: int, block_no: int, block_size: int) -> bytes:
-    """The block's bytes, or ``CorruptBlock``: wrong bytes are never returned."""
+def decode_block(value: bytes, ino: int, block_no: int, block_size: int) -> bytes | memoryview:
+    """The block's bytes, or ``CorruptBlock``: wrong bytes are never returned.
+
+    An incompressible block comes back as a view into ``value`` (no copy).
+    """
     if len(value) < _HEADER.size:
         raise CorruptBlock(f"value of {len(value)} bytes is shorter than a block header")
     kind, crc = _HEADER.unpack_from(value)
-    payload = value[_HEADER.size :]
+    payload = memoryview(value)[_HEADER.size :]
     if _crc(kind, payload, ino, block_no) != crc:
         raise CorruptBlock("checksum mismatch")
     if kind == ZERO:
         return bytes(block_size)
     if kind == RAW:
-        data = payload
+        data: bytes | memoryview = payload
     elif kind == LZ4:
         try:
             data = lz4.block.decompress(payload)
@@ -70,9 +73,10 @@ def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block
     call instead of a bytes object and a call per block.
     """
     buf = bytearray(count * block_size)
+    view = memoryview(buf)
     for block_no, value in values.items():
         pos = (block_no - start) * block_size
-        buf[pos : pos + block_size] = decode_block(value, ino, block_no, block_size)
+        view[pos : pos + block_size] = decode_block(value, ino, block_no, block_size)
     return buf
 
 

@@ -86,7 +86,7 @@ class ReadAhead:
         self._bytes = 0  # held by runs, loaded or loading, over all files: at most 2 * max_bytes
 
     # -- reads ---------------------------------------------------------------------------
-    async def read(self, fs: FileState, offset: int, end: int, block_size: int) -> bytes | None:
+    async def read(self, fs: FileState, offset: int, end: int, block_size: int) -> bytes | memoryview | None:
         """``fs``'s bytes ``offset .. end`` if runs cover them all (waiting for runs on their
         way), else None: the caller reads them itself."""
         stream = self._streams.get(fs.ino)
@@ -115,7 +115,9 @@ class ReadAhead:
             base = run.start * block_size
             lo, hi = max(offset, base) - base, min(end, run.end * block_size) - base
             pieces.append(memoryview(run.data)[lo:hi])  # type: ignore[index]
-        data = b"".join(pieces)
+        # one run: a view of it, which pyfuse3 replies from without a copy (a run's
+        # buffer never changes once loaded)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if end >= covering[-1].end * block_size:  # read past: no later read wants it
             self._drop(stream, covering[-1].end)
         return data

@@ -305,13 +305,13 @@ class Transactions:
                 out[b] = self.zero_block
                 continue
             try:
-                out[b] = decode_block(value, ino, b, self.bs)
+                out[b] = bytes(decode_block(value, ino, b, self.bs))
             except CorruptBlock as e:
                 log.error("event=block_corrupt path=%s ino=%d block=%d version<=%d cause=%s", label, ino, b, version, e)
                 raise BlockCorrupt(f"{label}: block {b} failed its checksum") from None
         return out
 
-    async def read(self, fs: FileState, offset: int, length: int) -> bytes:
+    async def read(self, fs: FileState, offset: int, length: int) -> bytes | memoryview:
         end = min(offset + length, fs.size)
         if offset >= end:
             return b""

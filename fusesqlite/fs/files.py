@@ -214,7 +214,7 @@ class FileOps(FsBase):
         return self.file_info(inode, fs)
 
     # -- data ----------------------------------------------------------------------------
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         f = self.handle(fh).file
         if isinstance(f, TransientFile):
             return f.read(off, size)
