@@ -50,7 +50,7 @@ class DirectoryOps(FileOps, FsBase):
             await self.truncate(inode, attr.st_size, open_handle=fh is not None)
         tf = self.transient.by_ino.get(inode)
         if tf is not None:
-            tf.rec = self._apply(tf.rec, attr, fields)
+            tf.rec = self._apply(tf.record(), attr, fields)
             return self.entry(inode, tf.record())
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
             rec = await self.tx.record(inode)

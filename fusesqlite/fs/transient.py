@@ -20,7 +20,7 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing")
+    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing", "first", "changed_ns")
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
@@ -33,8 +33,14 @@ class TransientFile:
         self.linked = True
         #: the database whose transaction this journal's writes belong to, once started (files.py)
         self.writing: int | None = None
+        self.first = 0  # the first byte, kept apart: ``active`` is asked at every write
+        #: when the data last changed, not yet in ``rec`` (a record per write cost more than the write)
+        self.changed_ns: int | None = None
 
     def record(self) -> Inode:
+        if self.changed_ns is not None:
+            self.rec = self.rec.with_(mtime_ns=self.changed_ns, ctime_ns=self.changed_ns)
+            self.changed_ns = None
         return self.rec.with_(size=self.size)
 
     @property
@@ -45,30 +51,34 @@ class TransientFile:
         moment it stops being (deleted, truncated to zero, header zeroed) is
         SQLite's commit point.
         """
-        return self.size > 0 and self.read(0, 1) != b"\0"
+        return self.size > 0 and self.first != 0
 
     def read(self, offset: int, length: int) -> bytes:
         self.data.seek(offset)
         return self.data.read(max(0, min(length, self.size - offset)))
 
     def write(self, offset: int, buf: bytes) -> None:
+        if not buf:
+            return
+        if offset == 0:
+            self.first = buf[0]
+        elif self.size == 0:
+            self.first = 0  # the gap before ``offset`` reads as zeros
         self.data.seek(offset)  # writing past the end fills the gap with zeros
         self.data.write(buf)
         self.size = max(self.size, offset + len(buf))
-        self.touch()
+        self.changed_ns = time.time_ns()
 
     def truncate(self, size: int) -> None:
         if size < self.size:
             self.data.truncate(size)
         elif size > self.size:
+            if self.size == 0:
+                self.first = 0
             self.data.seek(size - 1)
             self.data.write(b"\0")
         self.size = size
-        self.touch()
-
-    def touch(self) -> None:
-        now = time.time_ns()
-        self.rec = self.rec.with_(mtime_ns=now, ctime_ns=now)
+        self.changed_ns = time.time_ns()
 
     def close(self) -> None:
         self.data.close()
