@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -75,6 +76,9 @@ class Coherence:
         self.txn_of: dict[int, int] = {}  # ino -> number of its transaction on an idle lease
         self._txn = 0
         self.promoting: dict[int, trio.Event] = {}
+        #: transactions on idle leases, oldest first: (when to promote, ino, txn, view_dver)
+        self._to_promote: deque[tuple[float, int, int, int]] = deque()
+        self._promote_wanted = trio.Event()
         self.remote_leases: dict[int, tuple[str, float]] = {}
         self.proxies: dict[int, Proxy] = {}
         self.locks = trio.CapacityLimiter(64)  # threads waiting on local readers and writers
@@ -84,10 +88,21 @@ class Coherence:
         self.epoch = 0
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            nursery.start_soon(self._follow)
-            nursery.start_soon(self._renew)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._follow)
+                nursery.start_soon(self._promoter)
+                nursery.start_soon(self._renew)
+        finally:
+            # the files the proxy still holds (for other mounts' writers) are on this
+            # mount: closed while it serves, or its unmount would find them busy
+            fds = [p.fd for p in self.proxies.values() if p.fd is not None]
+            for p in self.proxies.values():
+                p.fd = None
+            with trio.CancelScope(shield=True):
+                for fd in fds:
+                    await trio.to_thread.run_sync(os.close, fd)
 
     # -- write leases ------------------------------------------------------------------
     def holds(self, ino: int) -> bool:
@@ -110,8 +125,8 @@ class Coherence:
             self.writing[ino] = "idle"
             self._txn += 1
             self.txn_of[ino] = self._txn
-            if self.nursery is not None:
-                self.nursery.start_soon(self._promote, ino, self._txn, view_dver)
+            self._to_promote.append((trio.current_time() + PROMOTE_AFTER, ino, self._txn, view_dver))
+            self._promote_wanted.set()
             return
         try:
             self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
@@ -125,10 +140,30 @@ class Coherence:
         self.writing[ino] = "busy"
         log.debug("event=lease_taken ino=%d", ino)
 
+    def _still_idle(self, ino: int, txn: int) -> bool:
+        return self.txn_of.get(ino) == txn and self.writing.get(ino) == "idle"
+
+    async def _promoter(self) -> None:
+        """Promote the transactions on idle leases that run PROMOTE_AFTER. One task and one
+        timer for all of them: most end long before, and a task each cost every commit."""
+        while True:
+            while self._to_promote and not self._still_idle(*self._to_promote[0][1:3]):
+                self._to_promote.popleft()  # ended in time, as most do
+            if not self._to_promote:
+                self._promote_wanted = trio.Event()
+                await self._promote_wanted.wait()
+                continue
+            due, ino, txn, view_dver = self._to_promote[0]
+            if due > trio.current_time():
+                await trio.sleep_until(due)
+                continue
+            self._to_promote.popleft()
+            assert self.nursery is not None
+            self.nursery.start_soon(self._promote, ino, txn, view_dver)
+
     async def _promote(self, ino: int, txn: int, view_dver: int) -> None:
         """Mark the idle lease of a transaction still running after PROMOTE_AFTER busy."""
-        await trio.sleep(PROMOTE_AFTER)
-        if self.txn_of.get(ino) != txn or self.writing.get(ino) != "idle":
+        if not self._still_idle(ino, txn):
             return
         done = self.promoting[ino] = trio.Event()
         try:
@@ -305,7 +340,10 @@ class Coherence:
         finally:
             if not p.reserved and p.fd is not None:
                 fd, p.fd = p.fd, None
-                await trio.to_thread.run_sync(os.close, fd)  # also drops every lock we held on it
+                # also drops every lock we held on it; in a thread, as its flush is a request
+                # to this mount; shielded, so that a stopping mount closes it while it still serves
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(os.close, fd)
             p.running = False
             if not (p.reserved or p.want_reserved or p.move):
                 self.proxies.pop(ino, None)

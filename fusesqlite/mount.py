@@ -35,6 +35,10 @@ BASELINE_MB = 48
 #: (readahead.py) instead of waiting for it one by one.
 READ_AHEAD_KB = 4096
 
+#: how long a stopping mount waits for its lock proxy to let go of local files
+#: (a local reader holding a lock the proxy waits for can make it wait)
+STOP_GRACE_SECONDS = 5.0
+
 
 def limit_malloc_arenas() -> None:
     """One glibc malloc arena per thread would keep freed block buffers resident per thread."""
@@ -150,8 +154,9 @@ def serve(config: MountConfig) -> None:
 
 async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        nursery.start_soon(ops.coherence.run)
+        coherence, coherence_done = trio.CancelScope(), trio.Event()
+        nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
+        nursery.start_soon(_stop_on_signal, coherence, coherence_done)
         nursery.start_soon(_after_handshake, ops.mountpoint.decode(errors="surrogateescape"))
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -186,10 +191,30 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Event) -> None:
+    try:
+        with scope:
+            await ops.coherence.run()
+    finally:
+        done.set()
+
+
+async def _stop_on_signal(coherence: trio.CancelScope, coherence_done: trio.Event) -> None:
+    """Stop following other mounts, then stop serving.
+
+    In that order: the lock proxy (coherence.py) opens and closes files on this
+    very mount, and a close waits for its flush without a timeout. Once the loop
+    stops reading requests, a close still on its way would wait for ever, and the
+    process could never exit (nor the mount go away).
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("event=stopping signal=%s", signal.Signals(signum).name)
+            coherence.cancel()
+            with trio.move_on_after(STOP_GRACE_SECONDS) as waited:
+                await coherence_done.wait()
+            if waited.cancelled_caught:
+                log.warning("event=stop_without_coherence_done seconds=%s", STOP_GRACE_SECONDS)
             pyfuse3.terminate()
             return
 

@@ -171,6 +171,30 @@ def test_readers_on_another_mount_see_whole_transfers(mounts, reader_mount):
     assert wait_for(lambda: query(b / "bank.db", "SELECT balance FROM accounts ORDER BY id") == final_a)
 
 
+@pytest.mark.timeout(120)
+def test_a_mount_stopped_while_following_commits_exits_and_unmounts(mounts):
+    """SIGTERM while another mount keeps committing, so that this mount's lock proxy
+    opens and closes the database on its own mount all along: the daemon exits 0 and
+    its mount goes. (The proxy once closed a file after the loop had stopped reading
+    requests: the close waited for its flush for ever, and the process never died.)"""
+    a = mounts()
+    con = sqlite3.connect(a / "bank.db")
+    con.execute("CREATE TABLE accounts(id INTEGER PRIMARY KEY, balance INTEGER)")
+    con.executemany("INSERT INTO accounts VALUES (?, 100)", [(i,) for i in range(10)])
+    con.commit()
+    con.close()
+    writer = a.py(TRANSFERS, str(a / "bank.db"), "60", "1")
+    try:
+        for _ in range(5):
+            b = mounts(store=a.store, extra_args=("--read-only",))
+            assert wait_for(lambda: query(b / "bank.db", "SELECT count(*) FROM accounts") == [(10,)])
+            time.sleep(0.3)  # a few dozen of A's commits followed, each by the proxy
+            b.stop()
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 HOLDER = r"""
 import sqlite3, sys, time
 con = sqlite3.connect(sys.argv[1], isolation_level=None)
