@@ -5,6 +5,7 @@ Every error is one line on stderr that says what to do, and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -101,6 +102,7 @@ def run(argv: list[str] | None) -> None:
     store_spec = args.store or default_store()
     if args.command == "mount":
         setup_logging(args.debug)
+        faulthandler.enable()  # a daemon that crashes leaves every thread's stack in its log
         from fusesqlite.mount import MountConfig, MountError, serve
 
         config = MountConfig(

@@ -198,6 +198,7 @@ class EmbeddedStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._conns: dict[threading.Thread, sqlite3.Connection] = {}
+        self._busy: set[sqlite3.Connection] = set()  # inside a transaction attempt right now
         self._closed = False
         self._make_directory()
         # connect now so a bad store fails at startup, not at the first file system request
@@ -223,10 +224,12 @@ class EmbeddedStore:
             time.sleep(min(POLL_SECONDS, remaining))
 
     def close(self) -> None:
-        """Close every thread's connection; call it once no transaction is running."""
+        """Close every thread's connection. One a thread is using right now (a poll the
+        mount abandoned when it stopped) is closed by that thread when its transaction
+        ends: closing a sqlite3 connection under a running statement can crash the process."""
         with self._lock:
             self._closed = True
-            conns = list(self._conns.values())
+            conns = [c for c in self._conns.values() if c not in self._busy]
             self._conns.clear()
             self._local = threading.local()
         for conn in conns:
@@ -237,6 +240,18 @@ class EmbeddedStore:
 
     def _attempt(self, fn: Callable[[Transaction], T]) -> T:
         conn = self._connection()
+        with self._lock:
+            self._busy.add(conn)
+        try:
+            return self._attempt_on(conn, fn)
+        finally:
+            with self._lock:
+                self._busy.discard(conn)
+                closed = self._closed
+            if closed:  # close() left it to this thread
+                _close_quietly(conn)
+
+    def _attempt_on(self, conn: sqlite3.Connection, fn: Callable[[Transaction], T]) -> T:
         tr = _Transaction(self, conn, _monotonic())
         try:
             conn.execute("BEGIN")
@@ -358,6 +373,7 @@ class EmbeddedStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._conns = {}
+        self._busy = set()
 
 
 _open_stores: weakref.WeakSet[EmbeddedStore] = weakref.WeakSet()
