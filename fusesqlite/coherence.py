@@ -97,12 +97,8 @@ class Coherence:
         finally:
             # the files the proxy still holds (for other mounts' writers) are on this
             # mount: closed while it serves, or its unmount would find them busy
-            fds = [p.fd for p in self.proxies.values() if p.fd is not None]
             for p in self.proxies.values():
-                p.fd = None
-            with trio.CancelScope(shield=True):
-                for fd in fds:
-                    await trio.to_thread.run_sync(os.close, fd)
+                await _close_on_mount(p)
 
     # -- write leases ------------------------------------------------------------------
     def holds(self, ino: int) -> bool:
@@ -338,12 +334,8 @@ class Coherence:
             log.exception("event=proxy_failed ino=%d", ino)
             parked = True
         finally:
-            if not p.reserved and p.fd is not None:
-                fd, p.fd = p.fd, None
-                # also drops every lock we held on it; in a thread, as its flush is a request
-                # to this mount; shielded, so that a stopping mount closes it while it still serves
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(os.close, fd)
+            if not p.reserved:
+                await _close_on_mount(p)  # also drops every lock we held on it
             p.running = False
             if not (p.reserved or p.want_reserved or p.move):
                 self.proxies.pop(ino, None)
@@ -383,6 +375,16 @@ class Coherence:
     async def _unlock(self, p: Proxy, start: int, length: int) -> None:
         if p.fd is not None:
             await trio.to_thread.run_sync(fcntl.lockf, p.fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
+
+
+async def _close_on_mount(p: Proxy) -> None:
+    """Close the proxy's descriptor, if any: in a thread, as its flush is a request to this
+    mount; shielded, so that a stopping mount closes it while it still serves."""
+    if p.fd is None:
+        return
+    fd, p.fd = p.fd, None
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(os.close, fd)
 
 
 def _open_for_locks(path: bytes) -> int | None:
