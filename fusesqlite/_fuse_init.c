@@ -101,7 +101,8 @@ PyMODINIT_FUNC PyInit__fuse_init(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "AUTO_INVAL_DATA", FUSE_CAP_AUTO_INVAL_DATA) < 0) {
+    if (PyModule_AddIntConstant(m, "AUTO_INVAL_DATA", FUSE_CAP_AUTO_INVAL_DATA) < 0
+        || PyModule_AddIntConstant(m, "WRITEBACK_CACHE", FUSE_CAP_WRITEBACK_CACHE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

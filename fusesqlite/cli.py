@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a mount that died keeps other mounts from writing a database it was writing (default: 10)",
     )
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount (FUSE allow_other)")
+    m.add_argument(
+        "--no-writeback-cache", dest="writeback_cache", action="store_false",
+        help="send every write to the daemon at once instead of letting the kernel gather them "
+        "until a commit point (slower; for comparison and troubleshooting)",
+    )
     m.add_argument("--debug", action="store_true", help="log every commit")
     g = sub.add_parser("gc", parents=[where], help="remove what mounts that died left in the store")
     g.add_argument(
@@ -113,6 +118,7 @@ def run(argv: list[str] | None) -> None:
             allow_other=args.allow_other,
             read_only=args.read_only,
             lease_seconds=args.lease_seconds,
+            writeback_cache=args.writeback_cache,
         )
         try:
             serve(config)

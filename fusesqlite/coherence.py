@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pyfuse3
 import trio
 
 from fusesqlite.identity import dead_here
@@ -60,12 +59,13 @@ class Proxy:
 
 
 class Coherence:
-    def __init__(self, tx: Transactions, volume: Volume, path_of, invalidate_entry, lease_ttl: float) -> None:
+    def __init__(self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float) -> None:
         self.tx = tx
         self.volume = volume
         self.me = volume.author
         self.path_of = path_of  # ino -> absolute path on this mount, or None
         self.invalidate_entry = invalidate_entry
+        self.moved = moved  # async (ino, record now) -> None: brings the kernel's caches along
         self.lease_ttl = lease_ttl
         self.seen = tx.snapshot
         self.my_leases: dict[int, float] = {}  # ino -> expiry: taken for a transaction, busy in the store
@@ -346,8 +346,7 @@ class Coherence:
         """Refresh ``ino`` while no local SQLite transaction is reading or writing it."""
         locked = await self._lock(ino, p, PENDING_BYTE, 1) and await self._lock(ino, p, SHARED_FIRST, SHARED_SIZE)
         try:
-            await self.tx.refresh(ino)
-            await trio.to_thread.run_sync(_invalidate_inode, ino)
+            await self.moved(ino, await self.tx.refresh(ino))
         finally:
             if locked:
                 await self._unlock(p, SHARED_FIRST, SHARED_SIZE)
@@ -395,10 +394,3 @@ def _open_for_locks(path: bytes) -> int | None:
         return None
     return fd
 
-
-def _invalidate_inode(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.ENOTCONN):
-            log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)

@@ -56,6 +56,7 @@ def report() -> bool:
         log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes", why)
         return False
     want, capable = negotiated
-    log.info("event=fuse_caps auto_inval_data=%s want=%#x capable=%#x",
-             "on" if want & _module.AUTO_INVAL_DATA else "off", want, capable)
+    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s want=%#x capable=%#x",
+             "on" if want & _module.AUTO_INVAL_DATA else "off",
+             "on" if want & _module.WRITEBACK_CACHE else "off", want, capable)
     return not want & _module.AUTO_INVAL_DATA

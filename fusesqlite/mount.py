@@ -65,6 +65,8 @@ class MountConfig:
     read_only: bool = False
     #: a mount that dies holding a database's write lease blocks other writers this long
     lease_seconds: float = 10.0
+    #: the kernel gathers writes in its page cache until a commit point (docs/architecture.md)
+    writeback_cache: bool = True
 
 
 def check_mountpoint(path: str) -> None:
@@ -129,8 +131,8 @@ def serve(config: MountConfig) -> None:
         on_rollback=lambda ino: ops.invalidate(ino) if ops else None,
     )
     tx.snapshot = snapshot
-    ops = Operations(tx, mountpoint, read_only=config.read_only)
-    ops.coherence = Coherence(tx, volume, ops.abs_path, ops.invalidate_entry, config.lease_seconds)
+    ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=config.writeback_cache)
+    ops.coherence = Coherence(tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds)
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")
@@ -139,8 +141,10 @@ def serve(config: MountConfig) -> None:
     except RuntimeError as e:
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
     log.info(
-        "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s mount_id=%s",
-        mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only, mount_id,
+        "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
+        "mount_id=%s",
+        mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
+        config.writeback_cache, mount_id,
     )
     unmounted = False
     try:
@@ -156,16 +160,19 @@ async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         coherence, coherence_done = trio.CancelScope(), trio.Event()
         nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
-        nursery.start_soon(_stop_on_signal, coherence, coherence_done)
-        nursery.start_soon(_after_handshake, ops.mountpoint.decode(errors="surrogateescape"))
+        nursery.start_soon(_stop_on_signal, ops, coherence, coherence_done)
+        nursery.start_soon(_after_handshake, ops.mountpoint.decode(errors="surrogateescape"), ops.tx.overlay_bytes)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await _flush_all(ops)
 
 
-async def _after_handshake(mountpoint: str) -> None:
-    """Log the capabilities the kernel's INIT handshake settled, and set the kernel's
-    read-ahead for this mount to READ_AHEAD_KB if allowed (root).
+async def _after_handshake(mountpoint: str, dirty_bytes: int) -> None:
+    """Log the capabilities the kernel's INIT handshake settled, and tune the kernel's
+    handling of this mount's pages if allowed (root): read-ahead READ_AHEAD_KB, and at
+    most ``dirty_bytes`` of written pages held back (writeback cache) before the
+    kernel hands them over, so that a big transaction reaches the daemon, and its
+    staging, as it goes instead of all at the commit.
 
     Only after the handshake, which sets the read-ahead from what libfuse
     answered: the stat of the root waits for it (and this loop serves it;
@@ -174,16 +181,17 @@ async def _after_handshake(mountpoint: str) -> None:
     try:
         st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
     except OSError as e:
-        log.info("event=read_ahead_unchanged kb=%d cause=%s", READ_AHEAD_KB, e.strerror or e)
+        log.info("event=bdi_unchanged cause=%s", e.strerror or e)
         return
     fuse_caps.report()
-    try:
-        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-        await trio.to_thread.run_sync(_write_text, path, f"{READ_AHEAD_KB}\n")
-    except OSError as e:
-        log.info("event=read_ahead_unchanged kb=%d cause=%s", READ_AHEAD_KB, e.strerror or e)
-    else:
-        log.debug("event=read_ahead_set kb=%d path=%s", READ_AHEAD_KB, path)
+    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    for name, value in (("read_ahead_kb", READ_AHEAD_KB), ("max_bytes", dirty_bytes)):
+        try:
+            await trio.to_thread.run_sync(_write_text, f"{bdi}/{name}", f"{value}\n")
+        except OSError as e:
+            log.info("event=bdi_unchanged setting=%s value=%d cause=%s", name, value, e.strerror or e)
+        else:
+            log.debug("event=bdi_set setting=%s value=%d path=%s", name, value, bdi)
 
 
 def _write_text(path: str, text: str) -> None:
@@ -199,13 +207,15 @@ async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Ev
         done.set()
 
 
-async def _stop_on_signal(coherence: trio.CancelScope, coherence_done: trio.Event) -> None:
-    """Stop following other mounts, then stop serving.
+async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherence_done: trio.Event) -> None:
+    """Stop following other mounts, hand the kernel's dirty pages over, then stop serving.
 
     In that order: the lock proxy (coherence.py) opens and closes files on this
     very mount, and a close waits for its flush without a timeout. Once the loop
     stops reading requests, a close still on its way would wait for ever, and the
-    process could never exit (nor the mount go away).
+    process could never exit (nor the mount go away). Likewise the kernel's
+    writeback of pages a still-open plain file wrote needs the loop serving; once
+    they are here, _flush_all commits them.
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -213,10 +223,26 @@ async def _stop_on_signal(coherence: trio.CancelScope, coherence_done: trio.Even
             coherence.cancel()
             with trio.move_on_after(STOP_GRACE_SECONDS) as waited:
                 await coherence_done.wait()
+                if ops.writeback_cache:
+                    await trio.to_thread.run_sync(_syncfs, ops.mountpoint, abandon_on_cancel=True)
             if waited.cancelled_caught:
-                log.warning("event=stop_without_coherence_done seconds=%s", STOP_GRACE_SECONDS)
+                log.warning("event=stop_grace_exceeded seconds=%s", STOP_GRACE_SECONDS)
             pyfuse3.terminate()
             return
+
+
+def _syncfs(mountpoint: bytes) -> None:
+    """Have the kernel write back every dirty page of the mount (syncfs(2), not in os)."""
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        log.warning("event=syncfs_failed cause=%s", e)
+        return
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            log.warning("event=syncfs_failed cause=%s", os.strerror(ctypes.get_errno()))
+    finally:
+        os.close(fd)
 
 
 async def _flush_all(ops: Operations) -> None:

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
+import trio
 
 from fusesqlite.fs.transient import TransientFile, TransientFiles
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
+from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import FileState, Transactions
 
 if TYPE_CHECKING:
@@ -22,6 +24,8 @@ log = logging.getLogger("fusesqlite.fs")
 #: the kernel may cache attributes and entries this long; every change goes
 #: through this mount's kernel, which updates its caches itself
 ATTR_TIMEOUT = 1.0
+#: the kernel's page: what notify_store fills at a time
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: how long the kernel may remember that a journal name does not exist
 NEGATIVE_TIMEOUT = 60.0
 #: ... and that a stored name does not exist
@@ -49,11 +53,18 @@ class FsBase(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tx: Transactions, mountpoint: str, read_only: bool = False) -> None:
+    def __init__(self, tx: Transactions, mountpoint: str, read_only: bool = False, writeback_cache: bool = True) -> None:
         super().__init__()
         self.tx = tx
         self.mountpoint = mountpoint.encode()
         self.read_only = read_only
+        #: read by pyfuse3 at the kernel handshake
+        self.enable_writeback_cache = self.writeback_cache = writeback_cache
+        #: files another mount changed while open here: with the writeback cache the
+        #: kernel keeps its own size and times of them until the last local close
+        self.stale_in_kernel: set[int] = set()
+        #: databases whose transaction is being committed (FileOps.journal_settled)
+        self.settling: set[int] = set()
         self.coherence: Coherence  # set by mount.py before the first request
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
@@ -189,16 +200,56 @@ class FsBase(pyfuse3.Operations):
         being served, so notifying from the handler itself can deadlock.
         """
 
-        def run() -> None:
-            try:
-                pyfuse3.invalidate_inode(ino, attr_only=False)
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENOTCONN):
-                    log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)
+        threading.Thread(target=_moved_in_kernel, args=(ino, 0, b""), name="invalidate", daemon=True).start()
 
-        threading.Thread(target=run, name="invalidate", daemon=True).start()
+    async def moved(self, ino: int, rec: Inode | None) -> None:
+        """This mount's view of ``ino`` moved to another mount's commit: bring the kernel along.
+
+        Its cached pages and attributes go. With the writeback cache the kernel keeps
+        its own size and times of a regular file while it holds the inode, whatever
+        getattr says: a file that grew is told its new end (its last page is stored
+        in the kernel's cache), and the inode is forgotten (its entry invalidated)
+        so that the kernel reads size and times afresh, at once if nothing here has
+        it open, else at the last local close. Meanwhile SQLite is right either way:
+        it takes a database's size from its header, which only has to fit the file.
+        """
+        tail, at = b"", 0
+        if self.writeback_cache and rec is not None and rec.is_reg and rec.size:
+            at = (rec.size - 1) // PAGE_SIZE * PAGE_SIZE
+            fs = self.tx.files.get(ino) or FileState(ino, rec, self.path(ino))
+            try:
+                tail = bytes(await self.tx.read(fs, at, rec.size - at))
+            except StoreError as e:
+                log.warning("event=tail_read_failed ino=%d cause=%s", ino, e)
+        await trio.to_thread.run_sync(_moved_in_kernel, ino, at, tail)
+        if self.writeback_cache:
+            fs = self.tx.files.get(ino)
+            if fs is not None and fs.opens:
+                self.stale_in_kernel.add(ino)
+            else:
+                self.forget_in_kernel(ino)
+
+    def forget_in_kernel(self, ino: int) -> None:
+        """Make the kernel look ``ino`` up afresh (its next lookup reads size and times)."""
+        self.stale_in_kernel.discard(ino)
+        known = self.names.get(ino)
+        if known is not None:
+            self.invalidate_entry(*known)
 
     @staticmethod
     def invalidate_entry(parent: int, name: bytes) -> None:
         """Another mount changed ``name`` in ``parent``: the kernel must ask again."""
         pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+
+def _moved_in_kernel(ino: int, at: int, tail: bytes) -> None:
+    """Drop the kernel's pages and attributes of ``ino``, then store ``tail`` at ``at``
+    (which sets the kernel's size to at least its end). In a worker thread: the
+    kernel may wait on requests this loop serves."""
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+        if tail:
+            pyfuse3.notify_store(ino, at, tail)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTCONN):
+            log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)

@@ -16,7 +16,7 @@ import pyfuse3
 
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.files import FileOps
-from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
+from fusesqlite.inodes import NAME_MAX, ROOT_INO, TRANSIENT_BASE, Inode, is_transient_name
 from fusesqlite.volume import ChangeSet
 
 log = logging.getLogger("fusesqlite.fs")
@@ -52,6 +52,10 @@ class DirectoryOps(FileOps, FsBase):
         if tf is not None:
             tf.rec = self._apply(tf.record(), attr, fields)
             return self.entry(inode, tf.record())
+        if inode >= TRANSIENT_BASE:  # a journal gone: the kernel writes back its times
+            raise fail(errno.ENOENT)
+        if self.times_pending(inode, fields, attr):
+            return self.entry(inode, self.tx.files[inode].live_record())
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
             rec = await self.tx.record(inode)
             if rec is None:
@@ -64,6 +68,23 @@ class DirectoryOps(FileOps, FsBase):
                 fs.modified = False  # earlier writes must not move it again at their commit (cp -p)
             await self.commit_meta(ChangeSet(inodes={inode: new}), f"setattr {self.path(inode)}")
         return self.entry(inode, await self.record(inode))
+
+    def times_pending(self, ino: int, fields: pyfuse3.SetattrFields, attr: pyfuse3.EntryAttributes) -> bool:
+        """A new mtime (and ctime) alone, for a file with uncommitted changes here: it
+        joins them, committed with them, instead of costing a commit of its own.
+
+        With the writeback cache the kernel keeps a file's times itself and sends
+        them before every fsync and close that follows a write: a commit each
+        would double the commits of a small SQLite transaction.
+        """
+        if fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime:
+            return False
+        fs = self.tx.files.get(ino)
+        if not fields.update_mtime or fs is None or not (fs.changed or self.journal_active(ino)):
+            return False
+        fs.mtime_ns = attr.st_mtime_ns
+        fs.modified = False  # the commit keeps the kernel's time, which this host shows
+        return True
 
     @staticmethod
     def _apply(rec: Inode, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Inode:

@@ -15,6 +15,7 @@ import stat
 import time
 
 import pyfuse3
+import trio
 
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.transient import TransientFile
@@ -25,16 +26,24 @@ from fusesqlite.volume import ChangeSet, EntryChanged, LeaseHeld, StaleView
 
 log = logging.getLogger("fusesqlite.fs")
 
+#: how long a commit waits for the kernel to hand over its dirty pages
+KERNEL_WRITEBACK_SECONDS = 10.0
+
 
 class FileOps(FsBase):
     # -- commit points -----------------------------------------------------------------
-    def journal_active(self, ino: int) -> bool:
-        """Whether the database ``ino`` is inside a rollback-journal transaction on this mount."""
+    def journal_of(self, ino: int) -> TransientFile | None:
+        """The active rollback journal of the database ``ino`` on this mount, if any."""
         known = self.names.get(ino)
         if known is None:
-            return False
+            return None
         tf = self.transient.get(known[0], known[1] + b"-journal")
-        return tf is not None and tf.active
+        return tf if tf is not None and tf.active else None
+
+    def journal_active(self, ino: int) -> bool:
+        """Whether the database ``ino`` is inside a rollback-journal transaction on this
+        mount (also while that transaction is being committed)."""
+        return ino in self.settling or self.journal_of(ino) is not None
 
     def open_file_named(self, parent: int, name: bytes) -> int | None:
         """The stored file open on this mount as ``name`` in ``parent``: SQLite holds its
@@ -76,18 +85,49 @@ class FileOps(FsBase):
                 found = await self.child(tf.parent, target) if target else None
                 inos = [found[0]] if found is not None and found[2] is None else []
         inos = [ino for ino in inos if ino is not None]
-        for ino in inos:
-            await self.coherence.settle(ino)
-        leases = [ino for ino in inos if self.coherence.end_write(ino)]
-        files = [fs for fs in map(self.tx.files.get, inos) if fs is not None and fs.changed]
+        synced, tf.db_synced = tf.db_synced, False
+        self.settling.update(inos)
         try:
-            await self.tx.commit_many(files, reason, keep=leases)
-        except StoreError as e:
-            self.coherence.kept(leases, ok=False)
-            if leases:  # the failed commit changed no lease; do not make other mounts wait
-                await self.tx.commit_many([], "release lease", release=leases)
-            raise fail(e.errno) from None
-        self.coherence.kept(leases, ok=True)
+            for ino in inos:
+                await self.coherence.settle(ino)
+            leases = [ino for ino in inos if self.coherence.end_write(ino)]
+            try:
+                if not synced:
+                    await self.take_kernel_pages(inos)
+                files = [fs for fs in map(self.tx.files.get, inos) if fs is not None and fs.changed]
+                await self.tx.commit_many(files, reason, keep=leases)
+            except (StoreError, pyfuse3.FUSEError) as e:
+                self.coherence.kept(leases, ok=False)
+                if leases:  # the failed commit changed no lease; do not make other mounts wait
+                    await self.tx.commit_many([], "release lease", release=leases)
+                raise fail(e.errno) from None
+            self.coherence.kept(leases, ok=True)
+        finally:
+            self.settling.difference_update(inos)
+
+    async def take_kernel_pages(self, inos: list[int]) -> None:
+        """Have the kernel write back the pages it holds dirty for ``inos`` before they
+        are committed (writeback cache; SQLite with synchronous=OFF does not fsync).
+
+        By opening and closing each file on this very mount from a worker thread: a
+        close writes the file's dirty pages back and waits for them. Without that,
+        the commit would publish part of the transaction, so failing to do it fails
+        the commit. The open looks the name up while the caller may hold the
+        directory's lock (unlink of the journal): where the kernel no longer has the
+        entry, it would wait for ever, so the commit gives up after a while instead.
+        """
+        if not self.writeback_cache:
+            return
+        for ino in inos:
+            path = self.abs_path(ino)
+            try:
+                if path is None:
+                    raise OSError(errno.ENOENT, "no known path on this mount")
+                with trio.fail_after(KERNEL_WRITEBACK_SECONDS):
+                    await trio.to_thread.run_sync(_open_and_close, path, abandon_on_cancel=True)
+            except (OSError, trio.TooSlowError) as e:
+                log.error("event=commit_failed path=%s reason=kernel_writeback cause=%s", self.path(ino), e)
+                raise fail(errno.EIO) from None
 
     async def journal_started(self, tf: TransientFile, offset: int) -> None:
         """A write to an inactive journal: a transaction on its database is starting.
@@ -269,6 +309,9 @@ class FileOps(FsBase):
     async def fsync(self, fh: int, datasync: bool) -> None:
         f = self.handle(fh).file
         if isinstance(f, FileState):
+            tf = self.journal_of(f.ino)
+            if tf is not None:  # the kernel just wrote back the transaction's pages
+                tf.db_synced = True
             await self.commit_unless_in_transaction(f, "fsync")
 
     async def release(self, fh: int) -> None:
@@ -282,6 +325,8 @@ class FileOps(FsBase):
             return
         assert isinstance(f, FileState)
         f.opens -= 1
+        if f.opens == 0 and f.ino in self.stale_in_kernel:
+            self.forget_in_kernel(f.ino)
         if f.opens == 0 and f.record.nlink == 0:
             await self.drop_unlinked(f)
             return
@@ -295,3 +340,7 @@ class FileOps(FsBase):
         await self.tx.rollback(fs)
         self.tx.files.pop(fs.ino, None)
         await self.commit_meta(ChangeSet(inodes={fs.ino: None}), f"drop unlinked ino {fs.ino}")
+
+
+def _open_and_close(path: bytes) -> None:
+    os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))

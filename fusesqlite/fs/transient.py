@@ -20,7 +20,9 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing", "first", "changed_ns")
+    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing", "first", "changed_ns",
+        "db_synced",
+    )
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
@@ -36,6 +38,9 @@ class TransientFile:
         self.first = 0  # the first byte, kept apart: ``active`` is asked at every write
         #: when the data last changed, not yet in ``rec`` (a record per write cost more than the write)
         self.changed_ns: int | None = None
+        #: its database was fsynced while this journal was active: the kernel holds
+        #: none of the transaction's pages (SQLite fsyncs last, unless synchronous=OFF)
+        self.db_synced = False
 
     def record(self) -> Inode:
         if self.changed_ns is not None:
