@@ -52,8 +52,10 @@ class DirectoryOps(FileOps, FsBase):
         if tf is not None:
             tf.rec = self._apply(tf.record(), attr, fields)
             return self.entry(inode, tf.record())
-        if inode >= TRANSIENT_BASE:  # a journal gone: the kernel writes back its times
-            raise fail(errno.ENOENT)
+        if inode >= TRANSIENT_BASE:
+            # a journal already gone, whose times the kernel writes back (writeback
+            # cache): an error would fail the next syncfs(2) of the whole mount
+            return self.entry(inode, self._apply(Inode.new(stat.S_IFREG, 0o600, ctx.uid, ctx.gid, nlink=0), attr, fields))
         if self.times_pending(inode, fields, attr):
             return self.entry(inode, self.tx.files[inode].live_record())
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
