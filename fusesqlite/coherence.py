@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import stat
@@ -388,9 +389,38 @@ async def _close_on_mount(p: Proxy) -> None:
 
 def _open_for_locks(path: bytes) -> int | None:
     """A descriptor of a regular file that fcntl write locks accept."""
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    fd = _above_fuse_device(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         return None
     return fd
 
+
+def _above_fuse_device(fd: int) -> int:
+    """``fd``, or a copy of it numbered above this process's /dev/fuse descriptor.
+
+    A dying process closes its descriptors in ascending order. Closing one of a
+    file on this very mount sends this daemon a flush, and while /dev/fuse is
+    still open (a higher number) nothing ever answers it: a daemon killed with -9
+    while its lock proxy held a file would never finish exiting, and its mount
+    would hang. Above /dev/fuse, the connection is gone first and the flush fails
+    at once.
+    """
+    dev = _fuse_device_fd()
+    if dev is None or fd > dev:
+        return fd
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, dev + 1)
+    finally:
+        os.close(fd)  # before any lock is taken: a close drops the process's locks on the file
+
+
+@functools.cache
+def _fuse_device_fd() -> int | None:
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    return None

@@ -15,6 +15,7 @@ import trio
 
 from fusesqlite import fuse_caps
 from fusesqlite.coherence import Coherence
+from fusesqlite.fs.base import syncfs
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_stagings
 from fusesqlite.identity import new_mount_id
@@ -224,25 +225,19 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
             with trio.move_on_after(STOP_GRACE_SECONDS) as waited:
                 await coherence_done.wait()
                 if ops.writeback_cache:
-                    await trio.to_thread.run_sync(_syncfs, ops.mountpoint, abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(_syncfs_logged, ops.mountpoint, abandon_on_cancel=True)
             if waited.cancelled_caught:
                 log.warning("event=stop_grace_exceeded seconds=%s", STOP_GRACE_SECONDS)
             pyfuse3.terminate()
             return
 
 
-def _syncfs(mountpoint: bytes) -> None:
-    """Have the kernel write back every dirty page of the mount (syncfs(2), not in os)."""
+
+def _syncfs_logged(mountpoint: bytes) -> None:
     try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        syncfs(mountpoint)
     except OSError as e:
         log.warning("event=syncfs_failed cause=%s", e)
-        return
-    try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            log.warning("event=syncfs_failed cause=%s", os.strerror(ctypes.get_errno()))
-    finally:
-        os.close(fd)
 
 
 async def _flush_all(ops: Operations) -> None:

@@ -1,6 +1,7 @@
 """State shared by every kind of file: handles, names for log lines, attributes."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -253,3 +254,18 @@ def _moved_in_kernel(ino: int, at: int, tail: bytes) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENOTCONN):
             log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)
+
+
+def syncfs(mountpoint: bytes) -> None:
+    """syncfs(2) (not in ``os``): the kernel writes back every dirty page of the mount
+    and waits for them. Raises OSError."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)

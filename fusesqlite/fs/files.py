@@ -17,7 +17,7 @@ import time
 import pyfuse3
 import trio
 
-from fusesqlite.fs.base import FsBase, check_name, fail
+from fusesqlite.fs.base import FsBase, check_name, fail, syncfs
 from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
@@ -106,28 +106,24 @@ class FileOps(FsBase):
             self.settling.difference_update(inos)
 
     async def take_kernel_pages(self, inos: list[int]) -> None:
-        """Have the kernel write back the pages it holds dirty for ``inos`` before they
-        are committed (writeback cache; SQLite with synchronous=OFF does not fsync).
+        """Have the kernel write back the pages it holds dirty before ``inos`` are
+        committed (writeback cache; SQLite with synchronous=OFF does not fsync).
 
-        By opening and closing each file on this very mount from a worker thread: a
-        close writes the file's dirty pages back and waits for them. Without that,
-        the commit would publish part of the transaction, so failing to do it fails
-        the commit. The open looks the name up while the caller may hold the
-        directory's lock (unlink of the journal): where the kernel no longer has the
-        entry, it would wait for ever, so the commit gives up after a while instead.
+        By syncfs(2) of the mount from a worker thread, through a descriptor of its
+        root directory: a descriptor of the database itself would be a hazard, as
+        its close sends a flush to this daemon, which a daemon killed while holding
+        one would wait for in its own exit, for ever. Without the pages the commit
+        would publish part of the transaction, so failing to get them fails it.
         """
         if not self.writeback_cache:
             return
-        for ino in inos:
-            path = self.abs_path(ino)
-            try:
-                if path is None:
-                    raise OSError(errno.ENOENT, "no known path on this mount")
-                with trio.fail_after(KERNEL_WRITEBACK_SECONDS):
-                    await trio.to_thread.run_sync(_open_and_close, path, abandon_on_cancel=True)
-            except (OSError, trio.TooSlowError) as e:
-                log.error("event=commit_failed path=%s reason=kernel_writeback cause=%s", self.path(ino), e)
-                raise fail(errno.EIO) from None
+        try:
+            with trio.fail_after(KERNEL_WRITEBACK_SECONDS):
+                await trio.to_thread.run_sync(syncfs, self.mountpoint, abandon_on_cancel=True)
+        except (OSError, trio.TooSlowError) as e:
+            names = ",".join(self.path(ino) for ino in inos)
+            log.error("event=commit_failed path=%s reason=kernel_writeback cause=%s", names, e)
+            raise fail(errno.EIO) from None
 
     async def journal_started(self, tf: TransientFile, offset: int) -> None:
         """A write to an inactive journal: a transaction on its database is starting.
@@ -239,6 +235,9 @@ class FileOps(FsBase):
             if not tf.linked:  # reached through an entry transient_failed is invalidating
                 raise fail(errno.ENOENT)
             tf.opens += 1
+            # whoever opens a journal (a new transaction, or the rollback of a hot one)
+            # writes its database anew: an earlier fsync no longer covers those pages
+            tf.db_synced = False
             if flags & os.O_TRUNC:
                 was = tf.active
                 tf.truncate(0)
@@ -341,6 +340,3 @@ class FileOps(FsBase):
         self.tx.files.pop(fs.ino, None)
         await self.commit_meta(ChangeSet(inodes={fs.ino: None}), f"drop unlinked ino {fs.ino}")
 
-
-def _open_and_close(path: bytes) -> None:
-    os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW))
