@@ -362,3 +362,25 @@ def test_creating_a_name_another_mount_just_created_never_replaces_it(mounts):
             lost.append(name)
     assert not lost, f"A's databases replaced by B's creates: {lost}"
     print("creates refused on B:", b.log_text().count("event=namespace_conflict"))
+
+
+def test_lock_proxy_descriptors_are_numbered_above_dev_fuse(tmp_path):
+    """A daemon killed with -9 closes its descriptors in ascending order: one of a file
+    on its own mount closed before /dev/fuse would wait for ever for its flush."""
+    from fusesqlite import coherence
+
+    low = os.open(tmp_path / "placeholder", os.O_WRONLY | os.O_CREAT, 0o600)
+    dev = os.open("/dev/fuse", os.O_RDWR)
+    os.close(low)  # a free number below /dev/fuse's, as a closed store connection leaves
+    coherence._fuse_device_fd.cache_clear()
+    try:
+        (tmp_path / "db").write_bytes(b"x")
+        fd = coherence._open_for_locks(os.fsencode(tmp_path / "db"))
+        try:
+            assert fd is not None and fd > dev > low
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "db")
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dev)
+        coherence._fuse_device_fd.cache_clear()
