@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -232,8 +233,9 @@ def drop_page_cache() -> str:
 class Daemon:
     """A fusesqlite mount in its own process, for measuring; restartable on the same store."""
 
-    def __init__(self, work: Path, source: Path = REPO) -> None:
+    def __init__(self, work: Path, source: Path = REPO, extra_args: tuple[str, ...] = ()) -> None:
         self.source = source  # the checkout whose fusesqlite package is run
+        self.extra_args = extra_args  # more `fusesqlite mount` options
         self.mountpoint = work / "mnt"
         self.mountpoint.mkdir()
         self.store = work / "store"
@@ -250,7 +252,8 @@ class Daemon:
         self.proc_cpu_s = 0.0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fusesqlite", "mount", str(self.mountpoint), "--store", str(self.store)],
+                [sys.executable, "-m", "fusesqlite", "mount", str(self.mountpoint), "--store", str(self.store),
+                 *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.source,
             )
         deadline = time.monotonic() + 20
@@ -438,6 +441,8 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=REPO, metavar="DIR",
                     help="run the daemon from this checkout's fusesqlite package (default: this repo)")
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--mount-args", default="", metavar="ARGS",
+                    help="more `fusesqlite mount` options, e.g. --mount-args=--no-writeback-cache")
     args = ap.parse_args()
     cfg = QUICK if args.quick else Config()
     overrides = {"seconds": args.seconds, "scan_mb": args.scan_mb, "speedtest_size": args.speedtest_size}
@@ -448,11 +453,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fusesqlite-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         (work / "local").mkdir()
-        daemon = Daemon(work, args.source.resolve())
+        daemon = Daemon(work, args.source.resolve(), tuple(shlex.split(args.mount_args)))
         local = Side("local", work / "local", drop_page_cache)
         mount = Side("mount", daemon.mountpoint, daemon.restart)
         try:
-            print(f"{cfg}; local disk: {work / 'local'}", flush=True)
+            print(f"{cfg}; local disk: {work / 'local'}; mount options: {args.mount_args or '(defaults)'}", flush=True)
             for name in names:
                 started = time.monotonic()
                 row = run_workload(name, local, mount, daemon, cfg)
