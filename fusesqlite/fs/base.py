@@ -51,7 +51,6 @@ def check_name(name: bytes) -> None:
 
 class FsBase(pyfuse3.Operations):
     supports_dot_lookup = True
-    enable_writeback_cache = False
     enable_acl = False
 
     def __init__(self, tx: Transactions, mountpoint: str, read_only: bool = False, writeback_cache: bool = True) -> None:
