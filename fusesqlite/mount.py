@@ -232,7 +232,6 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
             return
 
 
-
 def _syncfs_logged(mountpoint: bytes) -> None:
     try:
         syncfs(mountpoint)
