@@ -11,6 +11,7 @@ import functools
 import multiprocessing
 import multiprocessing.synchronize
 import os
+import sqlite3
 import subprocess
 import threading
 import time
@@ -35,6 +36,7 @@ from fusesqlite.store import (
     TransactionTooOld,
     open_store,
 )
+from fusesqlite.store.embedded import PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -496,6 +498,50 @@ def test_closed_store_is_unavailable(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
         store.transact(lambda tr: tr.get(b"k"))
+
+
+def _sqlite_pages(store_dir: Path) -> tuple[int, int]:
+    """(page size, pages in use) of an embedded store's file, checkpointed."""
+    con = sqlite3.connect(store_dir / "store.sqlite")
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        used = con.execute("PRAGMA page_count").fetchone()[0] - con.execute("PRAGMA freelist_count").fetchone()[0]
+        return page_size, used
+    finally:
+        con.close()
+
+
+def test_a_new_store_keeps_block_sized_values_in_their_leaf_pages(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "store")
+    try:
+        value = os.urandom(4096 + 24)  # an encoded, incompressible 4 KiB block
+        store.transact(lambda tr: [tr.set(b"b/%04d" % i, value) for i in range(200)])
+    finally:
+        store.close()
+    page_size, used = _sqlite_pages(tmp_path / "store")
+    assert page_size == PAGE_SIZE
+    # in leaf pages the 200 values need 200 * 4120 / 32768 = 25 pages plus slack;
+    # spilled into overflow pages they would need at least one page each
+    assert used < 60, f"{used} pages of {page_size} bytes for 200 values of {len(value)} bytes"
+
+
+def test_an_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    con = sqlite3.connect(tmp_path / "store" / "store.sqlite")
+    con.execute("PRAGMA page_size=4096")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
+    con.execute("INSERT INTO kv VALUES (?, ?)", (b"old", b"value"))
+    con.commit()
+    con.close()
+    store = EmbeddedStore(tmp_path / "store")
+    try:
+        assert store.transact(lambda tr: tr.get(b"old")) == b"value"
+        store.transact(lambda tr: tr.set(b"new", os.urandom(5000)))
+    finally:
+        store.close()
+    assert _sqlite_pages(tmp_path / "store")[0] == 4096
 
 
 # open_store
