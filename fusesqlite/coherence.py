@@ -127,8 +127,12 @@ class Coherence:
             return
         try:
             self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
-        except LeaseHeld:
-            try:  # this transaction fails; ask the holder to let the next one through
+        except (LeaseHeld, StaleView):
+            # this transaction fails (held: another mount writes; stale: it read a version
+            # older than another mount's last commit, which this mount has yet to follow).
+            # Ask the holder to let the next one through: without it, a mount that
+            # follows a busy writer's commits 10 ms late never caught up and never wrote.
+            try:
                 await self.tx.run(self.volume.want_lease, ino, WANT_SECONDS)
             except StoreError as e:
                 log.warning("event=lease_want_failed ino=%d cause=%s", ino, e)

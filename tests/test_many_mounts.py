@@ -88,6 +88,49 @@ def test_counter_incremented_from_every_mount_is_exact(mounts, n_mounts):
         assert query(m / "counter.db", "PRAGMA integrity_check") == [("ok",)]
 
 
+AUTOCOMMIT_LOOP = r"""
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+deadline = time.monotonic() + float(sys.argv[2])
+done = errors = 0
+while time.monotonic() < deadline:
+    try:
+        con.execute("UPDATE counter SET v = v + 1")
+        done += 1
+    except sqlite3.Error:
+        errors += 1  # SQLite's "disk I/O error": lost a race with the other mount
+print(done, errors, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_two_mounts_writing_flat_out_both_make_progress(mounts):
+    """Each mount follows the other's commits about 10 ms late. Without a turn taken
+    after a refusal, the mount whose view lagged a busy writer failed nearly every
+    attempt (measured: 0 commits against 2,246, and 3,655 errors, in 6 s)."""
+    a = mounts()
+    b = mounts(store=a.store)
+    con = sqlite3.connect(a / "flat.db")
+    con.execute("CREATE TABLE counter(v INTEGER)")
+    con.execute("INSERT INTO counter VALUES (0)")
+    con.commit()
+    con.close()
+    assert wait_for(lambda: (b / "flat.db").exists() and query(b / "flat.db", "SELECT v FROM counter") == [(0,)])
+    procs = [m.py(AUTOCOMMIT_LOOP, str(m / "flat.db"), "4") for m in (a, b)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        results.append(tuple(map(int, out.split())))
+    (done_a, errors_a), (done_b, errors_b) = results
+    total = done_a + done_b
+    assert total > 0
+    assert min(done_a, done_b) >= total / 4, f"unfair: A {done_a}, B {done_b} commits"
+    assert errors_a + errors_b < total, f"{errors_a + errors_b} failed attempts for {total} commits"
+    assert wait_for(lambda: query(a / "flat.db", "SELECT v FROM counter") == [(total,)])
+    assert query(b / "flat.db", "PRAGMA integrity_check") == [("ok",)]
+
+
 TRANSFERS = r"""
 import random, sqlite3, sys, time
 con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
