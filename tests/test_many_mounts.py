@@ -61,18 +61,23 @@ def query(path, sql, *args):
         con.close()
 
 
+def new_counter(first, name: str, *others) -> None:
+    """A database ``name`` on mount ``first`` with ``counter(v) = 0``, once ``others`` see it."""
+    con = sqlite3.connect(first / name)
+    con.execute("CREATE TABLE counter(v INTEGER)")
+    con.execute("INSERT INTO counter VALUES (0)")
+    con.commit()
+    con.close()
+    for m in others:
+        assert wait_for(lambda: (m / name).exists() and query(m / name, "SELECT v FROM counter") == [(0,)])
+
+
 @pytest.mark.parametrize("n_mounts", [2, 3])
 @pytest.mark.timeout(240)
 def test_counter_incremented_from_every_mount_is_exact(mounts, n_mounts):
     first = mounts()
     ms = [first] + [mounts(store=first.store) for _ in range(n_mounts - 1)]
-    con = sqlite3.connect(first / "counter.db")
-    con.execute("CREATE TABLE counter(v INTEGER)")
-    con.execute("INSERT INTO counter VALUES (0)")
-    con.commit()
-    con.close()
-    for m in ms[1:]:
-        assert wait_for(lambda: (m / "counter.db").exists() and query(m / "counter.db", "SELECT v FROM counter") == [(0,)])
+    new_counter(first, "counter.db", *ms[1:])
     per_process, procs = 20, []
     for m in ms:
         for _ in range(2):
@@ -110,12 +115,7 @@ def test_two_mounts_writing_flat_out_both_make_progress(mounts):
     attempt (measured: 0 commits against 2,246, and 3,655 errors, in 6 s)."""
     a = mounts()
     b = mounts(store=a.store)
-    con = sqlite3.connect(a / "flat.db")
-    con.execute("CREATE TABLE counter(v INTEGER)")
-    con.execute("INSERT INTO counter VALUES (0)")
-    con.commit()
-    con.close()
-    assert wait_for(lambda: (b / "flat.db").exists() and query(b / "flat.db", "SELECT v FROM counter") == [(0,)])
+    new_counter(a, "flat.db", b)
     procs = [m.py(AUTOCOMMIT_LOOP, str(m / "flat.db"), "4") for m in (a, b)]
     results = []
     for p in procs:
@@ -256,12 +256,7 @@ time.sleep(600)
 def test_dead_lease_holder_blocks_others_only_briefly(mounts, how):
     a = mounts(extra_args=("--lease-seconds", "2"))
     b = mounts(store=a.store, extra_args=("--lease-seconds", "2"))
-    con = sqlite3.connect(a / "c.db")
-    con.execute("CREATE TABLE counter(v INTEGER)")
-    con.execute("INSERT INTO counter VALUES (0)")
-    con.commit()
-    con.close()
-    assert wait_for(lambda: (b / "c.db").exists() and query(b / "c.db", "SELECT v FROM counter") == [(0,)])
+    new_counter(a, "c.db", b)
     holder = a.py(HOLDER, str(a / "c.db"))
     assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
     # A started it on the lease it kept idle since its last commit; a transaction that

@@ -36,7 +36,7 @@ from fusesqlite.store import (
     TransactionTooOld,
     open_store,
 )
-from fusesqlite.store.embedded import PAGE_SIZE
+from fusesqlite.store.embedded import _SCHEMA, PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -531,7 +531,7 @@ def test_an_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
     con = sqlite3.connect(tmp_path / "store" / "store.sqlite")
     con.execute("PRAGMA page_size=4096")
     con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
+    con.execute(_SCHEMA)
     con.execute("INSERT INTO kv VALUES (?, ?)", (b"old", b"value"))
     con.commit()
     con.close()

@@ -339,4 +339,3 @@ class FileOps(FsBase):
         await self.tx.rollback(fs)
         self.tx.files.pop(fs.ino, None)
         await self.commit_meta(ChangeSet(inodes={fs.ino: None}), f"drop unlinked ino {fs.ino}")
-

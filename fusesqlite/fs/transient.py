@@ -20,8 +20,8 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing", "first", "changed_ns",
-        "db_synced",
+    __slots__ = (
+        "ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing", "first", "changed_ns", "db_synced",
     )
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
