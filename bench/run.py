@@ -220,6 +220,85 @@ TARGETS: dict[str, float] = {
 }
 
 
+def fsync_round_trip_us(path: Path, calls: int = 2000, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the microseconds one fsync(2) of ``path`` takes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for _ in range(calls):
+                os.fsync(fd)
+            times.append((time.perf_counter() - start) / calls * 1e6)
+    finally:
+        os.close(fd)
+    return sorted(times)[rounds // 2]
+
+
+def round_trips_by_placement(path: Path, daemon_pid: int) -> str:
+    """fsync round trips with this thread and the daemon's main thread (its request
+    loop) on one CPU, then on two. Left to itself the scheduler keeps whichever
+    placement it started with, so an unpinned figure is either of the two."""
+    cpus = sorted(os.sched_getaffinity(0))
+    mine, theirs = os.sched_getaffinity(0), os.sched_getaffinity(daemon_pid)
+    out = []
+    try:
+        for label, other in (("same CPU", cpus[0]), ("two CPUs", cpus[-1])):
+            if label == "two CPUs" and len(cpus) < 2:
+                break
+            os.sched_setaffinity(0, {cpus[0]})
+            os.sched_setaffinity(daemon_pid, {other})
+            out.append(f"{fsync_round_trip_us(path):.1f} us on {label}")
+    finally:
+        os.sched_setaffinity(0, mine)
+        try:
+            os.sched_setaffinity(daemon_pid, theirs)
+        except ProcessLookupError:
+            pass
+    return ", ".join(out)
+
+
+def fuse_round_trips(work: Path, daemon: "Daemon") -> str:
+    """The cost of one FUSE request: an fsync that does no work, answered by a C file
+    system on libfuse's own loop (bench/fuse_floor.c: the floor any FUSE file system
+    pays here) and by the mount (a journal's fsync: in memory, no store call)."""
+    assert daemon.proc is not None
+    (daemon.mountpoint / "round_trip").mkdir()
+    ours = round_trips_by_placement(daemon.mountpoint / "round_trip" / "x.db-journal", daemon.proc.pid)
+    binary = CACHE / "fuse_floor"
+    source = Path(__file__).with_name("fuse_floor.c")
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
+                               check=True).stdout.split()
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(source), *flags], capture_output=True, text=True,
+                       check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", "") or str(e)).strip().splitlines()[-1:]
+        return f"fusesqlite {ours}; C floor not measured (cannot build {source.name}: {' '.join(why)})"
+    floor_mnt = work / "floor"
+    floor_mnt.mkdir()
+    proc = subprocess.Popen([str(binary), "-f", str(floor_mnt)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(floor_mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return f"fusesqlite {ours}; C floor not measured (it did not mount)"
+            time.sleep(0.02)
+        floor = round_trips_by_placement(floor_mnt / "f", proc.pid)
+    finally:
+        if os.path.ismount(floor_mnt):
+            subprocess.run(["fusermount3", "-u", str(floor_mnt)], capture_output=True)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["fusermount3", "-uz", str(floor_mnt)], capture_output=True)
+    return f"C floor (bench/fuse_floor.c) {floor}; fusesqlite {ours}"
+
+
 def drop_page_cache() -> str:
     """Write dirty pages and drop the OS page cache, so reads come from the disk."""
     os.sync()
@@ -458,6 +537,8 @@ def main() -> int:
         mount = Side("mount", daemon.mountpoint, daemon.restart)
         try:
             print(f"{cfg}; local disk: {work / 'local'}; mount options: {args.mount_args or '(defaults)'}", flush=True)
+            round_trip = fuse_round_trips(work, daemon)
+            print(f"FUSE round trip (fsync doing no work): {round_trip}", flush=True)
             for name in names:
                 started = time.monotonic()
                 row = run_workload(name, local, mount, daemon, cfg)
@@ -470,10 +551,12 @@ def main() -> int:
             CACHE.mkdir(parents=True, exist_ok=True)
             shutil.copy(daemon.log_path, CACHE / "last-daemon.log")
     print_summary(rows, peak_mib, cpu_s)
+    print(f"FUSE round trip (fsync doing no work, median of 5 x 2000): {round_trip}")
     print(f"daemon log: {CACHE / 'last-daemon.log'}" + ("" if code == 0 else f"  (daemon exit on SIGTERM: {code})"))
     if args.json:
         args.json.write_text(json.dumps({
             "config": asdict(cfg),
+            "fuse_round_trip": round_trip,
             "daemon": {"peak_rss_mib": peak_mib, "cpu_s": cpu_s, "exit_code": code},
             "workloads": [asdict(r) for r in rows],
         }, indent=2) + "\n")
