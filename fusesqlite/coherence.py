@@ -2,8 +2,8 @@
 
 Each mount follows the volume's log. For a file another mount committed, it moves
 its view only while holding SQLite's EXCLUSIVE lock on the file on this host
-(PENDING, then the SHARED range: the kernel grants it once local readers are
-done, and blocks new ones), so a local read transaction sees one version from
+(RESERVED, PENDING, then the SHARED range: the kernel grants it once local
+writers and readers are done, and blocks new ones), so a local read transaction sees one version from
 start to end. While another mount holds a database's write lease, this mount
 holds SQLite's RESERVED byte on it, so local writers get SQLITE_BUSY and their
 busy handler waits. The locks are taken on this mount's own files from worker
@@ -348,14 +348,29 @@ class Coherence:
                 self._kick(ino, p)
 
     async def _move(self, ino: int, p: Proxy) -> None:
-        """Refresh ``ino`` while no local SQLite transaction is reading or writing it."""
-        locked = await self._lock(ino, p, PENDING_BYTE, 1) and await self._lock(ino, p, SHARED_FIRST, SHARED_SIZE)
+        """Refresh ``ino`` while no local SQLite transaction is reading or writing it.
+
+        The locks are taken in SQLite's own order: RESERVED, PENDING, then the SHARED
+        range. Without RESERVED first, the proxy could hold PENDING while waiting for a
+        local writer's SHARED lock, and that writer (holding RESERVED) could not get
+        PENDING for its commit: a deadlock only SQLite's busy timeout broke (measured:
+        both mounts' writers stalled 10 s). With it, the proxy waits for the writer's
+        transaction to end first.
+        """
+        took_reserved = not p.reserved
+        locked = (
+            (not took_reserved or await self._lock(ino, p, RESERVED_BYTE, 1))
+            and await self._lock(ino, p, PENDING_BYTE, 1)
+            and await self._lock(ino, p, SHARED_FIRST, SHARED_SIZE)
+        )
         try:
             await self.moved(ino, await self.tx.refresh(ino))
         finally:
             if locked:
                 await self._unlock(p, SHARED_FIRST, SHARED_SIZE)
                 await self._unlock(p, PENDING_BYTE, 1)
+                if took_reserved:
+                    await self._unlock(p, RESERVED_BYTE, 1)
         log.debug("event=moved ino=%d locked=%s", ino, locked)
 
     async def _lock(self, ino: int, p: Proxy, start: int, length: int) -> bool:
