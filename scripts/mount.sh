@@ -96,4 +96,4 @@ trap - INT TERM
 echo "fusesqlite: mounted $ABS_MP"
 echo "  pid:      $PID"
 echo "  log:      $LOG"
-echo "  unmount:  fusermount3 -u $ABS_MP    (or: kill $PID)"
+echo "  unmount:  kill $PID    (or: fusermount3 -u $ABS_MP, busy while another mount writes)"
