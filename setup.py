@@ -1,7 +1,9 @@
-"""Builds fusesqlite's one C module, ``fusesqlite._fuse_init`` (fuse_caps.py says why).
+"""Builds fusesqlite's two C modules; everything else is in pyproject.toml.
 
-Everything else is in pyproject.toml. The module needs libfuse3's headers, as
+``fusesqlite._fuse_init`` (fuse_caps.py says why) needs libfuse3's headers, as
 pyfuse3 does; it does not link libfuse3 (it finds the copy pyfuse3 loaded).
+``fusesqlite._blocks`` (pages.decode_run says why) needs liblz4 and xxhash's
+header.
 """
 import subprocess
 
@@ -16,4 +18,8 @@ def fuse3_cflags() -> list[str]:
         return ["-I/usr/include/fuse3"]
 
 
-setup(ext_modules=[Extension("fusesqlite._fuse_init", ["fusesqlite/_fuse_init.c"], extra_compile_args=fuse3_cflags())])
+setup(ext_modules=[
+    Extension("fusesqlite._fuse_init", ["fusesqlite/_fuse_init.c"], extra_compile_args=fuse3_cflags()),
+    # read-ahead's block decoding without the GIL (pages.decode_run): liblz4-dev, libxxhash-dev
+    Extension("fusesqlite._blocks", ["fusesqlite/_blocks.c"], libraries=["lz4"], extra_compile_args=["-O2"]),
+])

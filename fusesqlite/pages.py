@@ -17,6 +17,8 @@ from collections import OrderedDict
 import lz4.block
 import xxhash
 
+from fusesqlite import _blocks
+
 RAW = 0  # payload is the block itself (incompressible data)
 LZ4 = 1  # payload is an lz4 block with its size prefix
 ZERO = 2  # no payload: a block of zeros (holes made by truncate-and-grow)
@@ -83,8 +85,15 @@ def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block
     """Blocks ``start .. start + count - 1`` decoded into one buffer (absent: zeros).
 
     For read-ahead, which loads hundreds of blocks at once: one buffer and one
-    call instead of a bytes object and a call per block.
+    call instead of a bytes object and a call per block, in C with the GIL
+    released (``_blocks.c``; values with a crc32 checksum take the Python path).
     """
+    try:
+        buf = _blocks.decode_run(values, ino, start, count, block_size)
+    except ValueError as e:
+        raise CorruptBlock(str(e)) from None
+    if buf is not None:
+        return buf
     buf = bytearray(count * block_size)
     view = memoryview(buf)
     for block_no, value in values.items():

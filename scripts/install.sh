@@ -30,7 +30,7 @@ esac
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FUSESQLITE_VENV:-/opt/fusesqlite-venv}
 BINDIR=${FUSESQLITE_BINDIR:-/usr/local/bin}   # where the venv's `fusesqlite` is linked
-APT_PACKAGES=(fuse3 libfuse3-dev pkg-config python3-dev python3-pip python3-venv sqlite3 gcc)
+APT_PACKAGES=(fuse3 libfuse3-dev pkg-config python3-dev python3-pip python3-venv sqlite3 gcc liblz4-dev libxxhash-dev)
 
 export DEBIAN_FRONTEND=noninteractive
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore

@@ -12,7 +12,8 @@ import zlib
 import lz4.block
 import pytest
 
-from fusesqlite.pages import LZ4, RAW, XXH3, ZERO, CorruptBlock, _checksum, decode_block, encode_block
+from fusesqlite import _blocks
+from fusesqlite.pages import LZ4, RAW, XXH3, ZERO, CorruptBlock, _checksum, decode_block, decode_run, encode_block
 
 BS = 4096
 BLOCKS = {
@@ -70,3 +71,76 @@ def test_short_and_unknown_values_are_refused():
     value = struct.pack(">BI", kind, _checksum(kind, b"x" * 100, 7, 3)) + b"x" * 100
     with pytest.raises(CorruptBlock, match="unknown block kind"):
         decode_block(value, 7, 3, BS)
+
+
+# -- decode_run: read-ahead's whole-run decoding (C, _blocks.c) ----------------------------
+def _run(ino: int = 7, start: int = 100, count: int = 12) -> tuple[dict[int, bytes], bytes]:
+    """Encoded values of a run with every kind of block and two holes, and its expected content."""
+    values, expected = {}, bytearray(count * BS)
+    kinds = sorted(BLOCKS)
+    for i in range(count):
+        if i in (2, 9):
+            continue  # holes: no value, zeros
+        data = BLOCKS[kinds[i % len(kinds)]] if i % 4 else os.urandom(100) + bytes(BS - 100)
+        values[start + i] = encode_block(data, ino, start + i)
+        expected[i * BS : (i + 1) * BS] = data
+    return values, bytes(expected)
+
+
+def test_decode_run_in_c_matches_the_python_codec():
+    values, expected = _run()
+    assert _blocks.decode_run(values, 7, 100, 12, BS) is not None  # the C path took it
+    assert bytes(decode_run(values, 7, 100, 12, BS)) == expected
+    for b, value in values.items():  # and block by block, as point reads decode
+        assert bytes(decode_block(value, 7, b, BS)) == expected[(b - 100) * BS : (b - 99) * BS]
+
+
+def test_decode_run_refuses_a_flipped_bit_anywhere():
+    values, _ = _run()
+    for b, value in values.items():
+        for pos in range(0, len(value), max(1, len(value) // 20)):
+            damaged = dict(values)
+            flipped = bytearray(value)
+            flipped[pos] ^= 0x04
+            damaged[b] = bytes(flipped)
+            with pytest.raises(CorruptBlock):
+                decode_run(damaged, 7, 100, 12, BS)
+
+
+def test_decode_run_refuses_values_of_another_file_or_block():
+    values, _ = _run()
+    with pytest.raises(CorruptBlock):
+        decode_run(values, 8, 100, 12, BS)
+    shifted = {b + 1: v for b, v in values.items() if b + 1 < 112}
+    with pytest.raises(CorruptBlock):
+        decode_run(shifted, 7, 100, 12, BS)
+
+
+def test_decode_run_refuses_lz4_that_does_not_fill_the_block_despite_its_checksum():
+    """A writer's bug (wrong size prefix, short payload) with a checksum made over it."""
+    kind = XXH3 | LZ4
+    short = lz4.block.compress(b"x" * (BS - 1), store_size=False)
+    for payload in (struct.pack("<I", BS) + short, struct.pack("<I", BS - 1) + short, b"\x01\x02"):
+        value = struct.pack(">BI", kind, _checksum(kind, payload, 7, 100)) + payload
+        with pytest.raises(CorruptBlock, match="lz4"):
+            decode_run({100: value}, 7, 100, 1, BS)
+
+
+def test_decode_run_refuses_short_unknown_and_out_of_run_values():
+    with pytest.raises(CorruptBlock):
+        decode_run({100: b"\x81\x00"}, 7, 100, 1, BS)
+    kind = XXH3 | 3
+    value = struct.pack(">BI", kind, _checksum(kind, b"x" * 100, 7, 100)) + b"x" * 100
+    with pytest.raises(CorruptBlock, match="unknown block kind"):
+        decode_run({100: value}, 7, 100, 1, BS)
+    with pytest.raises(CorruptBlock, match="not a bytes value of this run"):
+        decode_run({101: encode_block(bytes(BS), 7, 101)}, 7, 100, 1, BS)
+
+
+def test_decode_run_leaves_crc32_values_to_the_python_codec():
+    ino, block_no, data = 7, 100, BLOCKS["incompressible"]
+    seed = zlib.crc32(struct.pack(">QQB", ino, block_no, RAW))
+    old = struct.pack(">BI", RAW, zlib.crc32(data, seed)) + data
+    values = {block_no: old, block_no + 1: encode_block(BLOCKS["compressible"], ino, block_no + 1)}
+    assert _blocks.decode_run(values, ino, block_no, 2, BS) is None
+    assert bytes(decode_run(values, ino, block_no, 2, BS)) == data + BLOCKS["compressible"]
