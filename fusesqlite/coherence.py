@@ -43,6 +43,8 @@ SHARED_SIZE = 510
 POLL_TIMEOUT = 0.5
 #: how long a mount refused a lease holds the holder's next writers back
 WANT_SECONDS = 2.0
+#: longest a refused write holds this mount's next writers back while it catches up
+BEHIND_SECONDS = 1.0
 #: a transaction started on an idle lease (no store round trip) marks the lease busy
 #: once it has run this long, so that only short transactions can lose it to a steal
 PROMOTE_AFTER = 0.05
@@ -54,9 +56,17 @@ class Proxy:
 
     fd: int | None = None
     reserved: bool = False  # holding RESERVED now
-    want_reserved: bool = False  # another mount holds the write lease
+    want_reserved: bool = False  # another mount holds (or asked for) the write lease
+    #: a local write was refused on a stale view: hold local writers back until this
+    #: mount has followed the volume to this version (0: not behind)
+    behind: int = 0
+    behind_deadline: float = 0.0  # trio time: stop holding them back even if following stalls
     move: bool = False  # another mount committed: refresh under EXCLUSIVE
     running: bool = False
+
+    def hold(self) -> bool:
+        """Whether local writers should wait (SQLITE_BUSY) rather than start."""
+        return self.want_reserved or self.behind > 0
 
 
 class Coherence:
@@ -127,11 +137,13 @@ class Coherence:
             return
         try:
             self.my_leases[ino] = await self.tx.run(self.volume.acquire_lease, ino, self.lease_ttl, view_dver)
-        except (LeaseHeld, StaleView):
+        except (LeaseHeld, StaleView) as e:
             # this transaction fails (held: another mount writes; stale: it read a version
             # older than another mount's last commit, which this mount has yet to follow).
             # Ask the holder to let the next one through: without it, a mount that
             # follows a busy writer's commits 10 ms late never caught up and never wrote.
+            if isinstance(e, StaleView):
+                self._hold_until_caught_up(ino, e.head)
             try:
                 await self.tx.run(self.volume.want_lease, ino, WANT_SECONDS)
             except StoreError as e:
@@ -140,6 +152,26 @@ class Coherence:
         self.idle.discard(ino)
         self.writing[ino] = "busy"
         log.debug("event=lease_taken ino=%d", ino)
+
+    def _hold_until_caught_up(self, ino: int, head: int) -> None:
+        """Make the local writer's retry wait (SQLITE_BUSY, its busy handler) until this
+        mount has followed ``head``: retried at once on the same stale view, it was
+        refused again, each time an I/O error for the app (measured: up to 10 in a row
+        per lease hand-over between two mounts writing flat out)."""
+        if head <= self.seen:
+            return
+        p = self._proxy(ino)
+        p.behind = max(p.behind, head)
+        p.behind_deadline = trio.current_time() + BEHIND_SECONDS
+        self._kick(ino, p)
+
+    def _caught_up(self) -> None:
+        """Let local writers go where this mount has followed far enough (or waited long enough)."""
+        now = trio.current_time()
+        for ino, p in list(self.proxies.items()):
+            if p.behind and (p.behind <= self.seen or now > p.behind_deadline):
+                p.behind = 0
+                self._kick(ino, p)
 
     def _still_idle(self, ino: int, txn: int) -> bool:
         return self.txn_of.get(ino) == txn and self.writing.get(ino) == "idle"
@@ -238,6 +270,7 @@ class Coherence:
                     self.seen = head  # this mount's own commits: nothing to apply, no log to read
                 elif head > self.seen:
                     await self._apply(await self.tx.run(self.volume.log_range, self.seen, head), head)
+                self._caught_up()
                 await self._expire_remote_leases()
             except StoreError as e:
                 log.warning("event=follow_failed cause=%s", e)
@@ -285,7 +318,7 @@ class Coherence:
             self._kick(ino, p)
 
     def _kick(self, ino: int, p: Proxy) -> None:
-        if (p.move or p.want_reserved != p.reserved) and not p.running and self.nursery is not None:
+        if (p.move or p.hold() != p.reserved) and not p.running and self.nursery is not None:
             p.running = True
             self.nursery.start_soon(self._work, ino, p)
 
@@ -325,12 +358,12 @@ class Coherence:
                 if p.move:
                     p.move = False
                     await self._move(ino, p)
-                elif p.want_reserved and not p.reserved:
+                elif p.hold() and not p.reserved:
                     p.reserved = await self._lock(ino, p, RESERVED_BYTE, 1)
                     if not p.reserved:
                         parked = True
                         break
-                elif p.reserved and not p.want_reserved:
+                elif p.reserved and not p.hold():
                     await self._unlock(p, RESERVED_BYTE, 1)
                     p.reserved = False
                 else:
@@ -342,7 +375,7 @@ class Coherence:
             if not p.reserved:
                 await _close_on_mount(p)  # also drops every lock we held on it
             p.running = False
-            if not (p.reserved or p.want_reserved or p.move):
+            if not (p.reserved or p.hold() or p.move):
                 self.proxies.pop(ino, None)
             elif p.move or not parked:  # something arrived while it was finishing
                 self._kick(ino, p)

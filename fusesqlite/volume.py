@@ -102,6 +102,10 @@ class StaleView(StoreError):
 
     errno = errno.EBUSY
 
+    def __init__(self, message: str, head: int = 0) -> None:
+        super().__init__(message)
+        self.head = head  # the volume's version then: following it brings this mount's view up to date
+
 
 @dataclass(frozen=True)
 class CommitResult:
@@ -410,7 +414,8 @@ class Volume:
                     raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
             raw = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
             if raw and Inode.unpack(raw).dver != view_dver:
-                raise StaleView(f"ino {ino} changed in the store since this mount read it")
+                head = unpack(tr.get(self.ks.head()))[0]
+                raise StaleView(f"ino {ino} changed in the store since this mount read it", head)
             expiry = now + ttl
             tr.set(self.ks.lease(ino), Lease(self.author, expiry, busy=True).pack())
             version = unpack(tr.get(self.ks.head()))[0] + 1
