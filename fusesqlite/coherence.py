@@ -3,8 +3,8 @@
 Each mount follows the volume's log. For a file another mount committed, it moves
 its view only while holding SQLite's EXCLUSIVE lock on the file on this host
 (RESERVED, PENDING, then the SHARED range: the kernel grants it once local
-writers and readers are done, and blocks new ones), so a local read transaction sees one version from
-start to end. While another mount holds a database's write lease, this mount
+writers and readers are done, and blocks new ones), so a local read
+transaction sees one version from start to end. While another mount holds a database's write lease, this mount
 holds SQLite's RESERVED byte on it, so local writers get SQLITE_BUSY and their
 busy handler waits. The locks are taken on this mount's own files from worker
 threads: the kernel keeps fcntl locks per host, the event loop keeps serving the
