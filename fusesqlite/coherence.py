@@ -16,6 +16,7 @@ import errno
 import fcntl
 import functools
 import logging
+import math
 import os
 import stat
 import time
@@ -318,6 +319,11 @@ class Coherence:
             self._kick(ino, p)
 
     def _kick(self, ino: int, p: Proxy) -> None:
+        """Start the proxy's work on ``ino`` if it has any. Not from a cancelled task (the
+        mount stopping): the new task, cancelled at once, would start the next on its
+        way out, and the loop spun for ever (seen: 1 stop in 5 of two busy mounts hung)."""
+        if trio.current_effective_deadline() == -math.inf:
+            return
         if (p.move or p.hold() != p.reserved) and not p.running and self.nursery is not None:
             p.running = True
             self.nursery.start_soon(self._work, ino, p)

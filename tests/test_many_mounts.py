@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sqlite3
 import time
 
 import pytest
 
-from helpers import page_cache_bytes
+from helpers import page_cache_bytes, run_py
 
 INCREMENT = r"""
 import sqlite3, sys, time
@@ -430,3 +431,54 @@ def test_lock_proxy_descriptors_are_numbered_above_dev_fuse(tmp_path):
     finally:
         os.close(dev)
         coherence._fuse_device_fd.cache_clear()
+
+
+CANCELLED_PROXY = r"""
+import sys, time, trio
+from fusesqlite.coherence import Coherence
+from fusesqlite.store.embedded import EmbeddedStore
+from fusesqlite.transactions import Transactions
+from fusesqlite.volume import Volume
+
+store_dir, db = sys.argv[1], sys.argv[2].encode()
+volume = Volume(EmbeddedStore(store_dir), "default", author="test")
+volume.open()
+tx = Transactions(volume, cache_bytes=1 << 20, on_rollback=lambda ino: None, mount_id="test")
+
+async def moved(ino, rec):
+    pass
+
+coherence = Coherence(tx, volume, lambda ino: db, lambda parent, name: None, moved, lease_ttl=10)
+
+async def main():
+    with trio.CancelScope() as stopping:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(coherence.run)
+            while coherence.nursery is None:
+                await trio.sleep(0.01)
+            # another mount holds the lease: the proxy must take RESERVED here...
+            p = coherence._proxy(2)
+            p.want_reserved = True
+            coherence._kick(2, p)
+            # ...and the mount stops before its task reached its first lock
+            stopping.cancel()
+            started = time.monotonic()
+    print(f"{time.monotonic() - started:.3f}", flush=True)
+
+trio.run(main)
+"""
+
+
+def test_a_lock_proxy_cancelled_by_a_stopping_mount_lets_it_stop(tmp_path):
+    """A stopping mount cancels its lock proxy. A proxy task cancelled while it still had
+    to take RESERVED used to start a new one on its way out, which was cancelled at once
+    and started the next: the event loop spun and the daemon never exited (seen as 1
+    stop in 5 of two mounts writing flat out; killed with -9 after that, a daemon could
+    hang in its exit). Real store, real lock file; the FUSE side plays no part."""
+    db = tmp_path / "x.db"
+    db.write_bytes(b"")
+    try:
+        r = run_py(CANCELLED_PROXY, tmp_path / "store", db, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the cancelled lock proxy kept restarting itself: coherence never stopped")
+    assert float(r.stdout) < 5, r.stdout
