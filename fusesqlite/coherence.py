@@ -4,21 +4,18 @@ Each mount follows the volume's log. For a file another mount committed, it move
 its view only while holding SQLite's EXCLUSIVE lock on the file on this host
 (RESERVED, PENDING, then the SHARED range: the kernel grants it once local
 writers and readers are done, and blocks new ones), so a local read
-transaction sees one version from start to end. While another mount holds a database's write lease, this mount
-holds SQLite's RESERVED byte on it, so local writers get SQLITE_BUSY and their
-busy handler waits. The locks are taken on this mount's own files from worker
-threads: the kernel keeps fcntl locks per host, the event loop keeps serving the
-opens they cause. docs/many-mounts.md says why this is correct.
+transaction sees one version from start to end. While another mount holds a
+database's write lease, this mount holds SQLite's RESERVED byte on it, so local
+writers get SQLITE_BUSY and their busy handler waits. The locks are taken on this
+mount's own files (the kernel keeps fcntl locks per host) by a helper process
+(lock_holder.py), while the event loop serves the requests that causes.
+docs/many-mounts.md says why this is correct.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
-import functools
 import logging
 import math
-import os
-import stat
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -28,6 +25,7 @@ import trio
 
 from fusesqlite.identity import dead_here
 from fusesqlite.keyspace import pack, unpack
+from fusesqlite.lock_holder import LockHolder
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume
@@ -71,8 +69,11 @@ class Proxy:
 
 
 class Coherence:
-    def __init__(self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float) -> None:
+    def __init__(
+        self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float, holder: LockHolder
+    ) -> None:
         self.tx = tx
+        self.holder = holder
         self.volume = volume
         self.me = volume.author
         self.path_of = path_of  # ino -> absolute path on this mount, or None
@@ -93,7 +94,6 @@ class Coherence:
         self._promote_wanted = trio.Event()
         self.remote_leases: dict[int, tuple[str, float]] = {}
         self.proxies: dict[int, Proxy] = {}
-        self.locks = trio.CapacityLimiter(64)  # threads waiting on local readers and writers
         self.nursery: trio.Nursery | None = None
         #: moves when other mounts' changes arrive: an answer computed across a
         #: move must not be cached by the kernel (it may predate an invalidation)
@@ -110,7 +110,7 @@ class Coherence:
             # the files the proxy still holds (for other mounts' writers) are on this
             # mount: closed while it serves, or its unmount would find them busy
             for p in self.proxies.values():
-                await _close_on_mount(p)
+                await self._close(p)
 
     # -- write leases ------------------------------------------------------------------
     def holds(self, ino: int) -> bool:
@@ -379,7 +379,7 @@ class Coherence:
             parked = True
         finally:
             if not p.reserved:
-                await _close_on_mount(p)  # also drops every lock we held on it
+                await self._close(p)  # also drops every lock we held on it
             p.running = False
             if not (p.reserved or p.hold() or p.move):
                 self.proxies.pop(ino, None)
@@ -419,66 +419,28 @@ class Coherence:
             if path is None:
                 return False  # nobody here knows the file: no local reader to protect
             try:
-                p.fd = await trio.to_thread.run_sync(_open_for_locks, path, limiter=self.locks)
+                p.fd = await self.holder.open(path)
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
                     log.warning("event=proxy_open_failed ino=%d path=%s cause=%s", ino, path, e)
                 return False
             if p.fd is None:
                 return False
-        fd = p.fd
-        await trio.to_thread.run_sync(fcntl.lockf, fd, fcntl.LOCK_EX, length, start, os.SEEK_SET, limiter=self.locks)
+        await self.holder.lock(p.fd, start, length)
         return True
 
     async def _unlock(self, p: Proxy, start: int, length: int) -> None:
         if p.fd is not None:
-            await trio.to_thread.run_sync(fcntl.lockf, p.fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
+            await self.holder.unlock(p.fd, start, length)
 
-
-async def _close_on_mount(p: Proxy) -> None:
-    """Close the proxy's descriptor, if any: in a thread, as its flush is a request to this
-    mount; shielded, so that a stopping mount closes it while it still serves."""
-    if p.fd is None:
-        return
-    fd, p.fd = p.fd, None
-    with trio.CancelScope(shield=True):
-        await trio.to_thread.run_sync(os.close, fd)
-
-
-def _open_for_locks(path: bytes) -> int | None:
-    """A descriptor of a regular file that fcntl write locks accept."""
-    fd = _above_fuse_device(os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
-def _above_fuse_device(fd: int) -> int:
-    """``fd``, or a copy of it numbered above this process's /dev/fuse descriptor.
-
-    A dying process closes its descriptors in ascending order. Closing one of a
-    file on this very mount sends this daemon a flush, and while /dev/fuse is
-    still open (a higher number) nothing ever answers it: a daemon killed with -9
-    while its lock proxy held a file would never finish exiting, and its mount
-    would hang. Above /dev/fuse, the connection is gone first and the flush fails
-    at once.
-    """
-    dev = _fuse_device_fd()
-    if dev is None or fd > dev:
-        return fd
-    try:
-        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, dev + 1)
-    finally:
-        os.close(fd)  # before any lock is taken: a close drops the process's locks on the file
-
-
-@functools.cache
-def _fuse_device_fd() -> int | None:
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                return int(name)
-        except OSError:
-            continue
-    return None
+    async def _close(self, p: Proxy) -> None:
+        """Close the proxy's handle, if any (dropping its locks); shielded, so that a
+        stopping mount closes it while it still serves."""
+        if p.fd is None:
+            return
+        fd, p.fd = p.fd, None
+        with trio.CancelScope(shield=True):
+            try:
+                await self.holder.close(fd)
+            except OSError as e:
+                log.warning("event=proxy_close_failed cause=%s", e)

@@ -19,6 +19,7 @@ from fusesqlite.fs.base import syncfs
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_stagings
 from fusesqlite.identity import new_mount_id
+from fusesqlite.lock_holder import LockHolder
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
@@ -133,13 +134,17 @@ def serve(config: MountConfig) -> None:
     )
     tx.snapshot = snapshot
     ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=config.writeback_cache)
-    ops.coherence = Coherence(tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds)
+    holder = LockHolder.spawn()  # before the mount: it must not inherit /dev/fuse
+    ops.coherence = Coherence(
+        tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, holder
+    )
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
+        holder.stop()
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
     log.info(
         "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
@@ -152,6 +157,7 @@ def serve(config: MountConfig) -> None:
         trio.run(_serve, ops)
         unmounted = True
     finally:
+        holder.stop()  # normally stopped already, while the mount still served
         pyfuse3.close(unmount=True)
         store.close()
         log.info("event=unmounted mountpoint=%s clean=%s", mountpoint, unmounted)
@@ -160,6 +166,7 @@ def serve(config: MountConfig) -> None:
 async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         coherence, coherence_done = trio.CancelScope(), trio.Event()
+        nursery.start_soon(ops.coherence.holder.serve)
         nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
         nursery.start_soon(_stop_on_signal, ops, coherence, coherence_done)
         nursery.start_soon(_after_handshake, ops.mountpoint.decode(errors="surrogateescape"), ops.tx.overlay_bytes)
@@ -209,12 +216,13 @@ async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Ev
 
 
 async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherence_done: trio.Event) -> None:
-    """Stop following other mounts, hand the kernel's dirty pages over, then stop serving.
+    """Stop following other mounts and end the lock holder, hand the kernel's dirty
+    pages over, then stop serving.
 
-    In that order: the lock proxy (coherence.py) opens and closes files on this
-    very mount, and a close waits for its flush without a timeout. Once the loop
-    stops reading requests, a close still on its way would wait for ever, and the
-    process could never exit (nor the mount go away). Likewise the kernel's
+    In that order: the lock holder (lock_holder.py) has files of this very mount
+    open, and a close waits for its flush without a timeout. Once the loop stops
+    reading requests, a close still on its way would wait for ever, and the
+    helper could never exit (nor the mount go away). Likewise the kernel's
     writeback of pages a still-open plain file wrote needs the loop serving; once
     they are here, _flush_all commits them.
     """
@@ -224,6 +232,7 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
             coherence.cancel()
             with trio.move_on_after(STOP_GRACE_SECONDS) as waited:
                 await coherence_done.wait()
+                await trio.to_thread.run_sync(ops.coherence.holder.stop, abandon_on_cancel=True)
                 if ops.writeback_cache:
                     await trio.to_thread.run_sync(_syncfs_logged, ops.mountpoint, abandon_on_cancel=True)
             if waited.cancelled_caught:

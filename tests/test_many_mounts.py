@@ -292,6 +292,52 @@ def test_dead_lease_holder_blocks_others_only_briefly(mounts, how):
     assert query(b / "c.db", "PRAGMA integrity_check") == [("ok",)]
 
 
+def open_by(pid: int) -> list[str]:
+    """Paths that process ``pid`` has open (a file of its own mount would hang its exit)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_mount_killed_while_its_lock_proxy_holds_a_file_exits(mounts):
+    """While another mount writes a database, this mount's lock proxy holds it open on
+    this very mount. The kernel closes a dying process's files before it lets go of
+    /dev/fuse, so a daemon holding one hung in its exit for ever, its mount with it
+    (every time, measured: `kill -9` with the proxy holding a file). The files are held
+    by a helper process instead, which dies with the daemon."""
+    a = mounts()
+    b = mounts(store=a.store)
+    new_counter(a, "c.db", b)
+    writer = a.py(HOLDER, str(a / "c.db"))
+    assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+    children = open(f"/proc/{b.pid}/task/{b.pid}/children").read().split()
+    assert len(children) == 1, f"B's daemon should have one helper process: {children}"
+    helper = int(children[0])
+    db = str(b / "c.db")
+    # B learns of A's busy lease and takes RESERVED on B's host, through the helper
+    assert wait_for(lambda: db in open_by(helper), timeout=10), "B's lock proxy never held the database"
+    assert db not in open_by(b.pid)
+    started = time.monotonic()
+    os.kill(b.pid, signal.SIGKILL)
+    try:
+        b.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the killed daemon hung in its exit (a file of its own mount open)")
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{helper}") and open(f"/proc/{helper}/stat").read().split(")")[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the lock holder outlived its daemon"
+        time.sleep(0.05)
+    print(f"daemon and helper gone {time.monotonic() - started:.2f} s after kill -9")
+    writer.kill()
+    writer.wait()
+    assert query(a / "c.db", "PRAGMA integrity_check") == [("ok",)]
+
+
 @pytest.mark.timeout(60)
 def test_read_only_mount_refuses_writes_and_follows_commits(mounts):
     a = mounts()
@@ -411,31 +457,10 @@ def test_creating_a_name_another_mount_just_created_never_replaces_it(mounts):
     print("creates refused on B:", b.log_text().count("event=namespace_conflict"))
 
 
-def test_lock_proxy_descriptors_are_numbered_above_dev_fuse(tmp_path):
-    """A daemon killed with -9 closes its descriptors in ascending order: one of a file
-    on its own mount closed before /dev/fuse would wait for ever for its flush."""
-    from fusesqlite import coherence
-
-    low = os.open(tmp_path / "placeholder", os.O_WRONLY | os.O_CREAT, 0o600)
-    dev = os.open("/dev/fuse", os.O_RDWR)
-    os.close(low)  # a free number below /dev/fuse's, as a closed store connection leaves
-    coherence._fuse_device_fd.cache_clear()
-    try:
-        (tmp_path / "db").write_bytes(b"x")
-        fd = coherence._open_for_locks(os.fsencode(tmp_path / "db"))
-        try:
-            assert fd is not None and fd > dev > low
-            assert os.readlink(f"/proc/self/fd/{fd}") == str(tmp_path / "db")
-        finally:
-            os.close(fd)
-    finally:
-        os.close(dev)
-        coherence._fuse_device_fd.cache_clear()
-
-
 CANCELLED_PROXY = r"""
 import sys, time, trio
 from fusesqlite.coherence import Coherence
+from fusesqlite.lock_holder import LockHolder
 from fusesqlite.store.embedded import EmbeddedStore
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import Volume
@@ -448,22 +473,27 @@ tx = Transactions(volume, cache_bytes=1 << 20, on_rollback=lambda ino: None, mou
 async def moved(ino, rec):
     pass
 
-coherence = Coherence(tx, volume, lambda ino: db, lambda parent, name: None, moved, lease_ttl=10)
+holder = LockHolder.spawn()
+coherence = Coherence(tx, volume, lambda ino: db, lambda parent, name: None, moved, 10, holder)
 
 async def main():
-    with trio.CancelScope() as stopping:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(coherence.run)
-            while coherence.nursery is None:
-                await trio.sleep(0.01)
-            # another mount holds the lease: the proxy must take RESERVED here...
-            p = coherence._proxy(2)
-            p.want_reserved = True
-            coherence._kick(2, p)
-            # ...and the mount stops before its task reached its first lock
-            stopping.cancel()
-            started = time.monotonic()
-    print(f"{time.monotonic() - started:.3f}", flush=True)
+    async with trio.open_nursery() as outer:
+        outer.start_soon(holder.serve)
+        with trio.CancelScope() as stopping:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(coherence.run)
+                while coherence.nursery is None:
+                    await trio.sleep(0.01)
+                # another mount holds the lease: the proxy must take RESERVED here...
+                p = coherence._proxy(2)
+                p.want_reserved = True
+                coherence._kick(2, p)
+                # ...and the mount stops before its task reached its first lock
+                stopping.cancel()
+                started = time.monotonic()
+        print(f"{time.monotonic() - started:.3f}", flush=True)
+        await trio.to_thread.run_sync(holder.stop)
+        outer.cancel_scope.cancel()
 
 trio.run(main)
 """

@@ -1,0 +1,183 @@
+"""SQLite's lock bytes on this mount's own files, held by a process of their own.
+
+The lock proxy (coherence.py) takes SQLite's fcntl locks on files of this very
+mount. A descriptor of such a file must never be open in the daemon itself when
+it dies: the kernel closes a dying process's files before it releases
+/dev/fuse (that release is deferred to the end of the exit), so the close of
+one of them sends a flush that nobody will ever answer, and the daemon hung in
+its exit for good, with its mount (measured: every `kill -9` of a daemon whose
+proxy held a file). The files are therefore opened, locked and closed by this
+helper process. When the daemon dies, so does the helper (PR_SET_PDEATHSIG);
+its closes wait only until the daemon's exit has aborted the connection.
+
+The protocol is one JSON object per line over a socket pair: requests
+``{"id", "op", "args"}``, replies ``{"id", "result"}`` or ``{"id", "errno",
+"error"}``. Each request runs in a thread of its own, since a lock may wait for
+a local SQLite transaction for as long as that transaction runs.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import trio
+
+log = logging.getLogger("fusesqlite.coherence")
+
+PR_SET_PDEATHSIG = 1
+
+
+class LockHolder:
+    """The daemon's side: start the helper, send it requests, match its replies."""
+
+    def __init__(self, process: subprocess.Popen, sock: socket.socket) -> None:
+        self.process = process
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        self._next_id = 0
+        self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._send_lock = trio.Lock()
+        self._gone: str | None = None
+        self._stopping = False
+
+    @classmethod
+    def spawn(cls) -> "LockHolder":
+        """Start the helper. Before the mount exists, so it cannot inherit /dev/fuse."""
+        mine, theirs = socket.socketpair()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fusesqlite.lock_holder", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        mine.setblocking(False)
+        return cls(process, mine)
+
+    async def serve(self) -> None:
+        """Read replies until the helper stops (run for as long as the mount serves)."""
+        buf = b""
+        try:
+            while True:
+                data = await self._sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    reply = json.loads(line)
+                    waiter = self._waiting.pop(reply["id"], None)
+                    if waiter is not None:  # else its caller was cancelled
+                        waiter[1].append(reply)
+                        waiter[0].set()
+        finally:
+            self._gone = f"lock holder process {self.process.pid} stopped"
+            for event, out in self._waiting.values():
+                event.set()
+            self._waiting.clear()
+        if not self._stopping:
+            log.error("event=lock_holder_gone pid=%d returncode=%s effect=no_lock_proxy", self.process.pid,
+                      self.process.poll())
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        if self._gone:
+            raise OSError(errno.EIO, self._gone)
+        self._next_id += 1
+        rid = self._next_id
+        event, out = trio.Event(), []
+        self._waiting[rid] = (event, out)
+        try:
+            data = memoryview(json.dumps({"id": rid, "op": op, "args": args}).encode() + b"\n")
+            async with self._send_lock:
+                while data:
+                    data = data[await self._sock.send(data):]
+            await event.wait()
+        finally:
+            self._waiting.pop(rid, None)
+        if not out:
+            raise OSError(errno.EIO, self._gone or "lock holder gone")
+        reply = out[0]
+        if "errno" in reply:
+            raise OSError(reply["errno"], reply["error"])
+        return reply["result"]
+
+    async def open(self, path: bytes) -> int | None:
+        """A handle of ``path`` for locks, or None if it is not a regular file."""
+        return await self._call("open", os.fsdecode(path))
+
+    async def lock(self, handle: int, start: int, length: int) -> None:
+        """A write lock on the bytes, once every other holder on this host let go."""
+        await self._call("lock", handle, start, length)
+
+    async def unlock(self, handle: int, start: int, length: int) -> None:
+        await self._call("unlock", handle, start, length)
+
+    async def close(self, handle: int) -> None:
+        """Close the handle, which drops every lock held through it."""
+        await self._call("close", handle)
+
+    def stop(self) -> None:
+        """End the helper (its files close: call while the mount still serves)."""
+        self._stopping = True
+        if self.process.poll() is None:
+            self.process.kill()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.warning("event=lock_holder_stop_slow pid=%d", self.process.pid)
+
+
+# -- the helper process ------------------------------------------------------------------
+def _open(path: str) -> int | None:
+    fd = os.open(os.fsencode(path), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _lock(fd: int, start: int, length: int) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_EX, length, start, os.SEEK_SET)
+
+
+def _unlock(fd: int, start: int, length: int) -> None:
+    fcntl.lockf(fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
+
+
+_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close}
+
+
+def _helper(sock: socket.socket, parent: int) -> None:
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the daemon died before the line above
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        # signals to the daemon's process group are the daemon's to handle: it stops
+        # this process once nothing needs the locks any more (or dies, and so does this)
+        signal.signal(signum, signal.SIG_IGN)
+    send_lock = threading.Lock()
+
+    def run(request: dict) -> None:
+        try:
+            reply = {"id": request["id"], "result": _OPS[request["op"]](*request["args"])}
+        except OSError as e:
+            reply = {"id": request["id"], "errno": e.errno or errno.EIO, "error": str(e)}
+        with send_lock:
+            sock.sendall(json.dumps(reply).encode() + b"\n")
+
+    with sock.makefile("rb") as requests:
+        for line in requests:
+            threading.Thread(target=run, args=(json.loads(line),), daemon=True).start()
+
+
+if __name__ == "__main__":
+    _helper(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))
