@@ -8,7 +8,7 @@ transaction sees one version from start to end. While another mount holds a
 database's write lease, this mount holds SQLite's RESERVED byte on it, so local
 writers get SQLITE_BUSY and their busy handler waits. The locks are taken on this
 mount's own files (the kernel keeps fcntl locks per host) by a helper process
-(lock_holder.py), while the event loop serves the requests that causes.
+(own_mount.py), while the event loop serves the requests that causes.
 docs/many-mounts.md says why this is correct.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import trio
 
 from fusesqlite.identity import dead_here
 from fusesqlite.keyspace import pack, unpack
-from fusesqlite.lock_holder import LockHolder
+from fusesqlite.own_mount import OwnMount
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume
@@ -70,10 +70,10 @@ class Proxy:
 
 class Coherence:
     def __init__(
-        self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float, holder: LockHolder
+        self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float, own_mount: OwnMount
     ) -> None:
         self.tx = tx
-        self.holder = holder
+        self.own_mount = own_mount  # opens and locks this mount's files: never the daemon itself
         self.volume = volume
         self.me = volume.author
         self.path_of = path_of  # ino -> absolute path on this mount, or None
@@ -419,19 +419,19 @@ class Coherence:
             if path is None:
                 return False  # nobody here knows the file: no local reader to protect
             try:
-                p.fd = await self.holder.open(path)
+                p.fd = await self.own_mount.open(path)
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
                     log.warning("event=proxy_open_failed ino=%d path=%s cause=%s", ino, path, e)
                 return False
             if p.fd is None:
                 return False
-        await self.holder.lock(p.fd, start, length)
+        await self.own_mount.lock(p.fd, start, length)
         return True
 
     async def _unlock(self, p: Proxy, start: int, length: int) -> None:
         if p.fd is not None:
-            await self.holder.unlock(p.fd, start, length)
+            await self.own_mount.unlock(p.fd, start, length)
 
     async def _close(self, p: Proxy) -> None:
         """Close the proxy's handle, if any (dropping its locks); shielded, so that a
@@ -441,6 +441,6 @@ class Coherence:
         fd, p.fd = p.fd, None
         with trio.CancelScope(shield=True):
             try:
-                await self.holder.close(fd)
+                await self.own_mount.close(fd)
             except OSError as e:
                 log.warning("event=proxy_close_failed cause=%s", e)

@@ -15,11 +15,10 @@ import trio
 
 from fusesqlite import fuse_caps
 from fusesqlite.coherence import Coherence
-from fusesqlite.fs.base import syncfs
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_stagings
 from fusesqlite.identity import new_mount_id
-from fusesqlite.lock_holder import LockHolder
+from fusesqlite.own_mount import OwnMount
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
@@ -134,9 +133,9 @@ def serve(config: MountConfig) -> None:
     )
     tx.snapshot = snapshot
     ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=config.writeback_cache)
-    holder = LockHolder.spawn()  # before the mount: it must not inherit /dev/fuse
+    ops.own_mount = own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
     ops.coherence = Coherence(
-        tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, holder
+        tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, own_mount
     )
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
@@ -144,7 +143,7 @@ def serve(config: MountConfig) -> None:
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
-        holder.stop()
+        own_mount.stop()
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
     log.info(
         "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
@@ -157,7 +156,7 @@ def serve(config: MountConfig) -> None:
         trio.run(_serve, ops)
         unmounted = True
     finally:
-        holder.stop()  # normally stopped already, while the mount still served
+        own_mount.stop()  # normally stopped already, while the mount still served
         pyfuse3.close(unmount=True)
         store.close()
         log.info("event=unmounted mountpoint=%s clean=%s", mountpoint, unmounted)
@@ -166,16 +165,16 @@ def serve(config: MountConfig) -> None:
 async def _serve(ops: Operations) -> None:
     async with trio.open_nursery() as nursery:
         coherence, coherence_done = trio.CancelScope(), trio.Event()
-        nursery.start_soon(ops.coherence.holder.serve)
+        nursery.start_soon(ops.own_mount.serve)
         nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
         nursery.start_soon(_stop_on_signal, ops, coherence, coherence_done)
-        nursery.start_soon(_after_handshake, ops.mountpoint.decode(errors="surrogateescape"), ops.tx.overlay_bytes)
+        nursery.start_soon(_after_handshake, ops.own_mount, ops.mountpoint, ops.tx.overlay_bytes)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await _flush_all(ops)
 
 
-async def _after_handshake(mountpoint: str, dirty_bytes: int) -> None:
+async def _after_handshake(own_mount: OwnMount, mountpoint: bytes, dirty_bytes: int) -> None:
     """Log the capabilities the kernel's INIT handshake settled, and tune the kernel's
     handling of this mount's pages if allowed (root): read-ahead READ_AHEAD_KB, and at
     most ``dirty_bytes`` of written pages held back (writeback cache) before the
@@ -183,16 +182,16 @@ async def _after_handshake(mountpoint: str, dirty_bytes: int) -> None:
     staging, as it goes instead of all at the commit.
 
     Only after the handshake, which sets the read-ahead from what libfuse
-    answered: the stat of the root waits for it (and this loop serves it;
-    abandoned if the mount ends first, so that unmounting never waits for it).
+    answered: the stat of the root (by the own-mount helper) waits for it, and
+    this loop serves it.
     """
     try:
-        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        dev = await own_mount.device(mountpoint)
     except OSError as e:
         log.info("event=bdi_unchanged cause=%s", e.strerror or e)
         return
     fuse_caps.report()
-    bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    bdi = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}"
     for name, value in (("read_ahead_kb", READ_AHEAD_KB), ("max_bytes", dirty_bytes)):
         try:
             await trio.to_thread.run_sync(_write_text, f"{bdi}/{name}", f"{value}\n")
@@ -216,11 +215,11 @@ async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Ev
 
 
 async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherence_done: trio.Event) -> None:
-    """Stop following other mounts and end the lock holder, hand the kernel's dirty
-    pages over, then stop serving.
+    """Stop following other mounts, hand the kernel's dirty pages over, end the
+    own-mount helper, then stop serving.
 
-    In that order: the lock holder (lock_holder.py) has files of this very mount
-    open, and a close waits for its flush without a timeout. Once the loop stops
+    In that order: the helper (own_mount.py) has files of this very mount open,
+    and a close waits for its flush without a timeout. Once the loop stops
     reading requests, a close still on its way would wait for ever, and the
     helper could never exit (nor the mount go away). Likewise the kernel's
     writeback of pages a still-open plain file wrote needs the loop serving; once
@@ -232,20 +231,16 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
             coherence.cancel()
             with trio.move_on_after(STOP_GRACE_SECONDS) as waited:
                 await coherence_done.wait()
-                await trio.to_thread.run_sync(ops.coherence.holder.stop, abandon_on_cancel=True)
                 if ops.writeback_cache:
-                    await trio.to_thread.run_sync(_syncfs_logged, ops.mountpoint, abandon_on_cancel=True)
+                    try:
+                        await ops.own_mount.syncfs(ops.mountpoint)
+                    except OSError as e:
+                        log.warning("event=syncfs_failed cause=%s", e)
+                await trio.to_thread.run_sync(ops.own_mount.stop, abandon_on_cancel=True)
             if waited.cancelled_caught:
                 log.warning("event=stop_grace_exceeded seconds=%s", STOP_GRACE_SECONDS)
             pyfuse3.terminate()
             return
-
-
-def _syncfs_logged(mountpoint: bytes) -> None:
-    try:
-        syncfs(mountpoint)
-    except OSError as e:
-        log.warning("event=syncfs_failed cause=%s", e)
 
 
 async def _flush_all(ops: Operations) -> None:

@@ -460,7 +460,7 @@ def test_creating_a_name_another_mount_just_created_never_replaces_it(mounts):
 CANCELLED_PROXY = r"""
 import sys, time, trio
 from fusesqlite.coherence import Coherence
-from fusesqlite.lock_holder import LockHolder
+from fusesqlite.own_mount import OwnMount
 from fusesqlite.store.embedded import EmbeddedStore
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import Volume
@@ -473,7 +473,7 @@ tx = Transactions(volume, cache_bytes=1 << 20, on_rollback=lambda ino: None, mou
 async def moved(ino, rec):
     pass
 
-holder = LockHolder.spawn()
+holder = OwnMount.spawn()
 coherence = Coherence(tx, volume, lambda ino: db, lambda parent, name: None, moved, 10, holder)
 
 async def main():

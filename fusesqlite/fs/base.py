@@ -1,7 +1,6 @@
 """State shared by every kind of file: handles, names for log lines, attributes."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -19,6 +18,7 @@ from fusesqlite.transactions import FileState, Transactions
 
 if TYPE_CHECKING:
     from fusesqlite.coherence import Coherence
+    from fusesqlite.own_mount import OwnMount
 
 log = logging.getLogger("fusesqlite.fs")
 
@@ -66,6 +66,7 @@ class FsBase(pyfuse3.Operations):
         #: databases whose transaction is being committed (FileOps.journal_settled)
         self.settling: set[int] = set()
         self.coherence: Coherence  # set by mount.py before the first request
+        self.own_mount: OwnMount  # likewise: what this daemon does to its own mount
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -253,18 +254,3 @@ def _moved_in_kernel(ino: int, at: int, tail: bytes) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENOTCONN):
             log.warning("event=invalidate_failed ino=%d cause=%s", ino, e)
-
-
-def syncfs(mountpoint: bytes) -> None:
-    """syncfs(2) (not in ``os``): the kernel writes back every dirty page of the mount
-    and waits for them. Raises OSError."""
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)

@@ -17,7 +17,7 @@ import time
 import pyfuse3
 import trio
 
-from fusesqlite.fs.base import FsBase, check_name, fail, syncfs
+from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
@@ -109,17 +109,16 @@ class FileOps(FsBase):
         """Have the kernel write back the pages it holds dirty before ``inos`` are
         committed (writeback cache; SQLite with synchronous=OFF does not fsync).
 
-        By syncfs(2) of the mount from a worker thread, through a descriptor of its
-        root directory: a descriptor of the database itself would be a hazard, as
-        its close sends a flush to this daemon, which a daemon killed while holding
-        one would wait for in its own exit, for ever. Without the pages the commit
-        would publish part of the transaction, so failing to get them fails it.
+        By syncfs(2) of the mount, done by the own-mount helper (a daemon thread
+        waiting for its own mount would hang a daemon killed meanwhile in its exit,
+        for ever). Without the pages the commit would publish part of the
+        transaction, so failing to get them fails it.
         """
         if not self.writeback_cache:
             return
         try:
             with trio.fail_after(KERNEL_WRITEBACK_SECONDS):
-                await trio.to_thread.run_sync(syncfs, self.mountpoint, abandon_on_cancel=True)
+                await self.own_mount.syncfs(self.mountpoint)
         except (OSError, trio.TooSlowError) as e:
             names = ",".join(self.path(ino) for ino in inos)
             log.error("event=commit_failed path=%s reason=kernel_writeback cause=%s", names, e)

@@ -1,14 +1,16 @@
-"""SQLite's lock bytes on this mount's own files, held by a process of their own.
+"""What the daemon does to its own mount, done by a helper process.
 
 The lock proxy (coherence.py) takes SQLite's fcntl locks on files of this very
-mount. A descriptor of such a file must never be open in the daemon itself when
-it dies: the kernel closes a dying process's files before it releases
-/dev/fuse (that release is deferred to the end of the exit), so the close of
-one of them sends a flush that nobody will ever answer, and the daemon hung in
-its exit for good, with its mount (measured: every `kill -9` of a daemon whose
-proxy held a file). The files are therefore opened, locked and closed by this
-helper process. When the daemon dies, so does the helper (PR_SET_PDEATHSIG);
-its closes wait only until the daemon's exit has aborted the connection.
+mount, and a commit may need the kernel's dirty pages (syncfs of the mount). A
+daemon thread must never be inside such a call, nor hold such a file open, when
+the daemon dies: the kernel closes a dying process's files before it releases
+/dev/fuse (that release is deferred to the end of the exit), so the close of a
+file of its own mount sends a flush that nobody will ever answer, and a thread
+waiting for its own mount cannot die either. The daemon hung in its exit for
+good, with its mount (measured: every `kill -9` of a daemon whose proxy held a
+file). This helper process does those calls instead. When the daemon dies, so
+does the helper (PR_SET_PDEATHSIG); its calls wait only until the daemon's exit
+has aborted the connection.
 
 The protocol is one JSON object per line over a socket pair: requests
 ``{"id", "op", "args"}``, replies ``{"id", "result"}`` or ``{"id", "errno",
@@ -38,7 +40,7 @@ log = logging.getLogger("fusesqlite.coherence")
 PR_SET_PDEATHSIG = 1
 
 
-class LockHolder:
+class OwnMount:
     """The daemon's side: start the helper, send it requests, match its replies."""
 
     def __init__(self, process: subprocess.Popen, sock: socket.socket) -> None:
@@ -51,11 +53,11 @@ class LockHolder:
         self._stopping = False
 
     @classmethod
-    def spawn(cls) -> "LockHolder":
+    def spawn(cls) -> "OwnMount":
         """Start the helper. Before the mount exists, so it cannot inherit /dev/fuse."""
         mine, theirs = socket.socketpair()
         process = subprocess.Popen(
-            [sys.executable, "-m", "fusesqlite.lock_holder", str(theirs.fileno()), str(os.getpid())],
+            [sys.executable, "-m", "fusesqlite.own_mount", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
         )
@@ -80,12 +82,12 @@ class LockHolder:
                         waiter[1].append(reply)
                         waiter[0].set()
         finally:
-            self._gone = f"lock holder process {self.process.pid} stopped"
+            self._gone = f"own-mount helper process {self.process.pid} stopped"
             for event, out in self._waiting.values():
                 event.set()
             self._waiting.clear()
         if not self._stopping:
-            log.error("event=lock_holder_gone pid=%d returncode=%s effect=no_lock_proxy", self.process.pid,
+            log.error("event=own_mount_helper_gone pid=%d returncode=%s effect=no_lock_proxy", self.process.pid,
                       self.process.poll())
 
     async def _call(self, op: str, *args: Any) -> Any:
@@ -104,7 +106,7 @@ class LockHolder:
         finally:
             self._waiting.pop(rid, None)
         if not out:
-            raise OSError(errno.EIO, self._gone or "lock holder gone")
+            raise OSError(errno.EIO, self._gone or "own-mount helper gone")
         reply = out[0]
         if "errno" in reply:
             raise OSError(reply["errno"], reply["error"])
@@ -125,6 +127,14 @@ class LockHolder:
         """Close the handle, which drops every lock held through it."""
         await self._call("close", handle)
 
+    async def syncfs(self, mountpoint: bytes) -> None:
+        """The kernel writes back every dirty page of the mount, and waits for them."""
+        await self._call("syncfs", os.fsdecode(mountpoint))
+
+    async def device(self, mountpoint: bytes) -> int:
+        """The mount's st_dev (answered by this daemon once the kernel's handshake is done)."""
+        return await self._call("device", os.fsdecode(mountpoint))
+
     def stop(self) -> None:
         """End the helper (its files close: call while the mount still serves)."""
         self._stopping = True
@@ -133,7 +143,7 @@ class LockHolder:
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                log.warning("event=lock_holder_stop_slow pid=%d", self.process.pid)
+                log.warning("event=own_mount_helper_stop_slow pid=%d", self.process.pid)
 
 
 # -- the helper process ------------------------------------------------------------------
@@ -153,11 +163,26 @@ def _unlock(fd: int, start: int, length: int) -> None:
     fcntl.lockf(fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
 
 
-_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close}
+def _syncfs(mountpoint: str) -> None:
+    fd = os.open(os.fsencode(mountpoint), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:  # not in ``os``
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _device(mountpoint: str) -> int:
+    return os.stat(os.fsencode(mountpoint)).st_dev
+
+
+_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs, "device": _device}
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _helper(sock: socket.socket, parent: int) -> None:
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the daemon died before the line above
         return
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
