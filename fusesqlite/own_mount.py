@@ -131,10 +131,6 @@ class OwnMount:
         """The kernel writes back every dirty page of the mount, and waits for them."""
         await self._call("syncfs", os.fsdecode(mountpoint))
 
-    async def device(self, mountpoint: bytes) -> int:
-        """The mount's st_dev (answered by this daemon once the kernel's handshake is done)."""
-        return await self._call("device", os.fsdecode(mountpoint))
-
     def stop(self) -> None:
         """End the helper (its files close: call while the mount still serves)."""
         self._stopping = True
@@ -173,11 +169,7 @@ def _syncfs(mountpoint: str) -> None:
         os.close(fd)
 
 
-def _device(mountpoint: str) -> int:
-    return os.stat(os.fsencode(mountpoint)).st_dev
-
-
-_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs, "device": _device}
+_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

@@ -10,6 +10,7 @@ import errno
 import functools
 import inspect
 import logging
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -21,9 +22,12 @@ log = logging.getLogger("fusesqlite.fs")
 
 def _guarded(name: str, fn):
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self: "Operations", *args, **kwargs):
+        if self.first_request is not None:
+            first, self.first_request = self.first_request, None
+            first()
         try:
-            return await fn(*args, **kwargs)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except StoreError as e:
@@ -38,6 +42,10 @@ def _guarded(name: str, fn):
 
 class Operations(DirectoryOps):
     """Directories, stored files and transient files of one mounted volume."""
+
+    #: called before the first request after the kernel's handshake is answered: the
+    #: kernel has applied the handshake then, and no app has had an answer yet
+    first_request: Callable[[], None] | None = None
 
 
 for _name in dir(pyfuse3.Operations):
