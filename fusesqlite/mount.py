@@ -87,12 +87,25 @@ def check_mountpoint(path: str) -> None:
 
 
 def _in_proc_mounts(path: str) -> bool:
-    real = os.path.realpath(path)
+    return bool(_mounts_on(os.path.realpath(path)))
+
+
+def _mounts_on(path: str) -> list[int]:
+    """st_dev of every mount on ``path`` (as the kernel names it), oldest first, from
+    /proc/self/mountinfo: no stat, which on a mount of this daemon's own would be a
+    request to itself (before the handshake, one that waits for ever)."""
+    devices = []
     try:
-        with open("/proc/mounts") as f:
-            return any(line.split()[1] == real for line in f if len(line.split()) > 1)
-    except OSError:
-        return False
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if point == path:
+                    major, minor = fields[2].split(":")
+                    devices.append(os.makedev(int(major), int(minor)))
+    except (OSError, IndexError, ValueError):
+        return []
+    return devices
 
 
 def check_fuse() -> None:
@@ -153,7 +166,8 @@ def serve(config: MountConfig) -> None:
         mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
         config.writeback_cache, mount_id,
     )
-    ops.first_request = functools.partial(_after_handshake, _mount_device(mountpoint), tx.overlay_bytes)
+    devices = _mounts_on(mountpoint)  # the newest is ours
+    ops.first_request = functools.partial(_after_handshake, devices[-1] if devices else None, tx.overlay_bytes)
     unmounted = False
     try:
         trio.run(_serve, ops)
@@ -201,23 +215,6 @@ def _after_handshake(dev: int | None, dirty_bytes: int) -> None:
             log.info("event=bdi_unchanged setting=%s value=%d cause=%s", name, value, e.strerror or e)
         else:
             log.debug("event=bdi_set setting=%s value=%d path=%s", name, value, bdi)
-
-
-def _mount_device(mountpoint: str) -> int | None:
-    """st_dev of the newest mount on ``mountpoint``, from /proc/self/mountinfo (a stat
-    would be a call on the daemon's own mount, waiting for the handshake)."""
-    dev = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-                if point == mountpoint:  # serve() resolved it as the kernel names it
-                    major, minor = fields[2].split(":")
-                    dev = os.makedev(int(major), int(minor))
-    except (OSError, IndexError, ValueError):
-        return None
-    return dev
 
 
 def _write_text(path: str, text: str) -> None:
