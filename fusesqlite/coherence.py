@@ -25,7 +25,7 @@ import trio
 
 from fusesqlite.identity import dead_here
 from fusesqlite.keyspace import pack, unpack
-from fusesqlite.own_mount import OwnMount
+from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume
@@ -37,6 +37,9 @@ PENDING_BYTE = 0x40000000
 RESERVED_BYTE = PENDING_BYTE + 1
 SHARED_FIRST = PENDING_BYTE + 2
 SHARED_SIZE = 510
+RESERVED: Ranges = ((RESERVED_BYTE, 1),)
+#: SQLite's EXCLUSIVE lock, taken in SQLite's order (RESERVED is held already, or comes first)
+EXCLUSIVE: Ranges = ((PENDING_BYTE, 1), (SHARED_FIRST, SHARED_SIZE))
 
 #: how often a mount asks the store whether anything changed
 POLL_TIMEOUT = 0.5
@@ -53,7 +56,7 @@ PROMOTE_AFTER = 0.05
 class Proxy:
     """This mount standing in, with SQLite's locks, for another mount's writer."""
 
-    fd: int | None = None
+    fd: Handle | None = None
     reserved: bool = False  # holding RESERVED now
     want_reserved: bool = False  # another mount holds (or asked for) the write lease
     #: a local write was refused on a stale view: hold local writers back until this
@@ -74,6 +77,7 @@ class Coherence:
     ) -> None:
         self.tx = tx
         self.own_mount = own_mount  # opens and locks this mount's files: never the daemon itself
+        own_mount.on_restart.append(self._helper_restarted)
         self.volume = volume
         self.me = volume.author
         self.path_of = path_of  # ino -> absolute path on this mount, or None
@@ -365,12 +369,12 @@ class Coherence:
                     p.move = False
                     await self._move(ino, p)
                 elif p.hold() and not p.reserved:
-                    p.reserved = await self._lock(ino, p, RESERVED_BYTE, 1)
+                    p.reserved = await self._lock(ino, p, RESERVED)
                     if not p.reserved:
                         parked = True
                         break
                 elif p.reserved and not p.hold():
-                    await self._unlock(p, RESERVED_BYTE, 1)
+                    await self._unlock(p, RESERVED)
                     p.reserved = False
                 else:
                     break
@@ -396,24 +400,17 @@ class Coherence:
         both mounts' writers stalled 10 s). With it, the proxy waits for the writer's
         transaction to end first.
         """
-        took_reserved = not p.reserved
-        locked = (
-            (not took_reserved or await self._lock(ino, p, RESERVED_BYTE, 1))
-            and await self._lock(ino, p, PENDING_BYTE, 1)
-            and await self._lock(ino, p, SHARED_FIRST, SHARED_SIZE)
-        )
+        ranges = EXCLUSIVE if p.reserved else RESERVED + EXCLUSIVE
+        locked = await self._lock(ino, p, ranges)  # one helper round trip for all three
         try:
             await self.moved(ino, await self.tx.refresh(ino))
         finally:
             if locked:
-                await self._unlock(p, SHARED_FIRST, SHARED_SIZE)
-                await self._unlock(p, PENDING_BYTE, 1)
-                if took_reserved:
-                    await self._unlock(p, RESERVED_BYTE, 1)
+                await self._unlock(p, ranges[::-1])
         log.debug("event=moved ino=%d locked=%s", ino, locked)
 
-    async def _lock(self, ino: int, p: Proxy, start: int, length: int) -> bool:
-        """Take a write lock on SQLite's bytes of ``ino`` on this host (False: no local path)."""
+    async def _lock(self, ino: int, p: Proxy, ranges: Ranges) -> bool:
+        """Take write locks on SQLite's bytes of ``ino`` on this host, in order (False: no local path)."""
         if p.fd is None:
             path = self.path_of(ino)
             if path is None:
@@ -426,12 +423,22 @@ class Coherence:
                 return False
             if p.fd is None:
                 return False
-        await self.own_mount.lock(p.fd, start, length)
+        await self.own_mount.lock(p.fd, ranges)
         return True
 
-    async def _unlock(self, p: Proxy, start: int, length: int) -> None:
+    async def _unlock(self, p: Proxy, ranges: Ranges) -> None:
         if p.fd is not None:
-            await self.own_mount.unlock(p.fd, start, length)
+            await self.own_mount.unlock(p.fd, ranges)
+
+    def _helper_restarted(self) -> None:
+        """The own-mount helper died, and the proxy's files and locks with it: take them
+        again through the new one, and make every move again (one may have failed half-way;
+        a file not moved keeps an old view, consistent but stale, until it is)."""
+        for ino, p in list(self.proxies.items()):
+            p.fd = None
+            p.reserved = False
+            p.move = True
+            self._kick(ino, p)
 
     async def _close(self, p: Proxy) -> None:
         """Close the proxy's handle, if any (dropping its locks); shielded, so that a

@@ -12,10 +12,15 @@ file). This helper process does those calls instead. When the daemon dies, so
 does the helper (PR_SET_PDEATHSIG); its calls wait only until the daemon's exit
 has aborted the connection.
 
+If the helper dies while the daemon lives (killed on its own), its files and
+locks go with it: the daemon starts a new one, and the lock proxy takes its
+locks again through it (``OwnMount.on_restart``). Until then a commit that needs
+syncfs fails (EIO), it never publishes part of a transaction.
+
 The protocol is one JSON object per line over a socket pair: requests
 ``{"id", "op", "args"}``, replies ``{"id", "result"}`` or ``{"id", "errno",
-"error"}``. Each request runs in a thread of its own, since a lock may wait for
-a local SQLite transaction for as long as that transaction runs.
+"error"}``. A lock request carries several byte ranges, taken in order, so that
+SQLite's EXCLUSIVE (RESERVED, PENDING, SHARED) is one round trip.
 """
 from __future__ import annotations
 
@@ -32,8 +37,9 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import trio
 
@@ -42,33 +48,74 @@ log = logging.getLogger("fusesqlite.coherence")
 PR_SET_PDEATHSIG = 1
 
 
+#: locks asked for (or let go of) in one request, in order: (start, length) each
+Ranges = Sequence[tuple[int, int]]
+#: a dead helper is started again at most this often
+RESTART_SECONDS = 1.0
+
+
+class Handle(NamedTuple):
+    """A file the helper holds open: its descriptor there, and which helper that was."""
+
+    helper: int  # OwnMount.generation when it was opened
+    fd: int
+
+
 class OwnMount:
-    """The daemon's side: start the helper, send it requests, match its replies."""
+    """The daemon's side: start the helper (again, if it dies), send it requests, match its replies."""
 
     def __init__(self, process: subprocess.Popen, sock: socket.socket) -> None:
         self.process = process
         self._sock = trio.socket.from_stdlib_socket(sock)
+        self.generation = 1  # moves when a helper dies: its handles (and locks) went with it
+        self.on_restart: list[Callable[[], None]] = []  # called once a new helper serves
         self._next_id = 0
         self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
         self._send_lock = trio.Lock()
         self._gone: str | None = None
         self._stopping = False
+        self._started = time.monotonic()
 
     @classmethod
     def spawn(cls) -> "OwnMount":
         """Start the helper. Before the mount exists, so it cannot inherit /dev/fuse."""
-        mine, theirs = socket.socketpair()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fusesqlite.own_mount", str(theirs.fileno()), str(os.getpid())],
-            pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        mine.setblocking(False)
-        return cls(process, mine)
+        return cls(*_start_helper())
 
     async def serve(self) -> None:
-        """Read replies until the helper stops (run for as long as the mount serves)."""
+        """Read replies for as long as the mount serves; start a new helper if one dies."""
+        while not self._stopping:
+            await self._read_replies()
+            if self._stopping:
+                return
+            old = self.process
+            if old.poll() is None:  # its socket closed, yet it runs: its locks must go first
+                old.kill()
+            await trio.to_thread.run_sync(old.wait, abandon_on_cancel=True)
+            log.error("event=own_mount_helper_gone pid=%d returncode=%s effect=restarting", old.pid, old.returncode)
+            while not self._stopping and not await self._restart(old.pid):
+                pass
+
+    async def _restart(self, old_pid: int) -> bool:
+        # a helper that dies at once must not make the daemon spin
+        await trio.sleep(max(0.0, self._started + RESTART_SECONDS - time.monotonic()))
+        if self._stopping:
+            return False
+        self._started = time.monotonic()
+        # From this thread, not a worker: PR_SET_PDEATHSIG follows the thread that
+        # forked, and a worker thread that ends would kill the helper with it.
+        try:
+            self.process, sock = _start_helper()
+        except OSError as e:
+            log.error("event=own_mount_helper_start_failed cause=%s", e)
+            return False
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        self._gone = None
+        log.warning("event=own_mount_helper_restarted pid=%d old_pid=%d", self.process.pid, old_pid)
+        for callback in self.on_restart:
+            callback()
+        return True
+
+    async def _read_replies(self) -> None:
         buf = b""
         try:
             while True:
@@ -85,12 +132,11 @@ class OwnMount:
                         waiter[0].set()
         finally:
             self._gone = f"own-mount helper process {self.process.pid} stopped"
+            self.generation += 1
+            self._sock.close()
             for event, out in self._waiting.values():
                 event.set()
             self._waiting.clear()
-        if not self._stopping:
-            log.error("event=own_mount_helper_gone pid=%d returncode=%s effect=no_lock_proxy", self.process.pid,
-                      self.process.poll())
 
     async def _call(self, op: str, *args: Any) -> Any:
         if self._gone:
@@ -114,20 +160,28 @@ class OwnMount:
             raise OSError(reply["errno"], reply["error"])
         return reply["result"]
 
-    async def open(self, path: bytes) -> int | None:
+    def _fd(self, handle: Handle) -> int:
+        if handle.helper != self.generation:
+            raise OSError(errno.EIO, f"a handle of a stopped own-mount helper: {handle}")
+        return handle.fd
+
+    async def open(self, path: bytes) -> Handle | None:
         """A handle of ``path`` for locks, or None if it is not a regular file."""
-        return await self._call("open", os.fsdecode(path))
+        generation = self.generation
+        fd = await self._call("open", os.fsdecode(path))
+        return None if fd is None else Handle(generation, fd)
 
-    async def lock(self, handle: int, start: int, length: int) -> None:
-        """A write lock on the bytes, once every other holder on this host let go."""
-        await self._call("lock", handle, start, length)
+    async def lock(self, handle: Handle, ranges: Ranges) -> None:
+        """Write locks on the byte ranges, taken in order, each once every other holder on this host let go."""
+        await self._call("lock", self._fd(handle), ranges)
 
-    async def unlock(self, handle: int, start: int, length: int) -> None:
-        await self._call("unlock", handle, start, length)
+    async def unlock(self, handle: Handle, ranges: Ranges) -> None:
+        await self._call("unlock", self._fd(handle), ranges)
 
-    async def close(self, handle: int) -> None:
-        """Close the handle, which drops every lock held through it."""
-        await self._call("close", handle)
+    async def close(self, handle: Handle) -> None:
+        """Close the handle, which drops every lock held through it (nothing to do if its helper died)."""
+        if handle.helper == self.generation:
+            await self._call("close", handle.fd)
 
     async def syncfs(self, mountpoint: bytes) -> None:
         """The kernel writes back every dirty page of the mount, and waits for them."""
@@ -144,6 +198,24 @@ class OwnMount:
                 log.warning("event=own_mount_helper_stop_slow pid=%d", self.process.pid)
 
 
+def _start_helper() -> tuple[subprocess.Popen, socket.socket]:
+    mine, theirs = socket.socketpair()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fusesqlite.own_mount", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            cwd="/",  # never a directory of the mount: the helper's imports must not need the daemon
+        )
+    except OSError:
+        mine.close()
+        raise
+    finally:
+        theirs.close()
+    mine.setblocking(False)
+    return process, mine
+
+
 # -- the helper process ------------------------------------------------------------------
 def _open(path: str) -> int | None:
     fd = os.open(os.fsencode(path), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -153,12 +225,14 @@ def _open(path: str) -> int | None:
     return fd
 
 
-def _lock(fd: int, start: int, length: int) -> None:
-    fcntl.lockf(fd, fcntl.LOCK_EX, length, start, os.SEEK_SET)
+def _lock(fd: int, ranges: Ranges) -> None:
+    for start, length in ranges:
+        fcntl.lockf(fd, fcntl.LOCK_EX, length, start, os.SEEK_SET)
 
 
-def _unlock(fd: int, start: int, length: int) -> None:
-    fcntl.lockf(fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
+def _unlock(fd: int, ranges: Ranges) -> None:
+    for start, length in ranges:
+        fcntl.lockf(fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
 
 
 def _syncfs(mountpoint: str) -> None:
@@ -203,20 +277,27 @@ def _helper(sock: socket.socket, parent: int) -> None:
         for line in requests:
             request = json.loads(line)
             op, args = request["op"], request["args"]
+            if op == "lock":
+                fd, ranges = args
+                waiting = _lock_at_once(fd, ranges)  # the rest waits, in order, in a thread
+                args = (fd, ranges[waiting:])
             call = functools.partial(_OPS[op], *args)
-            if op == "unlock" or (op == "lock" and _lock_at_once(*args)):
-                answer(request, call)  # a lock taken already: taking it again changes nothing
+            if op == "unlock" or (op == "lock" and not args[1]):
+                answer(request, call)
             else:
                 threading.Thread(target=answer, args=(request, call), daemon=True).start()
 
 
-def _lock_at_once(fd: int, start: int, length: int) -> bool:
-    """Try the lock without waiting; False if it would have to wait."""
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
-    except OSError as e:
-        return e.errno not in (errno.EAGAIN, errno.EACCES)
-    return True
+def _lock_at_once(fd: int, ranges: Ranges) -> int:
+    """Take the locks in order while the kernel grants them without waiting: how many it did.
+
+    An error other than "would wait" stops there too: the blocking call reports it."""
+    for i, (start, length) in enumerate(ranges):
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+        except OSError:
+            return i
+    return len(ranges)
 
 
 if __name__ == "__main__":

@@ -315,9 +315,7 @@ def test_a_mount_killed_while_its_lock_proxy_holds_a_file_exits(mounts):
     new_counter(a, "c.db", b)
     writer = a.py(HOLDER, str(a / "c.db"))
     assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
-    children = open(f"/proc/{b.pid}/task/{b.pid}/children").read().split()
-    assert len(children) == 1, f"B's daemon should have one helper process: {children}"
-    helper = int(children[0])
+    helper = helper_of(b)
     db = str(b / "c.db")
     # B learns of A's busy lease and takes RESERVED on B's host, through the helper
     assert wait_for(lambda: db in open_by(helper), timeout=10), "B's lock proxy never held the database"
@@ -333,6 +331,53 @@ def test_a_mount_killed_while_its_lock_proxy_holds_a_file_exits(mounts):
         assert time.monotonic() < deadline, "the lock holder outlived its daemon"
         time.sleep(0.05)
     print(f"daemon and helper gone {time.monotonic() - started:.2f} s after kill -9")
+    writer.kill()
+    writer.wait()
+    assert query(a / "c.db", "PRAGMA integrity_check") == [("ok",)]
+
+
+def helpers_of(m) -> list[int]:
+    """The pids of mount ``m``'s own-mount helper processes (its daemon's children)."""
+    return [int(pid) for pid in open(f"/proc/{m.pid}/task/{m.pid}/children").read().split()]
+
+
+def helper_of(m) -> int:
+    """The pid of mount ``m``'s own-mount helper process (its daemon's only child)."""
+    children = helpers_of(m)
+    assert len(children) == 1, f"the daemon should have one helper process: {children}"
+    return children[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_helper_is_replaced_and_the_proxy_takes_its_locks_again(mounts):
+    """The helper holds the lock proxy's files and does the syncfs a commit may need. Killed
+    on its own, it took its locks with it, and until this change every later commit that
+    needed syncfs failed and the proxy stayed down for the life of the mount."""
+    a = mounts()
+    b = mounts(store=a.store)
+    new_counter(a, "c.db", b)
+    writer = a.py(HOLDER, str(a / "c.db"))
+    assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+    db = str(b / "c.db")
+    helper = helper_of(b)
+    assert wait_for(lambda: db in open_by(helper), timeout=10), "B's lock proxy never held the database"
+    os.kill(helper, signal.SIGKILL)
+    assert wait_for(lambda: helpers_of(b) not in ([], [helper]), timeout=10), "no new helper after the old one was killed"
+    replacement = helper_of(b)
+    # the proxy holds the file, and RESERVED on it, again: B's writers wait for A's lease
+    assert wait_for(lambda: db in open_by(replacement), timeout=10), "the proxy did not take its locks again"
+    con = sqlite3.connect(db, timeout=0.5)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        con.execute("BEGIN IMMEDIATE")
+    con.close()
+    # a commit without SQLite's fsync needs the helper's syncfs of the mount
+    other = sqlite3.connect(b / "off.db", isolation_level=None)
+    other.execute("PRAGMA synchronous=OFF")
+    other.execute("CREATE TABLE t(x)")
+    other.execute("INSERT INTO t VALUES (42)")
+    other.close()
+    assert wait_for(lambda: query(a / "off.db", "SELECT x FROM t") == [(42,)], timeout=10)
+    assert "event=own_mount_helper_restarted" in b.log_text()
     writer.kill()
     writer.wait()
     assert query(a / "c.db", "PRAGMA integrity_check") == [("ok",)]
