@@ -13,6 +13,7 @@ import multiprocessing.synchronize
 import os
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -427,6 +428,90 @@ def test_wait_for_change(store: Store, backend: Backend) -> None:
     start = time.monotonic()
     assert store.wait_for_change(k, None, timeout=10) == b"new"  # already different: at once
     assert time.monotonic() - start < 1
+
+
+WAKE_WRITER = r"""
+import sys, time
+from fusesqlite.store import EmbeddedStore
+store = EmbeddedStore(sys.argv[1])
+time.sleep(0.3)
+store.transact(lambda tr: tr.set(sys.argv[2].encode(), b"new"))
+store.close()
+"""
+
+WAITER = r"""
+import sys
+from fusesqlite.store import EmbeddedStore
+store = EmbeddedStore(sys.argv[1])
+store.wait_for_change(b"nothing-writes-this", None, timeout=600)
+"""
+
+
+def test_embedded_waiter_is_woken_by_another_process_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process's commit wakes a waiting embedded store (wakeups.py); before, it
+    was seen at the next 10 ms poll. With the fallback poll pushed out of reach, only
+    the wake-up can end the wait before its timeout."""
+    monkeypatch.setattr("fusesqlite.store.wakeups.FALLBACK_SECONDS", 60.0)
+    store = EmbeddedStore(tmp_path / "store")
+    try:
+        store.transact(lambda tr: tr.set(b"watched", b"old"))
+        writer = subprocess.Popen([sys.executable, "-c", WAKE_WRITER, str(tmp_path / "store"), "watched"])
+        try:
+            start = time.monotonic()
+            assert store.wait_for_change(b"watched", b"old", timeout=30) == b"new"
+            assert time.monotonic() - start < 15, "not woken: the wait ran to its timeout"
+        finally:
+            assert writer.wait(30) == 0
+    finally:
+        store.close()
+    assert not list((tmp_path / "store" / "watchers").iterdir()), "a closed store left its name listed"
+
+
+def test_embedded_store_forgets_a_killed_waiter(tmp_path: Path) -> None:
+    """A waiter killed with -9 leaves its name listed; the next commit that tries to wake
+    it finds its socket gone and removes the name."""
+    directory = tmp_path / "store"
+    EmbeddedStore(directory).close()
+    waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(directory)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (directory / "watchers").exists() or not list((directory / "watchers").iterdir()):
+            assert time.monotonic() < deadline, "the waiter never listed itself"
+            assert waiter.poll() is None, "the waiter died"
+            time.sleep(0.05)
+    finally:
+        waiter.kill()
+        waiter.wait()
+    store = EmbeddedStore(directory)
+    try:
+        store.transact(lambda tr: tr.set(b"k", b"v"))
+        assert not list((directory / "watchers").iterdir())
+    finally:
+        store.close()
+
+
+def test_embedded_waiter_lists_itself_again_if_its_name_went(tmp_path: Path) -> None:
+    """A sender that cannot reach a waiter's socket (another network namespace: abstract
+    sockets are per namespace) removes its name as a dead one's; the waiter, alive, lists
+    itself again within a second or so, and is woken again from then on."""
+    store = EmbeddedStore(tmp_path / "store")
+    watchers = tmp_path / "store" / "watchers"
+    waiter = threading.Thread(target=store.wait_for_change, args=(b"unchanged", None, 4.0))
+    waiter.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not watchers.exists() or not list(watchers.iterdir()):
+            assert time.monotonic() < deadline, "the waiter never listed itself"
+            time.sleep(0.05)
+        (name,) = list(watchers.iterdir())
+        name.unlink()
+        deadline = time.monotonic() + 3
+        while not name.exists():
+            assert time.monotonic() < deadline, "the waiter did not list itself again"
+            time.sleep(0.05)
+    finally:
+        waiter.join()
+        store.close()
 
 
 # failures of the embedded store's disk

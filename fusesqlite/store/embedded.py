@@ -36,11 +36,12 @@ from .base import (
     log,
     run_with_retries,
 )
+from . import wakeups
 
 T = TypeVar("T")
 
 FILE_NAME = "store.sqlite"
-#: how often ``wait_for_change`` looks again; SQLite has no change notification across processes
+#: how often ``wait_for_change`` looks again where wake-ups cannot work (wakeups.py)
 POLL_SECONDS = 0.01
 
 #: SQLite page size of a new store (an existing one keeps its own). In a WITHOUT ROWID
@@ -213,6 +214,7 @@ class EmbeddedStore:
         run_with_retries(self._connection, retry_limit=self._attempts, what=f"opening {self.description}")
         _open_stores.add(self)
         page_size = self._connection().execute("PRAGMA page_size").fetchone()[0]
+        self._wakeups = wakeups.Wakeups(self.path, self.file)
         log.info("event=store_open backend=embedded path=%s page_size=%d", self.path, page_size)
 
     # Store protocol
@@ -223,14 +225,28 @@ class EmbeddedStore:
         )
 
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
-        """Poll: SQLite cannot tell us when another process commits."""
+        """Woken by other processes' commits (wakeups.py), else polling: SQLite tells no one.
+
+        Not by this store's own commits: its caller made them."""
         deadline = _monotonic() + timeout
+        w = self._wakeups
         while True:
+            sock = w.listen()
+            if sock is not None:
+                w.drain(sock)  # before the read: a commit after it still wakes us
+            read_at = _monotonic()
             value = self.transact(lambda tr: tr.get(key))
             remaining = deadline - _monotonic()
             if value != old or remaining <= 0:
                 return value
-            time.sleep(min(POLL_SECONDS, remaining))
+            if sock is None:
+                time.sleep(min(POLL_SECONDS, remaining))
+            else:
+                w.wait(sock, min(wakeups.FALLBACK_SECONDS, remaining))
+                # a burst of commits (another mount writing flat out) is read in batches
+                pause = read_at + wakeups.COALESCE_SECONDS - _monotonic()
+                if pause > 0:
+                    time.sleep(min(pause, max(0.0, deadline - _monotonic())))
 
     def close(self) -> None:
         """Close every thread's connection. One a thread is using right now (a poll the
@@ -243,6 +259,7 @@ class EmbeddedStore:
             self._local = threading.local()
         for conn in conns:
             _close_quietly(conn)
+        self._wakeups.close()
         _open_stores.discard(self)
 
     # transactions
@@ -276,6 +293,8 @@ class EmbeddedStore:
         except BaseException:
             self._rollback(conn)
             raise
+        if tr._size:
+            self._wakeups.notify()
         return result
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
@@ -384,6 +403,7 @@ class EmbeddedStore:
         self._local = threading.local()
         self._conns = {}
         self._busy = set()
+        self._wakeups = wakeups.Wakeups(self.path, self.file)  # the parent's socket and name stay the parent's
 
 
 _open_stores: weakref.WeakSet[EmbeddedStore] = weakref.WeakSet()
