@@ -48,9 +48,8 @@ class Wakeups:
 
     def __init__(self, store_dir: Path, store_file: Path) -> None:
         self.dir = store_dir / DIR_NAME
-        st = os.stat(store_file)
-        # one namespace per store file: two stores in one process or directory tree never mix
-        self._prefix = f"fusesqlite-{st.st_dev:x}-{st.st_ino:x}-".encode()
+        self._store_file = store_file
+        self._prefix_bytes: bytes | None = None
         self._name: str | None = None
         self._sock: socket.socket | None = None
         self._sender: socket.socket | None = None
@@ -59,6 +58,14 @@ class Wakeups:
         self._failed = False  # could not listen: waiters poll as before
         self._listed_at = 0.0
         self._closed = False
+
+    @property
+    def _prefix(self) -> bytes:
+        """One namespace of socket names per store file: two stores never mix."""
+        if self._prefix_bytes is None:
+            st = os.stat(self._store_file)
+            self._prefix_bytes = f"fusesqlite-{st.st_dev:x}-{st.st_ino:x}-".encode()
+        return self._prefix_bytes
 
     def listen(self) -> socket.socket | None:
         """This store's socket for wake-ups, or None where there can be none."""
@@ -97,17 +104,24 @@ class Wakeups:
     def notify(self) -> None:
         """Wake every other waiting store (after a commit that wrote)."""
         names = self._names()
-        if not names:
+        if not names or (len(names) == 1 and names[0] == self._name):
             return
         with self._lock:
+            if self._closed:
+                return
             if self._sender is None:
                 self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
             sender, own = self._sender, self._name
+        try:
+            prefix = self._prefix
+        except OSError as e:
+            log.debug("event=store_wakeup_failed cause=%s", e)
+            return
         for name in names:
             if name == own:
                 continue
             try:
-                sender.sendto(b"!", b"\0" + self._prefix + name.encode())
+                sender.sendto(b"!", b"\0" + prefix + name.encode())
             except BlockingIOError:
                 pass  # it has wake-ups queued already
             except (ConnectionRefusedError, FileNotFoundError):
