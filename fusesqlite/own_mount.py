@@ -200,12 +200,17 @@ class OwnMount:
 
 def _start_helper() -> tuple[subprocess.Popen, socket.socket]:
     mine, theirs = socket.socketpair()
+    # cwd "/": never a directory of the mount, whose lookups would need this daemon.
+    # So the package is found where this process found it, not through the cwd.
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "fusesqlite.own_mount", str(theirs.fileno()), str(os.getpid())],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
-            cwd="/",  # never a directory of the mount: the helper's imports must not need the daemon
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": path},
         )
     except OSError:
         mine.close()
