@@ -47,6 +47,8 @@ POLL_TIMEOUT = 0.5
 WANT_SECONDS = 2.0
 #: longest a refused write holds this mount's next writers back while it catches up
 BEHIND_SECONDS = 1.0
+#: a move that failed (the own-mount helper gone, the store unreachable) is tried again after this
+PROXY_RETRY_SECONDS = 1.0
 #: a transaction started on an idle lease (no store round trip) marks the lease busy
 #: once it has run this long, so that only short transactions can lose it to a steal
 PROMOTE_AFTER = 0.05
@@ -291,7 +293,7 @@ class Coherence:
 
     async def _apply(self, entries: list[LogEntry], head: int) -> None:
         self.epoch += 1
-        self.seen = head
+        view, self.seen = self.seen, head
         self.tx.snapshot = max(self.tx.snapshot, head)
         files: set[int] = set()
         for e in entries:
@@ -318,6 +320,7 @@ class Coherence:
                     self._proxy(ino).want_reserved = False
         for ino in files:
             self.tx.records.put(ino, None, head)  # an open file keeps its own until it moves
+            self.tx.pin(ino, view, head)  # and so does one opened before the move
             self._proxy(ino).move = True
         for ino, p in list(self.proxies.items()):
             self._kick(ino, p)
@@ -363,11 +366,13 @@ class Coherence:
     async def _work(self, ino: int, p: Proxy) -> None:
         """Bring this host's locks and caches of ``ino`` to what the store says, in order."""
         parked = False  # waiting for a local path (`known` starts it again), not busy-retrying
+        moving = False
         try:
             while True:
                 if p.move:
-                    p.move = False
+                    p.move, moving = False, True
                     await self._move(ino, p)
+                    moving = False
                 elif p.hold() and not p.reserved:
                     p.reserved = await self._lock(ino, p, RESERVED)
                     if not p.reserved:
@@ -381,6 +386,9 @@ class Coherence:
         except Exception:
             log.exception("event=proxy_failed ino=%d", ino)
             parked = True
+            if moving:  # a file left unmoved keeps an old view: try again, not too often
+                p.move = True
+                await trio.sleep(PROXY_RETRY_SECONDS)
         finally:
             if not p.reserved:
                 await self._close(p)  # also drops every lock we held on it

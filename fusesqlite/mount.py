@@ -138,13 +138,18 @@ def serve(config: MountConfig) -> None:
     except StoreError as e:
         raise MountError(str(e)) from None
     ops: Operations | None = None
+
+    async def rolled_back(ino: int) -> None:
+        if ops is not None:
+            await ops.rolled_back(ino)
+
     usable = max(config.memory_mb - BASELINE_MB, 8) << 20
     tx = Transactions(
         volume,
         cache_bytes=usable // 3,
         overlay_bytes=max(usable // 8, 1 << 20),
         mount_id=mount_id,
-        on_rollback=lambda ino: ops.invalidate(ino) if ops else None,
+        on_rollback=rolled_back,
     )
     tx.snapshot = snapshot
     ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=config.writeback_cache)

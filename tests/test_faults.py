@@ -306,6 +306,39 @@ def test_transaction_over_store_limit(mounts):
     assert not problems, problems
 
 
+def test_a_failed_commit_is_never_read_back(mounts):
+    """A refused commit leaves the pages it wrote in the kernel's cache until the daemon
+    drops them, and the same connection reads at once (SQLite rereads everything after
+    an I/O error). The drop used to run on its own thread after the reply: with that
+    thread 50 ms late, this test read "database disk image is malformed" (the
+    uncommitted pages mixed with committed ones). The reply now waits for the drop.
+    The database is big, all of it cached, so that a drop still under way shows."""
+    # interior pages of this table compress to about 3,800 bytes; a leaf holding a row
+    # of random bytes does not compress at all
+    m = mounts(volume=VOLUME, env_extra={"FUSESQLITE_STORE_LIMITS": "value_bytes=3950"})
+    db = m / "refused.sqlite"
+    con = sqlite3.connect(db, isolation_level=None)
+    try:
+        con.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, data BLOB)")
+        con.execute("BEGIN")
+        for k in range(8000):  # 32 MiB of compressible rows
+            con.execute("INSERT INTO t VALUES (?, zeroblob(4000))", (k,))
+        con.execute("COMMIT")
+        assert con.execute("SELECT count(*), sum(length(data)) FROM t").fetchone() == (8000, 32_000_000)
+        refused, seen = 0, []
+        for k in range(8000, 8020):
+            try:
+                con.execute("INSERT INTO t VALUES (?, ?)", (k, os.urandom(4000)))
+            except sqlite3.Error:
+                refused += 1
+            seen.append(con.execute("SELECT max(k) FROM t").fetchone()[0])
+    finally:
+        con.close()
+    assert refused == 20, f"only {refused} of 20 inserts were refused"
+    assert seen == [7999] * 20, f"the last row read right after each refused commit: {seen}"
+    assert "event=commit_failed" in m.log_text()
+
+
 def test_transaction_over_store_transaction_limit_commits_whole(mounts):
     """12 MB in one SQLite transaction: more than a FoundationDB transaction may hold.
     It is staged and commits whole (exact blob, integrity ok, survives a remount)."""

@@ -31,6 +31,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 NEGATIVE_TIMEOUT = 60.0
 #: ... and that a stored name does not exist
 STORED_NEGATIVE_TIMEOUT = 0.5
+#: longest a failed commit's reply waits for the kernel to drop the pages it wrote
+ROLLBACK_INVALIDATE_SECONDS = 1.0
 
 
 @dataclass
@@ -202,6 +204,16 @@ class FsBase(pyfuse3.Operations):
         """
 
         threading.Thread(target=_moved_in_kernel, args=(ino, 0, b""), name="invalidate", daemon=True).start()
+
+    async def rolled_back(self, ino: int) -> None:
+        """A failed commit reverted ``ino``: the kernel's pages of it still hold what the
+        failed transaction wrote, and SQLite's next transaction (an app retrying at once)
+        would read them, and could commit on top of them. So they go before the failure
+        is reported. Waited for at most ROLLBACK_INVALIDATE_SECONDS: from a write
+        request, the kernel may wait for that very request (a dirty page's write-back);
+        the invalidation then ends on its own once the request is answered."""
+        with trio.move_on_after(ROLLBACK_INVALIDATE_SECONDS):
+            await trio.to_thread.run_sync(_moved_in_kernel, ino, 0, b"", abandon_on_cancel=True)
 
     async def moved(self, ino: int, rec: Inode | None) -> None:
         """This mount's view of ``ino`` moved to another mount's commit: bring the kernel along.

@@ -242,7 +242,9 @@ class FileOps(FsBase):
                 tf.truncate(0)
                 await self.transient_changed(tf, was, "journal truncated")
             return self.file_info(inode, tf)
-        rec = await self.record(inode)
+        rec = await self.tx.open_record(inode)
+        if rec is None:
+            raise fail(errno.ENOENT)
         if stat.S_ISDIR(rec.mode):
             raise fail(errno.EISDIR)
         fs = self.tx.state(inode, rec, self.path(inode))
