@@ -291,7 +291,9 @@ class FileOps(FsBase):
             tf.truncate(size)
             await self.transient_changed(tf, was, "journal truncated")
             return
-        rec = await self.record(ino)
+        rec = await self.tx.open_record(ino)  # a FileState starts from this mount's view
+        if rec is None:
+            raise fail(errno.ENOENT)
         fs = self.tx.state(ino, rec, self.path(ino))
         try:
             await self.tx.truncate(fs, size)
