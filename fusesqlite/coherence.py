@@ -293,7 +293,7 @@ class Coherence:
 
     async def _apply(self, entries: list[LogEntry], head: int) -> None:
         self.epoch += 1
-        view, self.seen = self.seen, head
+        self.seen = head
         self.tx.snapshot = max(self.tx.snapshot, head)
         files: set[int] = set()
         for e in entries:
@@ -320,7 +320,6 @@ class Coherence:
                     self._proxy(ino).want_reserved = False
         for ino in files:
             self.tx.records.put(ino, None, head)  # an open file keeps its own until it moves
-            self.tx.pin(ino, view, head)  # and so does one opened before the move
             self._proxy(ino).move = True
         for ino, p in list(self.proxies.items()):
             self._kick(ino, p)

@@ -76,6 +76,10 @@ class FileState:
         return self.record.with_(size=self.size, mtime_ns=self.mtime_ns)
 
 
+#: files whose pages' version this mount remembers (Transactions.views): an int each
+VIEWS_KEPT = 100_000
+
+
 class RecordCache:
     """Bounded LRU of committed inode records, each tagged with the snapshot it was read at.
 
@@ -139,9 +143,9 @@ class Transactions:
         self.limiter = trio.CapacityLimiter(store_threads)
         #: versions this mount committed that coherence.py has not yet followed past
         self.mine: set[int] = set()
-        #: files another mount committed that this mount has yet to move to it (coherence.py):
-        #: ino -> (version of the view the kernel may still cache pages of, newest commit seen)
-        self.pinned: dict[int, tuple[int, int]] = {}
+        #: ino -> data version of the pages the kernel may hold of it: its page cache
+        #: outlives the file's opens, and moves only with a move (open_record)
+        self.views: OrderedDict[int, int] = OrderedDict()
         self._inos: Iterable[int] = iter(())
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -174,40 +178,41 @@ class Transactions:
                 rec = self.records.put(ino, rec, at) or rec
         return rec
 
-    async def open_record(self, ino: int) -> Inode | None:
-        """The record a file opened now starts from (its FileState's).
+    async def open_record(self, ino: int) -> tuple[Inode | None, bool]:
+        """The record a file opened now starts from (its FileState's), and whether the
+        kernel may keep the pages it holds of the file.
 
-        Between another mount's commit of ``ino`` and this mount's move to it, the
-        kernel may still cache pages of the version this mount saw, and local
-        readers get those. A file opened then with the store's newer record wrote,
-        on the old pages, a commit the store took as based on the new one: a lost
-        update (seen once in about 12 runs of three mounts incrementing a counter).
-        So it starts from the pinned view, and its writes are refused as stale
-        until the move.
+        The kernel keeps a file's pages across opens and drops them only in a move
+        (coherence.py), so they may be older than the store's record: between another
+        mount's commit and this mount's move to it (which waits for SQLite's locks on
+        this host), or when a lookup read the record as of this mount's own later
+        commit. A file opened then with the newer record wrote, on the old pages, a
+        commit the store took as based on the new one: a lost update (seen once in
+        about 12 runs of three mounts incrementing a counter). So it starts from the
+        record of the pages' version, and its writes are refused as stale until the
+        move. A file whose view was forgotten (VIEWS_KEPT) starts afresh instead:
+        the kernel drops its pages at the open.
         """
         while True:
             fs = self.files.get(ino)
             if fs is not None:
-                return fs.live_record()
-            pin = self.pinned.get(ino)
-            if pin is None:
-                rec = await self.record(ino)
-            else:
-                rec = await self.run(self.volume.read_inode, ino, pin[0])
-            if ino in self.files or self.pinned.get(ino) != pin:
-                continue  # opened, moved or committed again meanwhile
-            if rec is None and pin is not None:
-                # not yet created in that view: nothing of it can be cached, but pages
-                # read from now on are of the current version, which becomes the view
-                self.pinned[ino] = (self.snapshot, pin[1])
+                return fs.live_record(), True
+            view = self.views.get(ino)
+            rec = await self.record(ino)
+            if ino in self.files or self.views.get(ino) != view:
+                continue  # opened or moved meanwhile
+            if rec is None or view is None or rec.dver == view:
+                return rec, view is not None
+            old = await self.run(self.volume.read_inode, ino, view)  # dver is a version
+            if ino in self.files or self.views.get(ino) != view:
                 continue
-            return rec
+            return (old, True) if old is not None and old.dver == view else (rec, False)
 
-    def pin(self, ino: int, view: int, head: int) -> None:
-        """Another mount committed ``ino`` at ``head``; this mount's view of it is at
-        ``view`` (or older) until its move."""
-        old = self.pinned.get(ino)
-        self.pinned[ino] = (view if old is None else old[0], head)
+    def _view(self, ino: int, dver: int) -> None:
+        self.views[ino] = dver
+        self.views.move_to_end(ino)
+        if len(self.views) > VIEWS_KEPT:
+            self.views.popitem(last=False)
 
     async def lookup(self, parent: int, name: bytes) -> tuple[int, Inode] | None:
         at = self.snapshot
@@ -238,17 +243,15 @@ class Transactions:
         self.snapshot = max(self.snapshot, result.version)
         self.mine.add(result.version)
         for ino, rec in result.records.items():
-            fs = self.files.get(ino)
-            if ino in self.pinned and rec is not None and rec.dver != result.version:
-                # a change of attributes only, which took the store's data fields: this
-                # view's stay until the move (open_record says why)
-                self.records.put(ino, None, result.version)
-                if fs is not None:
-                    fs.record = rec.with_data_of(fs.record)
-                continue
             self.records.put(ino, rec, result.version)
-            if fs is not None and rec is not None:
+            fs = self.files.get(ino)
+            if fs is None or rec is None:
+                continue
+            if rec.dver == result.version:  # its data, committed here
                 fs.record = rec
+                self._view(ino, rec.dver)
+            else:  # attributes only, merged onto the store's data fields: this view keeps its own
+                fs.record = rec.with_data_of(fs.record)
 
     def only_mine(self, after: int, upto: int) -> bool:
         """Whether this mount committed every version ``after`` < v <= ``upto`` (forgetting
@@ -265,9 +268,6 @@ class Transactions:
         """
         at = self.snapshot
         rec = await self.run(self.volume.read_inode, ino, at)
-        pin = self.pinned.pop(ino, None)
-        if pin is not None and pin[1] > at:  # committed again meanwhile: that move is pending
-            self.pinned[ino] = (at, pin[1])
         self.cache.drop_inode(ino)
         fs = self.files.get(ino)
         if fs is not None:
@@ -276,6 +276,11 @@ class Transactions:
                 fs.record = rec
                 fs.size, fs.mtime_ns = rec.size, rec.mtime_ns
         self.records.put(ino, rec, at)
+        current = fs.record if fs is not None else rec
+        if current is None:
+            self.views.pop(ino, None)
+        else:
+            self._view(ino, current.dver)  # the caller makes the kernel's pages that version
         return rec
 
     # -- file data ---------------------------------------------------------------------
@@ -283,6 +288,7 @@ class Transactions:
         fs = self.files.get(ino)
         if fs is None:
             fs = self.files[ino] = FileState(ino, rec, label)
+            self._view(ino, rec.dver)  # the kernel holds pages of it from now on
         return fs
 
     def forget_state(self, fs: FileState) -> None:

@@ -217,9 +217,9 @@ class FileOps(FsBase):
             log.error("event=commit_failed op=%r cause=%s: %s", what, type(e).__name__, e)
             raise fail(e.errno) from None
 
-    def file_info(self, ino: int, file: FileState | TransientFile) -> pyfuse3.FileInfo:
+    def file_info(self, ino: int, file: FileState | TransientFile, keep_cache: bool = True) -> pyfuse3.FileInfo:
         fi = pyfuse3.FileInfo(fh=self.new_handle(ino, file))
-        fi.keep_cache = True  # every change passes through this mount's kernel
+        fi.keep_cache = keep_cache  # every change passes through this mount's kernel (open_record)
         # A journal is written once and read back only by a rollback: through the
         # page cache, each record's write would be split at page boundaries (the
         # kernel ends a request at a partly written page it has not read).
@@ -242,7 +242,7 @@ class FileOps(FsBase):
                 tf.truncate(0)
                 await self.transient_changed(tf, was, "journal truncated")
             return self.file_info(inode, tf)
-        rec = await self.tx.open_record(inode)
+        rec, keep_cache = await self.tx.open_record(inode)
         if rec is None:
             raise fail(errno.ENOENT)
         if stat.S_ISDIR(rec.mode):
@@ -251,7 +251,7 @@ class FileOps(FsBase):
         fs.opens += 1
         if flags & os.O_TRUNC and fs.size:
             await self.tx.truncate(fs, 0)
-        return self.file_info(inode, fs)
+        return self.file_info(inode, fs, keep_cache)
 
     # -- data ----------------------------------------------------------------------------
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -291,7 +291,7 @@ class FileOps(FsBase):
             tf.truncate(size)
             await self.transient_changed(tf, was, "journal truncated")
             return
-        rec = await self.tx.open_record(ino)  # a FileState starts from this mount's view
+        rec, _ = await self.tx.open_record(ino)  # a FileState starts from this mount's view
         if rec is None:
             raise fail(errno.ENOENT)
         fs = self.tx.state(ino, rec, self.path(ino))
