@@ -334,6 +334,14 @@ class Coherence:
             p.running = True
             self.nursery.start_soon(self._work, ino, p)
 
+    def reverted(self, ino: int) -> None:
+        """A failed commit reverted ``ino`` here: move it again. A move while it had
+        local changes left its record behind (Transactions.refresh), and nothing
+        else would bring it to the store's version before another mount's next commit."""
+        p = self._proxy(ino)
+        p.move = True
+        self._kick(ino, p)
+
     def known(self, ino: int) -> None:
         """This mount just learned a path of ``ino``: stand in for a remote writer now."""
         p = self.proxies.get(ino)
@@ -410,6 +418,15 @@ class Coherence:
         ranges = EXCLUSIVE if p.reserved else RESERVED + EXCLUSIVE
         locked = await self._lock(ino, p, ranges)  # one helper round trip for all three
         try:
+            fs = self.tx.files.get(ino)
+            if locked and p.fd is not None and fs is not None and fs.opens > 1:
+                # SQLite without a journal (journal_mode MEMORY or OFF) and with
+                # synchronous=OFF leaves its committed pages dirty in this kernel: they
+                # come first, so that the refresh sees them as local changes made on
+                # the old version (their commit fails as stale) rather than taking
+                # them, once the kernel wrote them back, as made on the new one (a
+                # lost update, before session 10)
+                await self.own_mount.write_back(p.fd)
             await self.moved(ino, await self.tx.refresh(ino))
         finally:
             if locked:

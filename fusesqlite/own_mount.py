@@ -183,6 +183,10 @@ class OwnMount:
         if handle.helper == self.generation:
             await self._call("close", handle.fd)
 
+    async def write_back(self, handle: Handle) -> None:
+        """The kernel writes back the file's dirty pages to the daemon, and waits for them."""
+        await self._call("write_back", self._fd(handle))
+
     async def syncfs(self, mountpoint: bytes) -> None:
         """The kernel writes back every dirty page of the mount, and waits for them."""
         await self._call("syncfs", os.fsdecode(mountpoint))
@@ -250,7 +254,16 @@ def _syncfs(mountpoint: str) -> None:
         os.close(fd)
 
 
-_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs}
+def _write_back(fd: int) -> None:
+    # sync_file_range(2), not fsync: the daemon takes an fsync for a commit point
+    if _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), SYNC_FILE_RANGE_ALL) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+#: SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+SYNC_FILE_RANGE_ALL = 7
+_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs, "write_back": _write_back}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

@@ -629,3 +629,29 @@ def test_a_lock_proxy_cancelled_by_a_stopping_mount_lets_it_stop(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the cancelled lock proxy kept restarting itself: coherence never stopped")
     assert float(r.stdout) < 5, r.stdout
+
+
+def test_pages_written_without_a_journal_are_not_moved_under_another_mounts_commit(mounts):
+    """journal_mode MEMORY with synchronous OFF: SQLite's commit leaves its pages dirty
+    in B's kernel, and B's daemon sees them only at their write-back. A move of the
+    file to A's commit must not take them as written on A's version: they are written
+    on the version before, so B's commit of them fails (an error at commit, as
+    documented), and A's update stays."""
+    a = mounts()
+    b = mounts(store=a.store, debug=True)
+    new_counter(a, "mem.db", b)
+    con = sqlite3.connect(b / "mem.db", isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=MEMORY")
+        con.execute("PRAGMA synchronous=OFF")
+        con.execute("UPDATE counter SET v = v + 1")  # on B: dirty in B's kernel, not yet in its daemon
+        moves = b.log_text().count("event=moved ")
+        with sqlite3.connect(a / "mem.db") as ca:
+            ca.execute("UPDATE counter SET v = v + 10")
+        assert wait_for(lambda: b.log_text().count("event=moved ") > moves, timeout=10), "B never moved"
+    finally:
+        con.close()  # B's daemon commits what it got: refused, A committed the file since
+    assert wait_for(lambda: query(a / "mem.db", "SELECT v FROM counter") == [(10,)]), (
+        f"A's update lost: A reads {query(a / 'mem.db', 'SELECT v FROM counter')}")
+    assert wait_for(lambda: query(b / "mem.db", "SELECT v FROM counter") == [(10,)])
+    assert "event=commit_failed" in b.log_text()
