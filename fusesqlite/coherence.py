@@ -416,7 +416,9 @@ class Coherence:
         transaction to end first.
         """
         ranges = EXCLUSIVE if p.reserved else RESERVED + EXCLUSIVE
+        started = time.monotonic()
         locked = await self._lock(ino, p, ranges)  # one helper round trip for all three
+        locked_at = wrote_back_at = time.monotonic()
         try:
             fs = self.tx.files.get(ino)
             if locked and p.fd is not None and fs is not None and fs.opens > 1:
@@ -427,11 +429,15 @@ class Coherence:
                 # them, once the kernel wrote them back, as made on the new one (a
                 # lost update, before session 10)
                 await self.own_mount.write_back(p.fd)
+                wrote_back_at = time.monotonic()
             await self.moved(ino, await self.tx.refresh(ino))
         finally:
             if locked:
                 await self._unlock(p, ranges[::-1])
-        log.debug("event=moved ino=%d locked=%s", ino, locked)
+        log.debug(
+            "event=moved ino=%d locked=%s lock_ms=%.2f write_back_ms=%.2f total_ms=%.2f", ino, locked,
+            (locked_at - started) * 1000, (wrote_back_at - locked_at) * 1000, (time.monotonic() - started) * 1000,
+        )
 
     async def _lock(self, ino: int, p: Proxy, ranges: Ranges) -> bool:
         """Take write locks on SQLite's bytes of ``ino`` on this host, in order (False: no local path)."""
