@@ -335,9 +335,9 @@ class Coherence:
             self.nursery.start_soon(self._work, ino, p)
 
     def reverted(self, ino: int) -> None:
-        """A failed commit reverted ``ino`` here: move it again. A move while it had
-        local changes left its record behind (Transactions.refresh), and nothing
-        else would bring it to the store's version before another mount's next commit."""
+        """A failed commit reverted ``ino``, which a move found with local changes and
+        so left behind (Transactions.behind): move it again, since nothing else would
+        bring it to the store's version before another mount's next commit."""
         p = self._proxy(ino)
         p.move = True
         self._kick(ino, p)

@@ -146,6 +146,8 @@ class Transactions:
         #: ino -> data version of the pages the kernel may hold of it: its page cache
         #: outlives the file's opens, and moves only with a move (open_record)
         self.views: OrderedDict[int, int] = OrderedDict()
+        #: files a move found with local changes, so their record stayed behind the store's
+        self.behind: set[int] = set()
         self._inos: Iterable[int] = iter(())
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
@@ -275,6 +277,9 @@ class Transactions:
             if rec is not None and not fs.changed:  # local uncommitted writes will fail as stale
                 fs.record = rec
                 fs.size, fs.mtime_ns = rec.size, rec.mtime_ns
+                self.behind.discard(ino)
+            elif rec is not None:
+                self.behind.add(ino)  # moved again once those fail (Coherence.reverted)
         self.records.put(ino, rec, at)
         current = fs.record if fs is not None else rec
         if current is None:
