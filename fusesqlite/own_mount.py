@@ -244,21 +244,24 @@ def _unlock(fd: int, ranges: Ranges) -> None:
         fcntl.lockf(fd, fcntl.LOCK_UN, length, start, os.SEEK_SET)
 
 
+def _checked(rc: int) -> None:
+    """Raise the OSError of a libc call that returned ``rc`` (calls ``os`` does not have)."""
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _syncfs(mountpoint: str) -> None:
     fd = os.open(os.fsencode(mountpoint), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:  # not in ``os``
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        _checked(_libc.syncfs(fd))
     finally:
         os.close(fd)
 
 
 def _write_back(fd: int) -> None:
     # sync_file_range(2), not fsync: the daemon takes an fsync for a commit point
-    if _libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), SYNC_FILE_RANGE_ALL) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _checked(_libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), SYNC_FILE_RANGE_ALL))
 
 
 #: SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
