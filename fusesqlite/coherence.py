@@ -338,6 +338,9 @@ class Coherence:
         """A failed commit reverted ``ino``, which a move found with local changes and
         so left behind (Transactions.behind): move it again, since nothing else would
         bring it to the store's version before another mount's next commit."""
+        if ino not in self.tx.behind:
+            return  # a lone mount's refused commit: nothing to move, no locks to take
+        self.tx.behind.discard(ino)
         p = self._proxy(ino)
         p.move = True
         self._kick(ino, p)

@@ -214,9 +214,7 @@ class FsBase(pyfuse3.Operations):
         the invalidation then ends on its own once the request is answered."""
         with trio.move_on_after(ROLLBACK_INVALIDATE_SECONDS):
             await trio.to_thread.run_sync(_moved_in_kernel, ino, 0, b"", abandon_on_cancel=True)
-        if ino in self.tx.behind:
-            self.tx.behind.discard(ino)
-            self.coherence.reverted(ino)
+        self.coherence.reverted(ino)
 
     async def moved(self, ino: int, rec: Inode | None) -> None:
         """This mount's view of ``ino`` moved to another mount's commit: bring the kernel along.
