@@ -119,7 +119,11 @@ class OwnMount:
         buf = b""
         try:
             while True:
-                data = await self._sock.recv(65536)
+                try:
+                    data = await self._sock.recv(65536)
+                except OSError as e:  # ECONNRESET: it died with a request of ours unread
+                    log.info("event=own_mount_helper_socket cause=%s", e)
+                    break
                 if not data:
                     break
                 buf += data

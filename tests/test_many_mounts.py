@@ -392,6 +392,43 @@ def test_a_killed_helper_is_replaced_and_the_proxy_takes_its_locks_again(mounts)
     assert query(a / "c.db", "PRAGMA integrity_check") == [("ok",)]
 
 
+SYNC_OFF_COMMIT = r"""
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA synchronous=OFF")
+try:
+    con.execute("CREATE TABLE t(x)")  # its commit point needs the helper's syncfs
+    print("committed", flush=True)
+except sqlite3.Error as e:
+    print("refused", e, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_helper_killed_with_a_request_unread_is_replaced(mounts):
+    """A helper that dies with a request of the daemon's still in its socket resets the
+    connection (ECONNRESET, not end of file). That error used to escape the daemon's
+    reader and end the whole mount (seen once in a loop of this file). The helper is
+    stopped first, so that the request waits unread for the kill."""
+    b = mounts()
+    helper = helper_of(b)
+    os.kill(helper, signal.SIGSTOP)
+    app = b.py(SYNC_OFF_COMMIT, str(b / "off.db"))
+    time.sleep(1)  # the commit point's syncfs request is sent at once, and sits unread
+    os.kill(helper, signal.SIGKILL)
+    out, err = app.communicate(timeout=30)
+    assert b.alive(), f"the daemon died with its helper:\n{b.log_tail()}"
+    assert out.startswith(("committed", "refused")), (out, err)
+    assert wait_for(lambda: helpers_of(b) not in ([], [helper]), timeout=10), "no new helper"
+    con = sqlite3.connect(b / "again.db", isolation_level=None)
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE t(x)")  # the new helper serves the next syncfs
+    con.execute("INSERT INTO t VALUES (1)")
+    con.close()
+    assert query(b / "again.db", "SELECT x FROM t") == [(1,)]
+    assert "event=own_mount_helper_restarted" in b.log_text()
+
+
 @pytest.mark.timeout(60)
 def test_read_only_mount_refuses_writes_and_follows_commits(mounts):
     a = mounts()
