@@ -185,8 +185,13 @@ class DirectoryOps(FileOps, FsBase):
             try:
                 if tf.active:
                     await self.journal_settled(tf, "journal deleted")
-            except BaseException:  # a failed commit reverted the database: its journal goes too
-                self.transient.unlink(tf)
+            except BaseException:
+                # A failed commit reverted the database. The unlink failed, so the name
+                # stays, as the kernel (which keeps its entry) and POSIX have it; emptied,
+                # the journal is no longer hot: nobody plays back a transaction that is
+                # not there. Dropping it instead left the kernel a positive entry to a
+                # gone inode for up to a second: an open(O_CREAT) of it said ENOENT.
+                tf.truncate(0)
                 self.transient_failed(tf)
                 raise
             self.transient.unlink(tf)
