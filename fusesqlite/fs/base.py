@@ -129,7 +129,7 @@ class FsBase(pyfuse3.Operations):
         e.st_ino = ino
         e.generation = 0
         # Transient files too: where one changes behind the kernel's back (a failed
-        # commit drops its journal while unlink reports the error) the kernel is told
+        # commit empties its journal while unlink reports the error) the kernel is told
         # (FileOps.transient_failed).
         e.entry_timeout = ATTR_TIMEOUT
         e.attr_timeout = ATTR_TIMEOUT

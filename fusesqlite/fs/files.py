@@ -170,11 +170,9 @@ class FileOps(FsBase):
                 raise
 
     def transient_failed(self, tf: TransientFile) -> None:
-        """A call that changed ``tf`` fails: the kernel keeps the size (and, for unlink,
-        the entry) it knew before, which are no longer true."""
+        """A call that changed ``tf`` fails: the kernel keeps the size it knew before,
+        which is no longer true (a failed commit emptied the journal)."""
         self.invalidate(tf.ino)
-        if not tf.linked:
-            self.invalidate_entry(tf.parent, tf.name)
 
     # -- create and open ---------------------------------------------------------------
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext):
@@ -231,7 +229,7 @@ class FileOps(FsBase):
             self.writable(ctx)
         tf = self.transient.by_ino.get(inode)
         if tf is not None:
-            if not tf.linked:  # reached through an entry transient_failed is invalidating
+            if not tf.linked:  # unlinked, still open elsewhere, reopened (/proc/PID/fd)
                 raise fail(errno.ENOENT)
             tf.opens += 1
             # whoever opens a journal (a new transaction, or the rollback of a hot one)
