@@ -13,6 +13,7 @@ workload for a smoke test of the harness (well under a minute).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -28,7 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path("/var/tmp/fusesqlite-bench-cache")  # inputs worth keeping between runs
@@ -120,14 +121,19 @@ def point_selects(side: Side, cfg: Config) -> Measure:
 
 
 @functools.cache
-def speedtest1_binary() -> Path:
-    """SQLite's speedtest1, built once from Debian's source package (bench/build_speedtest1.sh)."""
-    script = Path(__file__).with_name("build_speedtest1.sh")
+def built_binary(script_name: str, what: str) -> Path:
+    """A binary built once into CACHE by bench/<script_name> (from a Debian source package)."""
+    script = Path(__file__).with_name(script_name)
     r = subprocess.run(["sh", str(script), str(CACHE)], capture_output=True, text=True)
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-        raise Skip(f"cannot build speedtest1 ({script.name}): {why}")
+        raise Skip(f"cannot build {what} ({script.name}): {why}")
     return Path(r.stdout.strip().splitlines()[-1])
+
+
+def speedtest1_binary() -> Path:
+    """SQLite's speedtest1, built once from Debian's source package (bench/build_speedtest1.sh)."""
+    return built_binary("build_speedtest1.sh", "speedtest1")
 
 
 def speedtest1(side: Side, cfg: Config) -> Measure:
@@ -268,6 +274,31 @@ def round_trips_by_placement(path: Path, daemon_pid: int) -> str:
     return ", ".join(out)
 
 
+@contextlib.contextmanager
+def c_mount(command: list[str], mnt: Path) -> Iterator[tuple[Path, int]]:
+    """A C FUSE file system mounted on mnt (command gets mnt appended) for the
+    duration; yields (mnt, pid). Unmounted, and its process gone, afterwards."""
+    mnt.mkdir()
+    proc = subprocess.Popen([*command, str(mnt)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{Path(command[0]).name} did not mount")
+            time.sleep(0.02)
+        yield mnt, proc.pid
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+
+
 def fuse_round_trips(work: Path, daemon: "Daemon") -> str:
     """The cost of one FUSE request: an fsync that does no work, answered by a C file
     system on libfuse's own loop (bench/fuse_floor.c: the floor any FUSE file system
@@ -286,26 +317,11 @@ def fuse_round_trips(work: Path, daemon: "Daemon") -> str:
     except (OSError, subprocess.CalledProcessError) as e:
         why = (getattr(e, "stderr", "") or str(e)).strip().splitlines()[-1:]
         return f"fusesqlite {ours}; C floor not measured (cannot build {source.name}: {' '.join(why)})"
-    floor_mnt = work / "floor"
-    floor_mnt.mkdir()
-    proc = subprocess.Popen([str(binary), "-f", str(floor_mnt)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.ismount(floor_mnt):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return f"fusesqlite {ours}; C floor not measured (it did not mount)"
-            time.sleep(0.02)
-        floor = round_trips_by_placement(floor_mnt / "f", proc.pid)
-    finally:
-        if os.path.ismount(floor_mnt):
-            subprocess.run(["fusermount3", "-u", str(floor_mnt)], capture_output=True)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            subprocess.run(["fusermount3", "-uz", str(floor_mnt)], capture_output=True)
+        with c_mount([str(binary), "-f"], work / "floor") as (floor_mnt, pid):
+            floor = round_trips_by_placement(floor_mnt / "f", pid)
+    except RuntimeError as e:
+        return f"fusesqlite {ours}; C floor not measured ({e})"
     return f"C floor (bench/fuse_floor.c) {floor}; fusesqlite {ours}"
 
 
@@ -431,6 +447,7 @@ class Row:
     mount_cpu_s: float | None = None
     mount_peak_rss_mib: float | None = None
     mount_cpu_ms_per_txn: float | None = None
+    c_passthrough: float | None = None  # the same workload on libfuse's C pass-through (C_PASSTHROUGH_WORKLOADS)
     notes: list[str] = field(default_factory=list)
     steps: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> seconds per step, if it has steps
 
@@ -478,7 +495,37 @@ def run_workload(name: str, local: Side, mount: Side, daemon: Daemon, cfg: Confi
         row.notes.append(compare_steps(row.steps["local"], row.steps["mount"]))
     if row.target is not None:
         row.met = row.ratio is not None and row.ratio >= row.target
+    if name in C_PASSTHROUGH_WORKLOADS:
+        on_c_passthrough(row, fn, local.root.parent, cfg)
     return row
+
+
+#: workloads also run on libfuse's C pass-through file system, the yardstick for what
+#: any FUSE file system reaches on this machine: it forwards each request to a local
+#: directory, no store, no journal handling, kernel caches as fusesqlite has them
+C_PASSTHROUGH_WORKLOADS = {"small_write_txns"}
+C_PASSTHROUGH_OPTIONS = "writeback,cache=always,timeout=1"
+
+
+def on_c_passthrough(row: Row, fn: Workload, work: Path, cfg: Config) -> None:
+    """Run the workload on bench/build_passthrough_ll.sh's binary; the outcome becomes a note."""
+    try:
+        binary = built_binary("build_passthrough_ll.sh", "libfuse's passthrough_ll")
+        (work / "c-passthrough-source").mkdir()
+        with c_mount([str(binary), "-f", "-o", f"source={work / 'c-passthrough-source'},{C_PASSTHROUGH_OPTIONS}"],
+                     work / "c-passthrough") as (mnt, _):
+            m = fn(Side("c-passthrough", mnt, lambda: ""), cfg)
+    except (Skip, RuntimeError, OSError, sqlite3.Error) as e:
+        row.notes.append(f"C pass-through not measured: {e}")
+        return
+    row.c_passthrough = m.value
+    parts = [f"libfuse's C pass-through (example/passthrough_ll -o {C_PASSTHROUGH_OPTIONS}, no store): "
+             f"{fmt(m.value)} {m.unit}"]
+    if row.local:
+        parts.append(f"{m.value / row.local:.2f}x the local disk")
+    if row.mount:
+        parts.append(f"the mount does {row.mount / m.value:.2f}x of it")
+    row.notes.append(", ".join(parts))
 
 
 def compare_steps(local: dict[str, float], mount: dict[str, float]) -> str:
