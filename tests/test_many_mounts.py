@@ -230,6 +230,9 @@ def test_readers_on_another_mount_see_whole_transfers(mounts, reader_mount):
         assert int(out.split()[-1]) > 1, f"the reader never saw a transfer: {out}"
     final_a = query(a / "bank.db", "SELECT balance FROM accounts ORDER BY id")
     assert wait_for(lambda: query(b / "bank.db", "SELECT balance FROM accounts ORDER BY id") == final_a)
+    # B's lock proxy could open the database, read-only mount or not: refused its open
+    # (sessions 8-11), it took no lock, and B's moves ran under its readers' feet
+    assert "event=proxy_open_failed" not in b.log_text()
 
 
 @pytest.mark.timeout(120)

@@ -106,10 +106,20 @@ class FsBase(pyfuse3.Operations):
         """A read-only mount refuses changes (its own lock proxy may still open files read-write).
 
         The kernel names the calling thread, not the process: the proxy's opens come
-        from worker threads, which are tasks of this process.
+        from a thread of the own-mount helper process (one per request), so the
+        thread is looked for there. Refused, the proxy could take no lock, and moves
+        ran under readers' feet (sessions 8-11).
         """
-        if self.read_only and not os.path.exists(f"/proc/self/task/{ctx.pid}"):
+        if self.read_only and not self._own_thread(ctx.pid):
             raise fail(errno.EROFS)
+
+    def _own_thread(self, tid: int) -> bool:
+        """``tid`` is a thread of this daemon or of its own-mount helper."""
+        pids = ["self"]
+        helper = getattr(self, "own_mount", None)
+        if helper is not None:
+            pids.append(str(helper.process.pid))
+        return any(os.path.exists(f"/proc/{pid}/task/{tid}") for pid in pids)
 
     def path(self, ino: int) -> str:
         """Best-effort path inside the volume, for log lines."""
