@@ -422,6 +422,7 @@ class Coherence:
         started = time.monotonic()
         locked = await self._lock(ino, p, ranges)  # one helper round trip for all three
         locked_at = wrote_back_at = time.monotonic()
+        fs = None
         try:
             fs = self.tx.files.get(ino)
             if locked and p.fd is not None and fs is not None and fs.opens > 1:
@@ -438,8 +439,9 @@ class Coherence:
             if locked:
                 await self._unlock(p, ranges[::-1])
         log.debug(
-            "event=moved ino=%d locked=%s lock_ms=%.2f write_back_ms=%.2f total_ms=%.2f", ino, locked,
-            (locked_at - started) * 1000, (wrote_back_at - locked_at) * 1000, (time.monotonic() - started) * 1000,
+            "event=moved ino=%d locked=%s lock_ms=%.2f write_back_ms=%.2f total_ms=%.2f opens=%d dirty_blocks=%d",
+            ino, locked, (locked_at - started) * 1000, (wrote_back_at - locked_at) * 1000,
+            (time.monotonic() - started) * 1000, fs.opens if fs else 0, len(fs.dirty) if fs else 0,
         )
 
     async def _lock(self, ino: int, p: Proxy, ranges: Ranges) -> bool:
