@@ -33,6 +33,9 @@ static init_fn app_init;
 static unsigned clear_mask, set_mask;
 static int negotiated;
 static unsigned want, capable;
+/* the session pyfuse3 made: valid from pyfuse3.init to pyfuse3.close */
+static struct fuse_session *made;
+static int (*made_fd)(struct fuse_session *);
 
 static void init_hook(void *userdata, struct fuse_conn_info *conn)
 {
@@ -50,6 +53,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
 {
     void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
     session_new_fn real = lib ? (session_new_fn)dlsym(lib, "fuse_session_new") : NULL;
+    made_fd = lib ? (int (*)(struct fuse_session *))dlsym(lib, "fuse_session_fd") : NULL;
     if (lib)
         dlclose(lib); /* RTLD_NOLOAD took a reference; libfuse stays loaded by its user */
     if (real == NULL || real == fuse_session_new || op_size < sizeof(init_fn)) {
@@ -66,6 +70,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     ops->init = init_hook;
     struct fuse_session *session = real(args, ops, op_size, userdata);
     free(ops);
+    made = session;
     return session;
 }
 
@@ -86,11 +91,19 @@ static PyObject *negotiated_caps(PyObject *self, PyObject *unused)
     return Py_BuildValue("(II)", want, capable);
 }
 
+static PyObject *session_fd(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(made != NULL && made_fd != NULL ? made_fd(made) : -1);
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(clear, set): capabilities to clear from and set in what the mount asks of the kernel"},
     {"negotiated", negotiated_caps, METH_NOARGS,
      "(want, capable) once the kernel's INIT handshake went through this module, else None"},
+    {"session_fd", session_fd, METH_NOARGS,
+     "/dev/fuse's descriptor of the session made through this module (-1 if none); "
+     "call it only between pyfuse3.init() and pyfuse3.close()"},
     {NULL, NULL, 0, NULL},
 };
 

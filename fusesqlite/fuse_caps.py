@@ -60,3 +60,9 @@ def report() -> bool:
              "on" if want & _module.AUTO_INVAL_DATA else "off",
              "on" if want & _module.WRITEBACK_CACHE else "off", want, capable)
     return not want & _module.AUTO_INVAL_DATA
+
+
+def session_fd() -> int | None:
+    """/dev/fuse's descriptor of the mount's session, between pyfuse3.init and pyfuse3.close."""
+    fd = _module.session_fd() if _module is not None else -1
+    return fd if fd >= 0 else None

@@ -17,6 +17,7 @@ import trio
 
 from fusesqlite import fuse_caps
 from fusesqlite.coherence import Coherence
+from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_stagings
 from fusesqlite.identity import new_mount_id
@@ -191,6 +192,7 @@ def serve(config: MountConfig) -> None:
         mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
         config.writeback_cache, mount_id,
     )
+    request_loop.install()
     devices = _mounts_on(mountpoint)  # the newest is ours
     ops.first_request = functools.partial(_after_handshake, devices[-1] if devices else None, tx.overlay_bytes)
     unmounted = False
@@ -280,7 +282,7 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
                 await trio.to_thread.run_sync(ops.own_mount.stop, abandon_on_cancel=True)
             if waited.cancelled_caught:
                 log.warning("event=stop_grace_exceeded seconds=%s", STOP_GRACE_SECONDS)
-            pyfuse3.terminate()
+            request_loop.terminate()
             return
 
 

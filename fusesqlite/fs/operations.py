@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pyfuse3
 
 from fusesqlite.fs.directories import DirectoryOps
+from fusesqlite.fs.request_loop import run_handler
 from fusesqlite.store.base import StoreError
 
 log = logging.getLogger("fusesqlite.fs")
@@ -27,7 +28,7 @@ def _guarded(name: str, fn):
             first, self.first_request = self.first_request, None
             first()
         try:
-            return await fn(self, *args, **kwargs)
+            return await run_handler(fn(self, *args, **kwargs))
         except pyfuse3.FUSEError:
             raise
         except StoreError as e:

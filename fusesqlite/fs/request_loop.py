@@ -1,0 +1,169 @@
+"""Which of pyfuse3's tasks takes the next request from /dev/fuse: the one that just answered.
+
+pyfuse3 keeps two tasks on /dev/fuse and hands a ``trio.Lock`` from one to the
+other at every request, so each request costs two task switches where one would
+do. A small SQLite transaction is about 27 requests, nearly all answered without
+waiting for anything; one task serving them all made 12% more of them per second
+(docs/architecture.md). But one task alone would stall the mount whenever a
+handler waits (a commit's fsync, a read from the store), and deadlock when the
+handler waits for pages the kernel must write back through this very mount.
+
+So: the task that answered a request reads the next one itself, first without
+waiting at all if one is there. Another task is woken only when a handler
+actually waits: ``run_handler`` runs each handler and reports its first yield to
+the event loop. libfuse gives each task that reads a request its own buffer (up
+to 1 MiB, kept while the task lives), so the tasks in use are kept few, and one
+that sat idle for a while ends.
+
+pyfuse3's Cython loop looks its ``_wait_fuse_readable`` up by name at every
+request; :func:`install` replaces it. Without /dev/fuse's descriptor (the C
+module ``_fuse_init`` not built) pyfuse3's own loop stays, only slower.
+"""
+from __future__ import annotations
+
+import logging
+import select
+import types
+import weakref
+from collections.abc import Coroutine
+from typing import Any
+
+import pyfuse3
+import trio
+
+from fusesqlite import fuse_caps
+
+log = logging.getLogger("fusesqlite.fs")
+
+#: a task idle this long while another reads ends (pyfuse3 starts new ones as needed)
+IDLE_SECONDS = 10.0
+
+_DEAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class RequestLoop:
+    """Who reads /dev/fuse: at most one task waits on it, the others park.
+
+    Parked tasks are woken last-parked first, and tasks that never read a request
+    (so have no buffer yet) only when no other is parked: the tasks in use, and
+    their buffers, stay as few as the handlers waiting at once.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._reading = False  # a task waits for /dev/fuse to become readable
+        self._parked: list[trio.lowlevel.Task] = []  # the next to wake last
+        self._served: weakref.WeakSet[trio.lowlevel.Task] = weakref.WeakSet()
+        self._stopped = False
+
+    def _request_waiting(self) -> bool:
+        """True if reading now will not block: a request waits, or the connection is
+        gone (the read then tells pyfuse3 so and its task ends)."""
+        ready = self._poll.poll(0)
+        if ready and ready[0][1] & _DEAD:
+            self._stop()
+        return bool(ready)
+
+    async def wait(self) -> bool:
+        """pyfuse3's ``_wait_fuse_readable``: True when a request can be read without
+        blocking, False when this task should end."""
+        task = trio.lowlevel.current_task()
+        while not self._stopped:
+            if self._request_waiting():
+                self._served.add(task)
+                return True
+            if self._reading:
+                if not await self._park(task) and self._reading and task in self._served:
+                    return False  # idle for long while another task reads: end, free the buffer
+                continue
+            self._reading = True
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            except trio.ClosedResourceError:  # pyfuse3.terminate()
+                self._stop()
+            finally:
+                self._reading = False
+        return False
+
+    async def _park(self, task: trio.lowlevel.Task) -> bool:
+        """Wait to be woken (True) or for IDLE_SECONDS (False)."""
+        if task in self._served:
+            self._parked.append(task)
+        else:
+            self._parked.insert(0, task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._parked.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        with trio.move_on_after(IDLE_SECONDS if task in self._served else float("inf")):
+            await trio.lowlevel.wait_task_rescheduled(abort)
+            return True
+        return False
+
+    def blocked(self) -> None:
+        """A handler waits: if nobody reads /dev/fuse meanwhile, wake a task to."""
+        if not self._reading and self._parked:
+            trio.lowlevel.reschedule(self._parked.pop())
+
+    def terminate(self) -> None:
+        """Stop serving: every task ends once its request is answered."""
+        self._stop()
+        pyfuse3.terminate()
+
+    def _stop(self) -> None:
+        self._stopped = True
+        while self._parked:
+            trio.lowlevel.reschedule(self._parked.pop())
+
+
+_loop: RequestLoop | None = None
+
+
+def install() -> RequestLoop | None:
+    """Replace pyfuse3's wait for /dev/fuse (call after pyfuse3.init); None if it stays."""
+    global _loop
+    fd = fuse_caps.session_fd()
+    if fd is None or not hasattr(pyfuse3, "_wait_fuse_readable"):
+        log.warning("event=request_loop_default cause=%r effect=slower_small_requests",
+                    "no /dev/fuse descriptor" if fd is None else "pyfuse3 has no _wait_fuse_readable")
+        return None
+    _loop = RequestLoop(fd)
+    pyfuse3._wait_fuse_readable = _loop.wait
+    log.debug("event=request_loop_installed fd=%d", fd)
+    return _loop
+
+
+def terminate() -> None:
+    """Stop serving requests (pyfuse3.terminate, and wake the tasks parked here)."""
+    if _loop is not None:
+        _loop.terminate()
+    else:
+        pyfuse3.terminate()
+
+
+@types.coroutine
+def run_handler(coro: Coroutine[Any, Any, Any]):
+    """Await a handler's coroutine; at its first yield to trio, make sure another
+    task reads /dev/fuse while it waits."""
+    try:
+        value = coro.send(None)
+    except StopIteration as done:
+        return done.value
+    if _loop is not None:
+        _loop.blocked()
+    while True:
+        try:
+            sent = yield value
+        except BaseException as e:  # noqa: B036 - handed on to the handler as is
+            try:
+                value = coro.throw(e)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                value = coro.send(sent)
+            except StopIteration as done:
+                return done.value
