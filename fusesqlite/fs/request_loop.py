@@ -38,6 +38,10 @@ log = logging.getLogger("fusesqlite.fs")
 #: a task idle this long while another reads ends (pyfuse3 starts new ones as needed)
 IDLE_SECONDS = 10.0
 
+#: requests read in a row without a pass through trio's scheduler, at most: in a
+#: burst the rest of the event loop would otherwise wait for its end
+FAIR_STREAK = 4
+
 _DEAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -57,6 +61,7 @@ class RequestLoop:
         self._parked: list[trio.lowlevel.Task] = []  # the next to wake last
         self._served: weakref.WeakSet[trio.lowlevel.Task] = weakref.WeakSet()
         self._stopped = False
+        self._streak = 0  # requests read in a row without going through trio's scheduler
 
     def _request_waiting(self) -> bool:
         """True if reading now will not block: a request waits, or the connection is
@@ -72,8 +77,16 @@ class RequestLoop:
         task = trio.lowlevel.current_task()
         while not self._stopped:
             if self._request_waiting():
-                self._served.add(task)
-                return True
+                self._streak += 1
+                if self._streak <= FAIR_STREAK:
+                    self._served.add(task)
+                    return True
+                # a burst: let the rest of the loop run (a commit's result from its
+                # worker thread, other mounts' moves) before the next request
+                self._streak = 0
+                await trio.lowlevel.checkpoint()
+                continue
+            self._streak = 0
             if self._reading:
                 if not await self._park(task) and self._reading and task in self._served:
                     return False  # idle for long while another task reads: end, free the buffer
