@@ -9,7 +9,9 @@ handler waits (a commit's fsync, a read from the store), and deadlock when the
 handler waits for pages the kernel must write back through this very mount.
 
 So: the task that answered a request reads the next one itself, first without
-waiting at all if one is there. Another task is woken only when a handler
+waiting at all if one is there (at most FAIR_STREAK in a row: then trio's
+scheduler gets a pass, so that the rest of the loop is not held back by a burst
+of requests). Another task is woken only when a handler
 actually waits: ``run_handler`` runs each handler and reports its first yield to
 the event loop. libfuse gives each task that reads a request its own buffer (up
 to 1 MiB, kept while the task lives), so the tasks in use are kept few, and one
