@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import time
+
+import pytest
 
 #: a child that writes a file, fsyncs it (a store commit) and says how long it took
 WRITE_AND_FSYNC = r"""
@@ -94,3 +97,28 @@ def test_a_flood_of_requests_does_not_hold_back_a_commits_reply(mount):
             f.wait()
     assert done >= 100, f"only {done} fsyncs in 4 s"
     assert len(slow) <= done // 100, f"{len(slow)} of {done} fsyncs took over 50 ms (longest {max(slow) * 1000:.0f} ms)"
+
+
+def test_a_mount_whose_connection_is_aborted_exits(mount, root_only):
+    """An aborted connection (fusectl) shows to the task that next polls /dev/fuse;
+    it must end every task, parked ones too, or the daemon would never exit."""
+    m = mount
+    con = sqlite3.connect(m / "a.db", isolation_level=None)
+    con.execute("CREATE TABLE t(x)")
+    for _ in range(200):  # enough requests for pyfuse3 to have started all its tasks
+        con.execute("INSERT INTO t VALUES (1)")
+    con.close()
+    connections = "/sys/fs/fuse/connections"
+    if not os.path.ismount(connections):
+        subprocess.run(["mount", "-t", "fusectl", "none", connections], check=False)
+    abort = f"{connections}/{os.minor(os.stat(m.mountpoint).st_dev)}/abort"
+    if not os.path.exists(abort):
+        pytest.skip(f"no {abort}: fusectl not available")
+    with open(abort, "w") as f:
+        f.write("1")
+    try:
+        rc = m.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the daemon did not exit within 15 s of its connection's abort\n{m.log_tail()}")
+    assert rc == 0, m.log_tail()
+    assert "event=unmounted" in m.log_text()
