@@ -111,6 +111,12 @@ def _in_proc_mounts(path: str) -> bool:
     return bool(_mounts_on(os.path.realpath(path)))
 
 
+def _kernel_release() -> tuple[int, int]:
+    """(major, minor) of the running kernel: FUSE's writeback changed in 6.16."""
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
 def _mounts_on(path: str) -> list[int]:
     """st_dev of every mount on ``path`` (as the kernel names it), oldest first, from
     /proc/self/mountinfo: no stat, which on a mount of this daemon's own would be a
@@ -192,6 +198,11 @@ def serve(config: MountConfig) -> None:
         mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
         config.writeback_cache, mount_id,
     )
+    if config.writeback_cache and _kernel_release() < (6, 16):
+        log.warning(
+            "event=old_kernel release=%s effect=%r", os.uname().release,
+            "a synchronous=OFF commit may miss pages still queued in the kernel (README, Current limits)",
+        )
     request_loop.install()
     devices = _mounts_on(mountpoint)  # the newest is ours
     ops.first_request = functools.partial(_after_handshake, devices[-1] if devices else None, tx.overlay_bytes)

@@ -264,12 +264,14 @@ def _syncfs(mountpoint: str) -> None:
 
 
 def _write_back(fd: int) -> None:
-    # sync_file_range(2), not fsync: the daemon takes an fsync for a commit point
-    _checked(_libc.sync_file_range(fd, ctypes.c_longlong(0), ctypes.c_longlong(0), SYNC_FILE_RANGE_ALL))
+    """fsync(2), not sync_file_range(2): before Linux 6.16 FUSE copied each dirty page
+    to a temporary one and ended its writeback before the daemon had the WRITE, so
+    waiting for writeback did not mean the daemon had the data. FUSE's fsync also waits
+    for those queued WRITEs. The daemon answers this fsync without a commit (it knows
+    the proxy's handles), so it is no commit point."""
+    os.fsync(fd)
 
 
-#: SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
-SYNC_FILE_RANGE_ALL = 7
 _OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs, "write_back": _write_back}
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -40,6 +40,8 @@ class Handle:
     ino: int
     file: FileState | TransientFile | None  # None for directories
     listing: list[tuple[bytes, int, Inode]] | None = None
+    #: opened by this mount's own lock proxy (coherence.py): its fsync only flushes
+    proxy: bool = False
 
 
 def fail(err: int) -> pyfuse3.FUSEError:
@@ -76,10 +78,10 @@ class FsBase(pyfuse3.Operations):
         self.names: dict[int, tuple[int, bytes]] = {}
 
     # -- handles and names -------------------------------------------------------------
-    def new_handle(self, ino: int, file: FileState | TransientFile | None) -> int:
+    def new_handle(self, ino: int, file: FileState | TransientFile | None, proxy: bool = False) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(ino, file)
+        self.handles[fh] = Handle(ino, file, proxy=proxy)
         return fh
 
     def handle(self, fh: int) -> Handle:

@@ -215,8 +215,10 @@ class FileOps(FsBase):
             log.error("event=commit_failed op=%r cause=%s: %s", what, type(e).__name__, e)
             raise fail(e.errno) from None
 
-    def file_info(self, ino: int, file: FileState | TransientFile, keep_cache: bool = True) -> pyfuse3.FileInfo:
-        fi = pyfuse3.FileInfo(fh=self.new_handle(ino, file))
+    def file_info(
+        self, ino: int, file: FileState | TransientFile, keep_cache: bool = True, proxy: bool = False
+    ) -> pyfuse3.FileInfo:
+        fi = pyfuse3.FileInfo(fh=self.new_handle(ino, file, proxy))
         fi.keep_cache = keep_cache  # every change passes through this mount's kernel (open_record)
         # A journal is written once and read back only by a rollback: through the
         # page cache, each record's write would be split at page boundaries (the
@@ -249,7 +251,9 @@ class FileOps(FsBase):
         fs.opens += 1
         if flags & os.O_TRUNC and fs.size:
             await self.tx.truncate(fs, 0)
-        return self.file_info(inode, fs, keep_cache)
+        # the own-mount helper opens with O_NONBLOCK, SQLite never does: no /proc look-up per open
+        proxy = bool(flags & os.O_NONBLOCK) and self._own_thread(ctx.pid)
+        return self.file_info(inode, fs, keep_cache, proxy)
 
     # -- data ----------------------------------------------------------------------------
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -307,7 +311,13 @@ class FileOps(FsBase):
             await self.commit_unless_in_transaction(f, "close")
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        f = self.handle(fh).file
+        h = self.handle(fh)
+        if h.proxy:
+            # a move's write-back (own_mount._write_back): by now the kernel has sent
+            # every WRITE of the file; committing them is not the proxy's call
+            log.debug("event=proxy_fsync ino=%d", h.ino)
+            return
+        f = h.file
         if isinstance(f, FileState):
             tf = self.journal_of(f.ino)
             if tf is not None:  # the kernel just wrote back the transaction's pages
