@@ -20,6 +20,9 @@ BLOCKS = {
     "zeros": bytes(BS),
     "compressible": (b"sqlite page " * 400)[:BS],
     "incompressible": os.urandom(BS),
+    # zero everywhere but at one end: must not be taken for a block of zeros
+    "zeros_but_last_byte": bytes(BS - 1) + b"\x01",
+    "zeros_but_first_byte": b"\x01" + bytes(BS - 1),
 }
 
 
