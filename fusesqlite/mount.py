@@ -117,6 +117,20 @@ def _kernel_release() -> tuple[int, int]:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
+def _commit_inline(store: object) -> bool:
+    """Small commits on the event loop when the daemon has one CPU (taskset, a cpuset).
+
+    A worker thread then runs on that same CPU anyway: it buys no parallelism, and the
+    hop to it and back costs more than the commit's own wait for the disk. With more
+    CPUs the thread stays: committing on the loop there measured slower, the kernel
+    then placing the daemon and the application apart (docs/architecture.md).
+    """
+    cpus = len(os.sched_getaffinity(0))
+    inline = cpus == 1 and hasattr(store, "transact_nowait")
+    log.info("event=commit_path inline=%s cpus=%d", "yes" if inline else "no", cpus)
+    return inline
+
+
 def _mounts_on(path: str) -> list[int]:
     """st_dev of every mount on ``path`` (as the kernel names it), oldest first, from
     /proc/self/mountinfo: no stat, which on a mount of this daemon's own would be a
@@ -179,6 +193,7 @@ def serve(config: MountConfig) -> None:
         on_rollback=rolled_back,
     )
     tx.snapshot = snapshot
+    tx.inline_commits = _commit_inline(store)
     ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=config.writeback_cache)
     ops.own_mount = own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
     ops.coherence = Coherence(

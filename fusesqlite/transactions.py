@@ -23,7 +23,7 @@ from fusesqlite.gc import staging_abandoned
 from fusesqlite.inodes import Inode
 from fusesqlite.pages import BlockCache, CorruptBlock, decode_block, encode_block
 from fusesqlite.readahead import ReadAhead
-from fusesqlite.store.base import StoreError
+from fusesqlite.store.base import ConflictError, StoreError
 from fusesqlite.volume import ChangeSet, CommitResult, DataCommit, StagingConflict, Volume
 
 log = logging.getLogger("fusesqlite.transactions")
@@ -78,6 +78,10 @@ class FileState:
 
 #: files whose pages' version this mount remembers (Transactions.views): an int each
 VIEWS_KEPT = 100_000
+
+#: a commit of at most this many blocks may run on the event loop (``inline_commits``):
+#: encoding and writing them takes well under a millisecond
+INLINE_MAX_BLOCKS = 32
 
 
 class RecordCache:
@@ -149,6 +153,10 @@ class Transactions:
         #: files a move found with local changes, so their record stayed behind the store's
         self.behind: set[int] = set()
         self._inos: Iterable[int] = iter(())
+        #: small commits run on the event loop's own thread (mount.py decides: when the
+        #: mount has a single CPU, a hop to a worker thread and back costs more than
+        #: the commit's wait for the disk; docs/architecture.md)
+        self.inline_commits = False
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """A blocking store call, off the event loop (not cancellable: commits finish)."""
@@ -511,17 +519,35 @@ class Transactions:
     ) -> CommitResult:
         for attempt in (1, 2):
             try:
-                return await self.run(self._encode_and_commit, changes, data, release, keep)
+                return await self._commit_once(changes, data, release, keep)
             except StagingConflict as e:
                 if attempt == 2 or not await self.reclaim_staging(e.ino, e.version, e.owner, e.heartbeat):
                     raise
         raise AssertionError("unreachable")
 
-    def _encode_and_commit(
+    async def _commit_once(
         self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...], keep: tuple[int, ...]
     ) -> CommitResult:
+        """One commit: on the event loop if allowed and the store is free, else on a worker thread."""
+        if self.inline_commits and len(changes.blocks) <= INLINE_MAX_BLOCKS:
+            try:
+                return self._encode_and_commit(changes, data, release, keep, nowait=True)
+            except ConflictError as e:  # another writer holds the store: wait for it off the loop
+                log.debug("event=commit_inline_busy cause=%s", e)
+        return await self.run(self._encode_and_commit, changes, data, release, keep)
+
+    def _encode_and_commit(
+        self,
+        changes: ChangeSet,
+        data: dict[int, DataCommit],
+        release: tuple[int, ...],
+        keep: tuple[int, ...],
+        nowait: bool = False,
+    ) -> CommitResult:
         blocks = {(ino, b): encode_block(bytes(block), ino, b) for (ino, b), block in changes.blocks.items()}
-        return self.volume.commit(ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data, release, keep)
+        return self.volume.commit(
+            ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data, release, keep, nowait=nowait
+        )
 
     async def stage(self, fs: FileState) -> None:
         """Move the overlay into the store, unpublished, until it fits the memory budget."""

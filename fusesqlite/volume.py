@@ -312,6 +312,8 @@ class Volume:
         data: dict[int, DataCommit] | None = None,
         release_leases: Iterable[int] = (),
         idle_leases: Iterable[int] = (),
+        *,
+        nowait: bool = False,
     ) -> "CommitResult":
         """Write ``changes`` as the next version of the volume.
 
@@ -320,6 +322,8 @@ class Volume:
         This mount's write leases on ``release_leases`` end with it. Those on
         ``idle_leases`` (the transaction's own) must still be this mount's, else the
         commit fails with LeaseLost; they become idle, still this mount's.
+        ``nowait``: one attempt through the store's ``transact_nowait`` (ConflictError
+        where ``transact`` would wait or retry).
         """
         data = data or {}
         release_leases = tuple(release_leases)
@@ -380,6 +384,8 @@ class Volume:
             tr.set(self.ks.head(), pack((version,)))
             return CommitResult(version, written)
 
+        if nowait:
+            return self.store.transact_nowait(fn)  # type: ignore[attr-defined]
         return self.store.transact(fn)
 
     def _log(self, tr: Transaction, version: int, entry: LogEntry) -> None:

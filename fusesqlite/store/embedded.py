@@ -52,6 +52,12 @@ POLL_SECONDS = 0.01
 #: price of bigger WAL frames for small commits (figures in docs/architecture.md).
 PAGE_SIZE = 32768
 
+#: commits by ``transact_nowait`` between two checkpoints of the WAL. Its connection
+#: never checkpoints (that is I/O its caller, an event loop, must not wait for): a
+#: background thread does, so the WAL stays about as short as SQLite's default
+#: 1,000-page auto-checkpoint keeps it (a small commit writes 2-4 pages).
+CHECKPOINT_EVERY = 250
+
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
 _GET = "SELECT v FROM kv WHERE k = ?"
 _RANGE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k LIMIT ?"
@@ -208,6 +214,9 @@ class EmbeddedStore:
         self._local = threading.local()
         self._conns: dict[threading.Thread, sqlite3.Connection] = {}
         self._busy: set[sqlite3.Connection] = set()  # inside a transaction attempt right now
+        self._nowait: sqlite3.Connection | None = None  # transact_nowait's: busy timeout 0
+        self._nowait_commits = 0
+        self._checkpointing = False
         self._closed = False
         self._make_directory()
         # connect now so a bad store fails at startup, not at the first file system request
@@ -223,6 +232,55 @@ class EmbeddedStore:
         return run_with_retries(
             lambda: self._attempt(fn), retry_limit=self._attempts, what=self.description
         )
+
+    def transact_nowait(self, fn: Callable[[Transaction], T]) -> T:
+        """One attempt of ``transact`` that never waits: no busy wait, no retry, no checkpoint.
+
+        Raises ``ConflictError`` when another writer holds the store or committed
+        since this attempt's snapshot; the caller then uses ``transact``. For a
+        caller that must not block (an event loop committing small transactions
+        itself, where handing them to a thread costs more: docs/architecture.md).
+        Call it from one thread at a time.
+        """
+        if self._closed:
+            raise StoreUnavailable(f"{self.description} is closed")
+        conn = self._nowait
+        if conn is None:
+            conn = self._nowait = self._connect(busy_timeout=0.0)
+            try:
+                conn.execute("PRAGMA wal_autocheckpoint=0")
+            except sqlite3.Error as e:
+                self._nowait = None
+                _close_quietly(conn)
+                raise self._error(e) from e
+        result = self._attempt(fn, conn)
+        self._nowait_commits += 1
+        if self._nowait_commits >= CHECKPOINT_EVERY:
+            self._nowait_commits = 0
+            self._checkpoint_soon()
+        return result
+
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint the WAL on a thread of its own (one at a time)."""
+        with self._lock:
+            if self._checkpointing or self._closed:
+                return
+            self._checkpointing = True
+        threading.Thread(target=self._checkpoint, name="store-checkpoint", daemon=True).start()
+
+    def _checkpoint(self) -> None:
+        try:
+            conn = self._connect()
+            try:
+                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                log.debug("event=store_checkpoint path=%s frames=%d checkpointed=%d", self.path, frames, done)
+            finally:
+                _close_quietly(conn)
+        except (sqlite3.Error, StoreError) as e:
+            log.warning("event=store_checkpoint_failed path=%s error=%s", self.path, e)
+        finally:
+            with self._lock:
+                self._checkpointing = False
 
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
         """Woken by other processes' commits (wakeups.py), else polling: SQLite tells no one.
@@ -255,6 +313,9 @@ class EmbeddedStore:
         with self._lock:
             self._closed = True
             conns = [c for c in self._conns.values() if c not in self._busy]
+            if self._nowait is not None and self._nowait not in self._busy:
+                conns.append(self._nowait)
+            self._nowait = None
             self._conns.clear()
             self._local = threading.local()
         for conn in conns:
@@ -264,8 +325,9 @@ class EmbeddedStore:
 
     # transactions
 
-    def _attempt(self, fn: Callable[[Transaction], T]) -> T:
-        conn = self._connection()
+    def _attempt(self, fn: Callable[[Transaction], T], conn: sqlite3.Connection | None = None) -> T:
+        if conn is None:
+            conn = self._connection()
         with self._lock:
             self._busy.add(conn)
         try:
@@ -349,11 +411,11 @@ class EmbeddedStore:
             self._local.conn = conn
         return conn
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout: float | None = None) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.file,
-                timeout=self._busy_timeout,
+                timeout=self._busy_timeout if busy_timeout is None else busy_timeout,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,  # close() runs on another thread
             )
@@ -383,6 +445,8 @@ class EmbeddedStore:
                     del self._conns[thread]
             if getattr(self._local, "conn", None) is conn:
                 del self._local.conn
+            if self._nowait is conn:
+                self._nowait = None
         _close_quietly(conn)
 
     def _make_directory(self) -> None:
@@ -403,6 +467,8 @@ class EmbeddedStore:
         self._local = threading.local()
         self._conns = {}
         self._busy = set()
+        self._nowait = None
+        self._checkpointing = False
         self._wakeups = wakeups.Wakeups(self.path, self.file)  # the parent's socket and name stay the parent's
 
 
