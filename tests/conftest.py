@@ -39,7 +39,8 @@ class Mount:
     """One running ``fusesqlite mount`` process."""
 
     def __init__(self, factory: "MountFactory", mountpoint: Path, store: str, volume: str | None,
-                 args: list[str], log_path: Path, proc: subprocess.Popen, env_extra: dict | None):
+                 args: list[str], log_path: Path, proc: subprocess.Popen, env_extra: dict | None,
+                 cpus: frozenset[int] | None = None):
         self.factory = factory
         self.mountpoint = mountpoint
         self.store = store
@@ -48,6 +49,7 @@ class Mount:
         self.log_path = log_path
         self.proc = proc
         self.env_extra = env_extra
+        self.cpus = cpus  # the daemon's CPU affinity, if the test chose one
 
     # -- info ---------------------------------------------------------------
     @property
@@ -177,9 +179,11 @@ class MountFactory:
         env_extra: dict[str, str] | None = None,
         pass_store: bool = True,
         split_output: bool = False,
+        cpus: frozenset[int] | None = None,
     ) -> Mount:
         """Start a mount. ``split_output``: stdout goes to its own file (Mount.stdout_text())
-        instead of the log file, which then holds stderr only."""
+        instead of the log file, which then holds stderr only. ``cpus``: the daemon's CPU
+        affinity (as ``taskset`` would set it), kept by remount."""
         self._n += 1
         n = self._n
         if mountpoint is None:
@@ -198,10 +202,10 @@ class MountFactory:
         if debug:
             args.append("--debug")
         args += list(extra_args)
-        return self._start(Path(mountpoint), store, volume, args, env_extra, split_output)
+        return self._start(Path(mountpoint), store, volume, args, env_extra, split_output, cpus)
 
     def _start(self, mountpoint: Path, store: str, volume: str | None, args: list[str],
-               env_extra: dict | None, split_output: bool = False) -> Mount:
+               env_extra: dict | None, split_output: bool = False, cpus: frozenset[int] | None = None) -> Mount:
         log_path = self.tmp_path / f"daemon-{len(self.mounts) + 1}.log"
         log = open(log_path, "wb")
         out = open(log_path.with_suffix(".stdout"), "wb") if split_output else log
@@ -214,11 +218,12 @@ class MountFactory:
                 env=child_env(env_extra),
                 cwd=str(REPO),
                 start_new_session=True,  # a ^C of pytest must not reach it; teardown handles it
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         finally:
             log.close()
             out.close()
-        m = Mount(self, mountpoint, store, volume, args, log_path, proc, env_extra)
+        m = Mount(self, mountpoint, store, volume, args, log_path, proc, env_extra, cpus)
         self.mounts.append(m)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while True:
@@ -254,7 +259,7 @@ class MountFactory:
             note = force_unmount(m.mountpoint)
             if m.mounted():
                 _fail(f"could not unmount the dead mount {m.mountpoint}: {note}")
-        return self._start(m.mountpoint, m.store, m.volume, m.args, m.env_extra)
+        return self._start(m.mountpoint, m.store, m.volume, m.args, m.env_extra, cpus=m.cpus)
 
     def kill_all(self) -> None:
         """Watchdog: SIGKILL everything we started (by pid)."""

@@ -123,10 +123,22 @@ def _check_stream_db(db, acked: set[int], first: int):
 # file system commits; a kill -9 of the daemon (not of the app) must not leave half a transaction.
 @pytest.mark.parametrize("mode", ["DELETE", "TRUNCATE", "PERSIST", "WAL", "MEMORY", "OFF"])
 def test_kill9_daemon_during_commit_stream(mounts, mode):
+    _kill9_daemon_stream(mounts, mode)
+
+
+@pytest.mark.parametrize("mode", ["DELETE", "WAL"])
+def test_kill9_daemon_during_commits_on_the_event_loop(mounts, mode):
+    """The same with the daemon on one CPU, where small commits run on its event loop
+    (mount.py's _commit_inline): acknowledged means in the store there too."""
+    m = _kill9_daemon_stream(mounts, mode, cpus=frozenset({min(os.sched_getaffinity(0))}))
+    assert "event=commit_path inline=yes cpus=1" in m.log_text(), m.log_tail()
+
+
+def _kill9_daemon_stream(mounts, mode, cpus=None):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"seed={seed}")
-    m = mounts()
+    m = mounts(cpus=cpus)
     db = m / "crash.sqlite"
     _setup_stream_db(db, mode)
     first = 1
@@ -147,6 +159,7 @@ def test_kill9_daemon_during_commit_stream(mounts, mode):
         last = _check_stream_db(db, all_acked, 1)
         print(f"round {round_}: delay={delay:.3f} acked={len(acked)} last={last} writer: {err.strip()}")
         first = last + 1
+    return m
 
 
 @pytest.mark.parametrize("mode", ["DELETE", "WAL"])
