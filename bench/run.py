@@ -338,13 +338,16 @@ def drop_page_cache() -> str:
 class Daemon:
     """A fusesqlite mount in its own process, for measuring; restartable on the same store."""
 
-    def __init__(self, work: Path, source: Path = REPO, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, work: Path, source: Path = REPO, extra_args: tuple[str, ...] = (),
+                 cpus: frozenset[int] | None = None, name: str = "mnt") -> None:
         self.source = source  # the checkout whose fusesqlite package is run
         self.extra_args = extra_args  # more `fusesqlite mount` options
-        self.mountpoint = work / "mnt"
+        self.cpus = cpus  # the daemon's CPU affinity (as taskset sets it), None: the machine's
+        self.mountpoint = work / name
         self.mountpoint.mkdir()
-        self.store = work / "store"
-        self.log_path = work / "daemon.log"
+        suffix = "" if name == "mnt" else f"-{name}"
+        self.store = work / f"store{suffix}"
+        self.log_path = work / f"daemon{suffix}.log"
         self.peak_mib = 0.0  # over all processes (restarts)
         self.window_peak_mib = 0.0  # since reset_peak, over processes
         self.proc_cpu_s = 0.0  # of the current process
@@ -360,6 +363,7 @@ class Daemon:
                 [sys.executable, "-m", "fusesqlite", "mount", str(self.mountpoint), "--store", str(self.store),
                  *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.source,
+                preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
             )
         deadline = time.monotonic() + 20
         while not os.path.ismount(self.mountpoint):
@@ -448,6 +452,7 @@ class Row:
     mount_peak_rss_mib: float | None = None
     mount_cpu_ms_per_txn: float | None = None
     c_passthrough: float | None = None  # the same workload on libfuse's C pass-through (C_PASSTHROUGH_WORKLOADS)
+    one_cpu: float | None = None  # the same with the app and a mount of its own on one CPU (ONE_CPU_WORKLOADS)
     notes: list[str] = field(default_factory=list)
     steps: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> seconds per step, if it has steps
 
@@ -497,7 +502,44 @@ def run_workload(name: str, local: Side, mount: Side, daemon: Daemon, cfg: Confi
         row.met = row.ratio is not None and row.ratio >= row.target
     if name in C_PASSTHROUGH_WORKLOADS:
         on_c_passthrough(row, fn, local.root.parent, cfg)
+    if name in ONE_CPU_WORKLOADS:
+        on_one_cpu(row, fn, local.root.parent, daemon, cfg)
     return row
+
+
+#: workloads also run with the application and a mount of its own pinned to one CPU
+#: (`taskset -c N` on both, as README's "Small transactions on one CPU" advises):
+#: this VM pays ~15 us per wake-up of an idle CPU, and there the mount commits
+#: small transactions on its event loop (docs/architecture.md)
+ONE_CPU_WORKLOADS = {"small_write_txns"}
+
+
+def on_one_cpu(row: Row, fn: Workload, work: Path, daemon: Daemon, cfg: Config) -> None:
+    """Run the workload on a second mount pinned to the last CPU, from this process pinned
+    there too; compared with the local disk's unpinned run (its best). Becomes a note."""
+    cpus = os.sched_getaffinity(0)
+    cpu = max(cpus)
+    if len(cpus) < 2:
+        row.notes.append("one-CPU run: not measured (this process has one CPU already)")
+        return
+    pinned = Daemon(work, daemon.source, daemon.extra_args, cpus=frozenset({cpu}), name="mnt-one-cpu")
+    try:
+        (pinned.mountpoint / "w").mkdir()
+        os.sched_setaffinity(0, {cpu})
+        try:
+            m = fn(Side("one-cpu", pinned.mountpoint / "w", pinned.restart), cfg)
+        finally:
+            os.sched_setaffinity(0, cpus)
+    except (RuntimeError, OSError, sqlite3.Error) as e:
+        row.notes.append(f"one-CPU run FAILED: {type(e).__name__}: {e}")
+        return
+    finally:
+        pinned.stop()
+    row.one_cpu = m.value
+    note = f"app and mount both on CPU {cpu} (taskset -c {cpu}): {fmt(m.value)} {m.unit}"
+    if row.local:
+        note += f", {m.value / row.local:.2f}x the local disk (unpinned)"
+    row.notes.append(note)
 
 
 #: workloads also run on libfuse's C pass-through file system, the yardstick for what
