@@ -79,8 +79,8 @@ class FileState:
 #: files whose pages' version this mount remembers (Transactions.views): an int each
 VIEWS_KEPT = 100_000
 
-#: a commit of at most this many blocks may run on the event loop (``inline_commits``):
-#: encoding and writing them takes well under a millisecond
+#: a commit of at most this many blocks, and no staging to publish, may run on the event
+#: loop (``inline_commits``): encoding and writing them takes well under a millisecond
 INLINE_MAX_BLOCKS = 32
 
 
@@ -529,7 +529,9 @@ class Transactions:
         self, changes: ChangeSet, data: dict[int, DataCommit], release: tuple[int, ...], keep: tuple[int, ...]
     ) -> CommitResult:
         """One commit: on the event loop if allowed and the store is free, else on a worker thread."""
-        if self.inline_commits and len(changes.blocks) <= INLINE_MAX_BLOCKS:
+        # not a big transaction's: publishing its staging clears every staged block's key
+        small = len(changes.blocks) <= INLINE_MAX_BLOCKS and all(dc.staging is None for dc in data.values())
+        if self.inline_commits and small:
             try:
                 return self._encode_and_commit(changes, data, release, keep, nowait=True)
             except ConflictError as e:  # another writer holds the store: wait for it off the loop
