@@ -53,9 +53,10 @@ POLL_SECONDS = 0.01
 PAGE_SIZE = 32768
 
 #: commits by ``transact_nowait`` between two checkpoints of the WAL. Its connection
-#: never checkpoints (that is I/O its caller, an event loop, must not wait for): a
-#: background thread does, so the WAL stays about as short as SQLite's default
-#: 1,000-page auto-checkpoint keeps it (a small commit writes 2-4 pages).
+#: never checkpoints (that is I/O its caller, an event loop, must not wait for): it
+#: refuses the next attempt instead, and ``transact`` checkpoints after that commit,
+#: so the WAL stays about as short as SQLite's 1,000-page auto-checkpoint keeps it
+#: (a small commit writes 2-7 pages) and is overwritten rather than appended to.
 CHECKPOINT_EVERY = 250
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
@@ -216,7 +217,8 @@ class EmbeddedStore:
         self._busy: set[sqlite3.Connection] = set()  # inside a transaction attempt right now
         self._nowait: sqlite3.Connection | None = None  # transact_nowait's: busy timeout 0
         self._nowait_commits = 0
-        self._checkpointing = False
+        #: transact_nowait refused an attempt for it: transact checkpoints after its commit
+        self._checkpoint_due = False
         self._closed = False
         self._make_directory()
         # connect now so a bad store fails at startup, not at the first file system request
@@ -229,21 +231,36 @@ class EmbeddedStore:
     # Store protocol
 
     def transact(self, fn: Callable[[Transaction], T]) -> T:
-        return run_with_retries(
+        result = run_with_retries(
             lambda: self._attempt(fn), retry_limit=self._attempts, what=self.description
         )
+        if self._checkpoint_due:
+            self._checkpoint_due = False
+            self._checkpoint(self._connection())
+        return result
 
     def transact_nowait(self, fn: Callable[[Transaction], T]) -> T:
         """One attempt of ``transact`` that never waits: no busy wait, no retry, no checkpoint.
 
         Raises ``ConflictError`` when another writer holds the store or committed
-        since this attempt's snapshot; the caller then uses ``transact``. For a
+        since this attempt's snapshot, and once every ``CHECKPOINT_EVERY`` commits
+        (the WAL is due for a checkpoint); the caller then uses ``transact``. For a
         caller that must not block (an event loop committing small transactions
         itself, where handing them to a thread costs more: docs/architecture.md).
         Call it from one thread at a time.
+
+        A checkpoint on a thread of its own (session 15) never caught up with an
+        event loop committing without pause: its passive checkpoint left the latest
+        frames, so SQLite never started the WAL over, and the WAL grew by every
+        commit (208 KB for a small one) without end, each append's fdatasync also
+        writing the new file size (700 µs a commit against 500).
         """
         if self._closed:
             raise StoreUnavailable(f"{self.description} is closed")
+        if self._nowait_commits >= CHECKPOINT_EVERY:
+            self._nowait_commits = 0
+            self._checkpoint_due = True
+            raise ConflictError(f"{self.description}: the WAL is due for a checkpoint")
         conn = self._nowait
         if conn is None:
             conn = self._nowait = self._connect(busy_timeout=0.0)
@@ -255,32 +272,16 @@ class EmbeddedStore:
                 raise self._error(e) from e
         result = self._attempt(fn, conn)
         self._nowait_commits += 1
-        if self._nowait_commits >= CHECKPOINT_EVERY:
-            self._nowait_commits = 0
-            self._checkpoint_soon()
         return result
 
-    def _checkpoint_soon(self) -> None:
-        """Checkpoint the WAL on a thread of its own (one at a time)."""
-        with self._lock:
-            if self._checkpointing or self._closed:
-                return
-            self._checkpointing = True
-        threading.Thread(target=self._checkpoint, name="store-checkpoint", daemon=True).start()
-
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        """A passive checkpoint right after a commit: with no other writer in between it
+        copies every frame, and the next commit starts the WAL over."""
         try:
-            conn = self._connect()
-            try:
-                busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                log.debug("event=store_checkpoint path=%s frames=%d checkpointed=%d", self.path, frames, done)
-            finally:
-                _close_quietly(conn)
-        except (sqlite3.Error, StoreError) as e:
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            log.debug("event=store_checkpoint path=%s frames=%d checkpointed=%d", self.path, frames, done)
+        except sqlite3.Error as e:
             log.warning("event=store_checkpoint_failed path=%s error=%s", self.path, e)
-        finally:
-            with self._lock:
-                self._checkpointing = False
 
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
         """Woken by other processes' commits (wakeups.py), else polling: SQLite tells no one.
@@ -468,7 +469,7 @@ class EmbeddedStore:
         self._conns = {}
         self._busy = set()
         self._nowait = None
-        self._checkpointing = False
+        self._checkpoint_due = False
         self._wakeups = wakeups.Wakeups(self.path, self.file)  # the parent's socket and name stay the parent's
 
 
