@@ -269,10 +269,12 @@ class FileOps(FsBase):
         f = self.handle(fh).file
         if isinstance(f, TransientFile):
             was = f.active
-            if not was:
+            # journal_started's own first test, here: a small transaction writes its
+            # journal ten times, nine of them while holding the lease already
+            if not was and not (off and f.writing is not None and self.coherence.holds(f.writing)):
                 await self.journal_started(f, off)
             f.write(off, buf)
-            if off == 0:
+            if off == 0 and was and not f.active:
                 await self.transient_changed(f, was, "journal header zeroed")
             return len(buf)
         try:

@@ -6,13 +6,17 @@ store is already at the last commit, which is what playing the journal back woul
 have produced. Their inode numbers come from a range the store never uses.
 Contents beyond ``SPOOL_BYTES`` spill to an unlinked local temporary file, so a
 journal as big as its transaction does not count against the daemon's memory.
+Below that they are a bytearray: a small transaction writes its journal ten times,
+and a SpooledTemporaryFile's seek and write cost more than the slice assignment.
 """
 from __future__ import annotations
 
 import itertools
+import os
 import stat
 import tempfile
 import time
+from typing import IO
 
 from fusesqlite.inodes import TRANSIENT_BASE, Inode
 
@@ -21,14 +25,15 @@ SPOOL_BYTES = 1 << 20
 
 class TransientFile:
     __slots__ = (
-        "ino", "parent", "name", "data", "size", "rec", "opens", "linked", "writing", "first", "changed_ns", "db_synced",
+        "ino", "parent", "name", "mem", "spill", "size", "rec", "opens", "linked", "writing", "first", "changed_ns", "db_synced",
     )
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
-        self.data = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        self.mem = bytearray()  # the contents while they fit in SPOOL_BYTES (len(mem) == size)
+        self.spill: IO[bytes] | None = None  # then: a temporary file of length ``size``
         self.size = 0
         self.rec = Inode.new(stat.S_IFREG, mode, uid, gid)
         self.opens = 0
@@ -59,8 +64,12 @@ class TransientFile:
         return self.size > 0 and self.first != 0
 
     def read(self, offset: int, length: int) -> bytes:
-        self.data.seek(offset)
-        return self.data.read(max(0, min(length, self.size - offset)))
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return b""
+        if self.spill is None:
+            return bytes(self.mem[offset:end])
+        return os.pread(self.spill.fileno(), end - offset, offset)
 
     def write(self, offset: int, buf: bytes) -> None:
         if not buf:
@@ -69,24 +78,46 @@ class TransientFile:
             self.first = buf[0]
         elif self.size == 0:
             self.first = 0  # the gap before ``offset`` reads as zeros
-        self.data.seek(offset)  # writing past the end fills the gap with zeros
-        self.data.write(buf)
-        self.size = max(self.size, offset + len(buf))
+        end = offset + len(buf)
+        if self.spill is None and end > SPOOL_BYTES:
+            self._spill()
+        if self.spill is None:
+            mem = self.mem
+            if offset > len(mem):
+                mem.extend(bytes(offset - len(mem)))  # writing past the end fills the gap with zeros
+            mem[offset:end] = buf
+        else:
+            os.pwrite(self.spill.fileno(), buf, offset)
+        if end > self.size:
+            self.size = end
         self.changed_ns = time.time_ns()
 
     def truncate(self, size: int) -> None:
-        if size < self.size:
-            self.data.truncate(size)
-        elif size > self.size:
-            if self.size == 0:
-                self.first = 0
-            self.data.seek(size - 1)
-            self.data.write(b"\0")
+        if size > self.size and self.size == 0:
+            self.first = 0
+        if self.spill is None and size > SPOOL_BYTES:
+            self._spill()
+        if self.spill is None:
+            if size < self.size:
+                del self.mem[size:]
+            else:
+                self.mem.extend(bytes(size - self.size))
+        else:
+            os.ftruncate(self.spill.fileno(), size)  # growing reads as zeros
         self.size = size
         self.changed_ns = time.time_ns()
 
+    def _spill(self) -> None:
+        """Move the contents to an unlinked temporary file (local disk, not memory)."""
+        spill = tempfile.TemporaryFile()
+        spill.write(self.mem)
+        spill.flush()
+        self.spill, self.mem = spill, bytearray()
+
     def close(self) -> None:
-        self.data.close()
+        if self.spill is not None:
+            self.spill.close()
+        self.mem = bytearray()
 
 
 class TransientFiles:

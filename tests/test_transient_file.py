@@ -1,0 +1,59 @@
+"""A transient file's contents against a plain bytearray model, below and beyond the
+point where they spill from memory to a temporary file."""
+from __future__ import annotations
+
+import random
+import stat
+
+from fusesqlite.fs import transient
+from fusesqlite.fs.transient import TransientFile
+
+
+def _apply(model: bytearray, op: str, offset: int, data: bytes) -> None:
+    if op == "write":
+        if offset > len(model):
+            model.extend(bytes(offset - len(model)))
+        model[offset:offset + len(data)] = data
+    else:
+        del model[offset:]
+        model.extend(bytes(offset - len(model)))
+
+
+def test_contents_match_a_model_across_the_spill(monkeypatch):
+    monkeypatch.setattr(transient, "SPOOL_BYTES", 64 * 1024)  # spill within a few writes
+    rng = random.Random(6)
+    for _ in range(20):
+        tf = TransientFile(1, 1, b"x-journal", stat.S_IFREG | 0o644, 0, 0)
+        model = bytearray()
+        try:
+            for _ in range(60):
+                op = rng.choice(["write", "write", "write", "truncate"])
+                offset = rng.randrange(0, 100 * 1024)
+                data = rng.randbytes(rng.randrange(1, 9000))
+                _apply(model, op, offset, data)
+                if op == "write":
+                    tf.write(offset, data)
+                else:
+                    tf.truncate(offset)
+                assert tf.size == len(model)
+                assert tf.first == (model[0] if model else tf.first)
+                start = rng.randrange(0, len(model) + 10)
+                assert tf.read(start, 5000) == bytes(model[start:start + 5000])
+            assert tf.read(0, len(model) + 1) == bytes(model)
+        finally:
+            tf.close()
+
+
+def test_a_journal_past_the_spill_point_leaves_memory():
+    tf = TransientFile(1, 1, b"big-journal", stat.S_IFREG | 0o644, 0, 0)
+    try:
+        chunk = b"\xd9" + bytes(4095)
+        for i in range(transient.SPOOL_BYTES // 4096 + 2):
+            tf.write(i * 4096, chunk)
+        assert tf.spill is not None and not tf.mem
+        assert tf.read(transient.SPOOL_BYTES, 4096) == chunk
+        assert tf.active
+        tf.truncate(0)
+        assert not tf.active and tf.read(0, 10) == b""
+    finally:
+        tf.close()
