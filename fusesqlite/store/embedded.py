@@ -253,7 +253,7 @@ class EmbeddedStore:
         event loop committing without pause: its passive checkpoint left the latest
         frames, so SQLite never started the WAL over, and the WAL grew by every
         commit (208 KB for a small one) without end, each append's fdatasync also
-        writing the new file size (700 µs a commit against 500).
+        writing the new file size (700 µs a commit against 470).
         """
         if self._closed:
             raise StoreUnavailable(f"{self.description} is closed")
