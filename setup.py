@@ -1,9 +1,10 @@
-"""Builds fusesqlite's two C modules; everything else is in pyproject.toml.
+"""Builds fusesqlite's three C modules; everything else is in pyproject.toml.
 
 ``fusesqlite._fuse_init`` (fuse_caps.py says why) needs libfuse3's headers, as
 pyfuse3 does; it does not link libfuse3 (it finds the copy pyfuse3 loaded).
 ``fusesqlite._blocks`` (pages.decode_run says why) needs liblz4 and xxhash's
 header.
+``fusesqlite._journal`` (its comment says why) needs nothing but Python's headers.
 """
 import subprocess
 
@@ -21,5 +22,6 @@ def fuse3_cflags() -> list[str]:
 setup(ext_modules=[
     Extension("fusesqlite._fuse_init", ["fusesqlite/_fuse_init.c"], extra_compile_args=fuse3_cflags()),
     # read-ahead's block decoding without the GIL (pages.decode_run): liblz4-dev, libxxhash-dev
+    Extension("fusesqlite._journal", ["fusesqlite/_journal.c"], extra_compile_args=["-O2"]),
     Extension("fusesqlite._blocks", ["fusesqlite/_blocks.c"], libraries=["lz4"], extra_compile_args=["-O2"]),
 ])

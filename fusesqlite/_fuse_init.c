@@ -15,6 +15,10 @@
  * init callback so that, after pyfuse3's own, the capabilities chosen with
  * configure() are cleared or set, then calls libfuse's fuse_session_new. Only
  * the public libfuse API is used (struct fuse_lowlevel_ops, fuse_conn_info).
+ *
+ * It also wraps the write and read callbacks: once fast_path() has been given
+ * fusesqlite._journal's API, a journal's writes and reads that module can answer
+ * are answered here, in C, and only the rest reach pyfuse3 (_journal.c says why).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_journal.h"
+
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t, void *);
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
 
@@ -36,6 +42,40 @@ static unsigned want, capable;
 /* the session pyfuse3 made: valid from pyfuse3.init to pyfuse3.close */
 static struct fuse_session *made;
 static int (*made_fd)(struct fuse_session *);
+
+/* pyfuse3's callbacks, and libfuse's replies (found in the copy pyfuse3 loaded) */
+typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
+typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+static write_buf_fn app_write_buf;
+static read_fn app_read;
+static int (*reply_write)(fuse_req_t, size_t);
+static int (*reply_buf)(fuse_req_t, const char *, size_t);
+static const struct journal_api *fast;
+
+static void write_buf_hook(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                           struct fuse_file_info *fi)
+{
+    if (fast != NULL && bufv->count == 1 && bufv->idx == 0 && bufv->off == 0
+        && !(bufv->buf[0].flags & FUSE_BUF_IS_FD)
+        && fast->write(fi->fh, off, bufv->buf[0].mem, bufv->buf[0].size)) {
+        reply_write(req, bufv->buf[0].size);
+        return;
+    }
+    app_write_buf(req, ino, bufv, off, fi);
+}
+
+static void read_hook(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    const char *out;
+    size_t len;
+    char *to_free;
+    if (fast != NULL && fast->read(fi->fh, off, size, &out, &len, &to_free)) {
+        reply_buf(req, out, len);
+        free(to_free);
+        return;
+    }
+    app_read(req, ino, size, off, fi);
+}
 
 static void init_hook(void *userdata, struct fuse_conn_info *conn)
 {
@@ -54,6 +94,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
     session_new_fn real = lib ? (session_new_fn)dlsym(lib, "fuse_session_new") : NULL;
     made_fd = lib ? (int (*)(struct fuse_session *))dlsym(lib, "fuse_session_fd") : NULL;
+    reply_write = lib ? (int (*)(fuse_req_t, size_t))dlsym(lib, "fuse_reply_write") : NULL;
+    reply_buf = lib ? (int (*)(fuse_req_t, const char *, size_t))dlsym(lib, "fuse_reply_buf") : NULL;
     if (lib)
         dlclose(lib); /* RTLD_NOLOAD took a reference; libfuse stays loaded by its user */
     if (real == NULL || real == fuse_session_new || op_size < sizeof(init_fn)) {
@@ -68,6 +110,15 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     memcpy(ops, op, op_size);
     app_init = ops->init;
     ops->init = init_hook;
+    app_write_buf = NULL;
+    app_read = NULL;
+    if (op_size >= sizeof(struct fuse_lowlevel_ops) && reply_write != NULL && reply_buf != NULL
+        && ops->write_buf != NULL && ops->read != NULL) {
+        app_write_buf = ops->write_buf;
+        ops->write_buf = write_buf_hook;
+        app_read = ops->read;
+        ops->read = read_hook;
+    }
     struct fuse_session *session = real(args, ops, op_size, userdata);
     free(ops);
     made = session;
@@ -96,6 +147,20 @@ static PyObject *session_fd(PyObject *self, PyObject *unused)
     return PyLong_FromLong(made != NULL && made_fd != NULL ? made_fd(made) : -1);
 }
 
+static PyObject *fast_path(PyObject *self, PyObject *capsule)
+{
+    const struct journal_api *api = PyCapsule_GetPointer(capsule, JOURNAL_API_CAPSULE);
+    if (api == NULL)
+        return NULL;
+    fast = api;
+    Py_RETURN_NONE;
+}
+
+static PyObject *hooked(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(app_write_buf != NULL);
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(clear, set): capabilities to clear from and set in what the mount asks of the kernel"},
@@ -104,6 +169,9 @@ static PyMethodDef methods[] = {
     {"session_fd", session_fd, METH_NOARGS,
      "/dev/fuse's descriptor of the session made through this module (-1 if none); "
      "call it only between pyfuse3.init() and pyfuse3.close()"},
+    {"fast_path", fast_path, METH_O,
+     "fast_path(capsule): answer what fusesqlite._journal.api() can in C (before pyfuse3.init)"},
+    {"hooked", hooked, METH_NOARGS, "whether the session made through this module has the read and write hooks"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -45,6 +45,9 @@ def load() -> None:
     finally:
         sys.setdlopenflags(flags)
     _fuse_init.configure(_fuse_init.AUTO_INVAL_DATA, 0)
+    from fusesqlite import _journal
+
+    _fuse_init.fast_path(_journal.api())  # journals' writes and reads answered in C (_journal.c)
     _module = _fuse_init
 
 
@@ -56,9 +59,10 @@ def report() -> bool:
         log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes", why)
         return False
     want, capable = negotiated
-    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s want=%#x capable=%#x",
+    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s journal_fast_path=%s want=%#x capable=%#x",
              "on" if want & _module.AUTO_INVAL_DATA else "off",
-             "on" if want & _module.WRITEBACK_CACHE else "off", want, capable)
+             "on" if want & _module.WRITEBACK_CACHE else "off",
+             "on" if _module.hooked() else "off", want, capable)
     return not want & _module.AUTO_INVAL_DATA
 
 

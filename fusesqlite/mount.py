@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from fusesqlite import fuse_caps
+from fusesqlite import _journal, fuse_caps
 from fusesqlite.coherence import Coherence
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
@@ -229,7 +229,9 @@ def serve(config: MountConfig) -> None:
         own_mount.stop()  # normally stopped already, while the mount still served
         pyfuse3.close(unmount=True)
         store.close()
-        log.info("event=unmounted mountpoint=%s clean=%s", mountpoint, unmounted)
+        fast_writes, fast_reads, _ = _journal.stats()
+        log.info("event=unmounted mountpoint=%s clean=%s journal_writes_in_c=%d journal_reads_in_c=%d",
+                 mountpoint, unmounted, fast_writes, fast_reads)
 
 
 async def _serve(ops: Operations) -> None:

@@ -50,10 +50,11 @@ def test_a_journal_past_the_spill_point_leaves_memory():
         chunk = b"\xd9" + bytes(4095)
         for i in range(transient.SPOOL_BYTES // 4096 + 2):
             tf.write(i * 4096, chunk)
-        assert tf.spill is not None and not tf.mem
+        assert tf.data.spilled
         assert tf.read(transient.SPOOL_BYTES, 4096) == chunk
         assert tf.active
         tf.truncate(0)
         assert not tf.active and tf.read(0, 10) == b""
+        assert not tf.data.spilled  # an emptied journal is back in memory
     finally:
         tf.close()

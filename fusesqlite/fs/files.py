@@ -17,6 +17,7 @@ import time
 import pyfuse3
 import trio
 
+from fusesqlite import _journal
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
@@ -218,12 +219,17 @@ class FileOps(FsBase):
     def file_info(
         self, ino: int, file: FileState | TransientFile, keep_cache: bool = True, proxy: bool = False
     ) -> pyfuse3.FileInfo:
-        fi = pyfuse3.FileInfo(fh=self.new_handle(ino, file, proxy))
+        fh = self.new_handle(ino, file, proxy)
+        fi = pyfuse3.FileInfo(fh=fh)
         fi.keep_cache = keep_cache  # every change passes through this mount's kernel (open_record)
         # A journal is written once and read back only by a rollback: through the
         # page cache, each record's write would be split at page boundaries (the
-        # kernel ends a request at a partly written page it has not read).
+        # kernel ends a request at a partly written page it has not read), and the
+        # daemon would not see the transaction start. Each write is a request, but
+        # most are answered in C (_journal.c) without reaching ``write`` below.
         fi.direct_io = isinstance(file, TransientFile) and journal_target(file.name) is not None
+        if fi.direct_io:
+            _journal.register(fh, file.data)
         return fi
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -332,6 +338,7 @@ class FileOps(FsBase):
             return
         f = h.file
         if isinstance(f, TransientFile):
+            _journal.unregister(fh)
             f.opens -= 1
             self.transient.release_if_unused(f)
             return

@@ -1,0 +1,68 @@
+"""A journal's writes and reads answered in C (``_journal.c``), end to end: SQLite's
+own rollback of a hot journal written that way, big enough to spill to a file."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from helpers import opendb, table_digest
+
+pytestmark = pytest.mark.timeout(120)
+
+#: updates every row with a small page cache, so SQLite syncs the journal (its header
+#: becomes active) and writes pages into the database before the commit; then waits
+MID_TXN_UPDATE = r"""
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA cache_size=20")
+c.execute("BEGIN")
+c.execute("UPDATE t SET data = randomblob(1000)")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _in_c(log: str) -> tuple[int, int]:
+    m = re.search(r"event=unmounted .*journal_writes_in_c=(\d+) journal_reads_in_c=(\d+)", log)
+    assert m, "no unmount line with the journal counters in the daemon log"
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_a_hot_journal_written_and_read_in_c_rolls_back(mounts):
+    m = mounts()
+    if "journal_fast_path=on" not in m.log_text():
+        pytest.skip("the C session hook is not loaded (see event=fuse_caps in the log)")
+    db = m / "app.sqlite"
+    with opendb(db) as c:  # journal_mode DELETE, synchronous FULL: SQLite's defaults
+        c.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, data BLOB)")
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO t VALUES (?, randomblob(1000))", [(k,) for k in range(3000)])
+        c.execute("COMMIT")
+        before = table_digest(c, "SELECT * FROM t ORDER BY k")
+
+    app = m.py(MID_TXN_UPDATE, str(db))
+    try:
+        assert app.stdout.readline().strip() == "ready", m.log_tail()
+        journal = f"{db}-journal"
+        # ~3 MB of original pages: past the 1 MiB the journal keeps in memory
+        assert os.path.getsize(journal) > 2 << 20
+        with open(journal, "rb") as f:
+            assert f.read(8) == bytes.fromhex("d9d505f920a163d7"), "the journal is not hot yet"
+    finally:
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(10)
+
+    with opendb(db) as c:  # plays the hot journal back
+        assert c.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert table_digest(c, "SELECT * FROM t ORDER BY k") == before
+    assert not os.path.exists(f"{db}-journal")
+
+    m.stop()
+    writes, reads = _in_c(m.log_text())
+    # 3 writes per journaled page (number, page, checksum), nearly all of them in C;
+    # SQLite read the whole journal back to play it
+    assert writes > 3 * 700, writes
+    assert reads > 700, reads
