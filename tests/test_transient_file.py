@@ -58,3 +58,18 @@ def test_a_journal_past_the_spill_point_leaves_memory():
         assert not tf.data.spilled  # an emptied journal is back in memory
     finally:
         tf.close()
+
+
+def test_the_c_hook_may_answer_a_journals_writes_only_while_its_transaction_runs():
+    """``Contents.started`` follows ``TransientFile.writing`` (files.py sets it once the
+    transaction took its lease, and clears it at the commit): while it is off, writes to
+    an inactive journal reach Python, which may start a transaction or refuse one."""
+    tf = TransientFile(1, 1, b"x-journal", stat.S_IFREG | 0o644, 0, 0)
+    try:
+        assert not tf.data.started
+        tf.writing = 42
+        assert tf.data.started and tf.writing == 42
+        tf.writing = None
+        assert not tf.data.started
+    finally:
+        tf.close()
