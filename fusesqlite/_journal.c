@@ -7,10 +7,13 @@
  * change nothing but the bytes. So the bytes live here (Contents: memory up to
  * a limit, then an unlinked temporary file), and _fuse_init.c's session hook
  * asks this module first for every WRITE and READ: a write into a registered
- * journal that is already active, away from its header, and any read of one,
- * are answered in C. Everything that can start or end a transaction (a write at
- * offset 0, a write to an inactive journal, truncation) still goes to Python
+ * journal away from its header, while the journal is active or its transaction
+ * has started (Contents.started), and any read of one, are answered in C.
+ * Everything that can start or end a transaction (a write at offset 0, a write
+ * to a journal nobody started, truncation) still goes to Python
  * (fusesqlite/fs/files.py), which sees the same contents through this type.
+ * Such writes do not look at the write lease again: one lost meanwhile fails the
+ * transaction at its commit (coherence.py, Coherence._lose).
  *
  * Everything runs on the thread holding the GIL: pyfuse3 calls libfuse's
  * fuse_session_process_buf, and so these hooks, from its event loop.

@@ -372,7 +372,7 @@ class Volume:
                 lease = Lease.unpack(raw) if raw is not None else None
                 if lease is None or lease.owner != self.author:
                     raise LeaseLost(f"ino {ino}: mount {lease.owner if lease else '(none)'} took the write lease")
-                if lease.busy:  # an idle lease stays as it is: one store page fewer to write
+                if lease.busy:  # an idle lease stays as it is (the read above checked it): one statement fewer
                     tr.set(self.ks.lease(ino), Lease(self.author, lease.expiry, busy=False).pack())
                 released.append((ino, "", 0.0))  # other mounts' writers may go: it is theirs for the taking
             for ino in release_leases:
