@@ -16,9 +16,10 @@
  * configure() are cleared or set, then calls libfuse's fuse_session_new. Only
  * the public libfuse API is used (struct fuse_lowlevel_ops, fuse_conn_info).
  *
- * It also wraps the write and read callbacks: once fast_path() has been given
- * fusesqlite._journal's API, a journal's writes and reads that module can answer
- * are answered here, in C, and only the rest reach pyfuse3 (_journal.c says why).
+ * It also wraps the write, read, fsync and flush callbacks: once fast_path() has
+ * been given fusesqlite._journal's API, a journal's writes and reads that module
+ * can answer, and every fsync and flush of a journal, are answered here, in C, and
+ * only the rest reach pyfuse3 (_journal.c says why).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -46,10 +47,15 @@ static int (*made_fd)(struct fuse_session *);
 /* pyfuse3's callbacks, and libfuse's replies (found in the copy pyfuse3 loaded) */
 typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t, struct fuse_file_info *);
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+typedef void (*fsync_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
+typedef void (*flush_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static write_buf_fn app_write_buf;
 static read_fn app_read;
+static fsync_fn app_fsync;
+static flush_fn app_flush;
 static int (*reply_write)(fuse_req_t, size_t);
 static int (*reply_buf)(fuse_req_t, const char *, size_t);
+static int (*reply_err)(fuse_req_t, int);
 static const struct journal_api *fast;
 
 static void write_buf_hook(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
@@ -77,6 +83,24 @@ static void read_hook(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
     app_read(req, ino, size, off, fi);
 }
 
+static void fsync_hook(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    if (fast != NULL && fast->settle(fi->fh)) {
+        reply_err(req, 0);
+        return;
+    }
+    app_fsync(req, ino, datasync, fi);
+}
+
+static void flush_hook(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (fast != NULL && fast->settle(fi->fh)) {
+        reply_err(req, 0);
+        return;
+    }
+    app_flush(req, ino, fi);
+}
+
 static void init_hook(void *userdata, struct fuse_conn_info *conn)
 {
     if (app_init)
@@ -96,6 +120,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     made_fd = lib ? (int (*)(struct fuse_session *))dlsym(lib, "fuse_session_fd") : NULL;
     reply_write = lib ? (int (*)(fuse_req_t, size_t))dlsym(lib, "fuse_reply_write") : NULL;
     reply_buf = lib ? (int (*)(fuse_req_t, const char *, size_t))dlsym(lib, "fuse_reply_buf") : NULL;
+    reply_err = lib ? (int (*)(fuse_req_t, int))dlsym(lib, "fuse_reply_err") : NULL;
     if (lib)
         dlclose(lib); /* RTLD_NOLOAD took a reference; libfuse stays loaded by its user */
     if (real == NULL || real == fuse_session_new || op_size < sizeof(init_fn)) {
@@ -112,12 +137,19 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     ops->init = init_hook;
     app_write_buf = NULL;
     app_read = NULL;
+    app_fsync = NULL;
+    app_flush = NULL;
     if (op_size >= sizeof(struct fuse_lowlevel_ops) && reply_write != NULL && reply_buf != NULL
-        && ops->write_buf != NULL && ops->read != NULL) {
+        && reply_err != NULL && ops->write_buf != NULL && ops->read != NULL && ops->fsync != NULL
+        && ops->flush != NULL) {
         app_write_buf = ops->write_buf;
         ops->write_buf = write_buf_hook;
         app_read = ops->read;
         ops->read = read_hook;
+        app_fsync = ops->fsync;
+        ops->fsync = fsync_hook;
+        app_flush = ops->flush;
+        ops->flush = flush_hook;
     }
     struct fuse_session *session = real(args, ops, op_size, userdata);
     free(ops);
@@ -171,7 +203,7 @@ static PyMethodDef methods[] = {
      "call it only between pyfuse3.init() and pyfuse3.close()"},
     {"fast_path", fast_path, METH_O,
      "fast_path(capsule): answer what fusesqlite._journal.api() can in C (before pyfuse3.init)"},
-    {"hooked", hooked, METH_NOARGS, "whether the session made through this module has the read and write hooks"},
+    {"hooked", hooked, METH_NOARGS, "whether the session made through this module has the read, write, fsync and flush hooks"},
     {NULL, NULL, 0, NULL},
 };
 

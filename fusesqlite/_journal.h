@@ -17,6 +17,9 @@ struct journal_api {
     int (*write)(uint64_t fh, int64_t off, const char *buf, size_t size);
     /* 1 with out and len set (free to_free after answering), 0 if Python must */
     int (*read)(uint64_t fh, int64_t off, size_t size, const char **out, size_t *len, char **to_free);
+    /* 1 if fh is a registered journal handle: its fsync and flush have nothing to
+     * do (the contents are the daemon's own memory) and are answered at once */
+    int (*settle)(uint64_t fh);
 };
 
 #endif

@@ -229,9 +229,9 @@ def serve(config: MountConfig) -> None:
         own_mount.stop()  # normally stopped already, while the mount still served
         pyfuse3.close(unmount=True)
         store.close()
-        fast_writes, fast_reads, _ = _journal.stats()
-        log.info("event=unmounted mountpoint=%s clean=%s journal_writes_in_c=%d journal_reads_in_c=%d",
-                 mountpoint, unmounted, fast_writes, fast_reads)
+        fast_writes, fast_reads, fast_settles, _ = _journal.stats()
+        log.info("event=unmounted mountpoint=%s clean=%s journal_writes_in_c=%d journal_reads_in_c=%d "
+                 "journal_syncs_in_c=%d", mountpoint, unmounted, fast_writes, fast_reads, fast_settles)
 
 
 async def _serve(ops: Operations) -> None:

@@ -1,5 +1,6 @@
-"""A journal's writes and reads answered in C (``_journal.c``), end to end: SQLite's
-own rollback of a hot journal written that way, big enough to spill to a file."""
+"""A journal's requests answered in C (``_journal.c``), end to end: SQLite's own
+rollback of a hot journal written that way, big enough to spill to a file; small
+transactions whose journal fsyncs and closes never reach Python."""
 from __future__ import annotations
 
 import os
@@ -25,10 +26,12 @@ time.sleep(600)
 """
 
 
-def _in_c(log: str) -> tuple[int, int]:
-    m = re.search(r"event=unmounted .*journal_writes_in_c=(\d+) journal_reads_in_c=(\d+)", log)
+def _in_c(log: str) -> tuple[int, int, int]:
+    m = re.search(
+        r"event=unmounted .*journal_writes_in_c=(\d+) journal_reads_in_c=(\d+) journal_syncs_in_c=(\d+)", log
+    )
     assert m, "no unmount line with the journal counters in the daemon log"
-    return int(m.group(1)), int(m.group(2))
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
 def test_a_hot_journal_written_and_read_in_c_rolls_back(mounts):
@@ -61,8 +64,27 @@ def test_a_hot_journal_written_and_read_in_c_rolls_back(mounts):
     assert not os.path.exists(f"{db}-journal")
 
     m.stop()
-    writes, reads = _in_c(m.log_text())
+    writes, reads, _ = _in_c(m.log_text())
     # 3 writes per journaled page (number, page, checksum), nearly all of them in C;
     # SQLite read the whole journal back to play it
     assert writes > 3 * 700, writes
     assert reads > 700, reads
+
+
+def test_journal_fsyncs_and_closes_are_answered_in_c_and_commits_still_land(mounts):
+    m = mounts()
+    if "journal_fast_path=on" not in m.log_text():
+        pytest.skip("the C session hook is not loaded (see event=fuse_caps in the log)")
+    db = m / "app.sqlite"
+    n = 50
+    with opendb(db) as c:  # journal_mode DELETE, synchronous FULL
+        c.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT)")
+        for k in range(n):
+            c.execute("INSERT INTO t VALUES (?, ?)", (k, f"row {k}"))
+    m.stop()
+    _, _, syncs = _in_c(m.log_text())
+    # each autocommit: the journal fsynced twice (pages, then the record count) and closed
+    assert syncs >= 3 * n, syncs
+    m = mounts.remount(m, stop=False)
+    with opendb(m / "app.sqlite") as c:
+        assert c.execute("SELECT count(*), sum(k) FROM t").fetchone() == (n, n * (n - 1) // 2)
