@@ -7,12 +7,12 @@
  * change nothing but the bytes. So the bytes live here (Contents: memory up to
  * a limit, then an unlinked temporary file), and _fuse_init.c's session hook
  * asks this module first for every WRITE, READ, FSYNC and FLUSH: a write into a
- * registered journal away from its header, while the journal is active or its
- * transaction has started (Contents.started), any read of one, and its fsyncs
- * and flushes (nothing to do: the bytes are already the daemon's) are answered
- * in C.
- * Everything that can start or end a transaction (a write at offset 0, a write
- * to a journal nobody started, truncation) still goes to Python
+ * registered journal while its transaction has started (Contents.started) or it
+ * is active, unless it writes the header and could end the transaction; any read
+ * of one; and its fsyncs and flushes (nothing to do: the bytes are already the
+ * daemon's) are answered in C.
+ * Everything that can start or end a transaction (a write to a journal nobody
+ * started, a header write zeroing its first byte, truncation) still goes to Python
  * (fusesqlite/fs/files.py), which sees the same contents through this type.
  * Such writes do not look at the write lease again: one lost meanwhile fails the
  * transaction at its commit (coherence.py, Coherence._lose).
@@ -408,11 +408,16 @@ static Contents *find(uint64_t fh)
 static int fast_write(uint64_t fh, int64_t off, const char *buf, size_t size)
 {
     Contents *c = find(fh);
-    /* only a write that can neither start nor end a transaction: away from the
-     * header, into a journal that is active (SQLite's rule: non-empty, first byte
-     * set) or whose transaction Python has seen start (SQLite at synchronous=FULL
-     * writes the header's magic only after the journal's first fsync) */
-    if (c == NULL || off <= 0 || size == 0 || c->size == 0 || (c->first == 0 && !c->started))
+    /* only a write that can neither start nor end a transaction:
+     * - away from the header, into a journal that is active (SQLite's rule:
+     *   non-empty, first byte set) or whose transaction Python has seen start;
+     * - or the header of a started journal, rewritten with its first byte set
+     *   (SQLite at synchronous=FULL writes the header's magic and record count
+     *   only after the journal's first fsync): the journal is active after it.
+     * A header write that zeroes the first byte ends the transaction: Python's. */
+    if (c == NULL || off < 0 || size == 0 || c->size == 0)
+        return 0;
+    if (off == 0 ? !(c->started && buf[0] != 0) : (c->first == 0 && !c->started))
         return 0;
     if (contents_write(c, (uint64_t)off, buf, size) != 0)
         return 0; /* Python tries again and reports the error */
