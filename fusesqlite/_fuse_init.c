@@ -20,6 +20,11 @@
  * been given fusesqlite._journal's API, a journal's writes and reads that module
  * can answer, and every fsync and flush of a journal, are answered here, in C, and
  * only the rest reach pyfuse3 (_journal.c says why).
+ *
+ * And it wraps readdirplus: the mount answers opendir with ENOSYS, after which
+ * the kernel never sends opendir or releasedir again (no_opendir) and lists every
+ * directory with handle 0. pyfuse3 hands Python the handle only, so the hook puts
+ * the directory's inode there (fusesqlite/fs/directories.py, listing).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -49,10 +54,12 @@ typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 typedef void (*fsync_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
 typedef void (*flush_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 static write_buf_fn app_write_buf;
 static read_fn app_read;
 static fsync_fn app_fsync;
 static flush_fn app_flush;
+static readdir_fn app_readdirplus;
 static int (*reply_write)(fuse_req_t, size_t);
 static int (*reply_buf)(fuse_req_t, const char *, size_t);
 static int (*reply_err)(fuse_req_t, int);
@@ -101,6 +108,13 @@ static void flush_hook(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     app_flush(req, ino, fi);
 }
 
+static void readdirplus_hook(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    if (fi->fh == 0)
+        fi->fh = ino;
+    app_readdirplus(req, ino, size, off, fi);
+}
+
 static void init_hook(void *userdata, struct fuse_conn_info *conn)
 {
     if (app_init)
@@ -139,9 +153,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     app_read = NULL;
     app_fsync = NULL;
     app_flush = NULL;
+    app_readdirplus = NULL;
     if (op_size >= sizeof(struct fuse_lowlevel_ops) && reply_write != NULL && reply_buf != NULL
         && reply_err != NULL && ops->write_buf != NULL && ops->read != NULL && ops->fsync != NULL
-        && ops->flush != NULL) {
+        && ops->flush != NULL && ops->readdirplus != NULL) {
         app_write_buf = ops->write_buf;
         ops->write_buf = write_buf_hook;
         app_read = ops->read;
@@ -150,6 +165,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         ops->fsync = fsync_hook;
         app_flush = ops->flush;
         ops->flush = flush_hook;
+        app_readdirplus = ops->readdirplus;
+        ops->readdirplus = readdirplus_hook;
     }
     struct fuse_session *session = real(args, ops, op_size, userdata);
     free(ops);
@@ -203,7 +220,7 @@ static PyMethodDef methods[] = {
      "call it only between pyfuse3.init() and pyfuse3.close()"},
     {"fast_path", fast_path, METH_O,
      "fast_path(capsule): answer what fusesqlite._journal.api() can in C (before pyfuse3.init)"},
-    {"hooked", hooked, METH_NOARGS, "whether the session made through this module has the read, write, fsync and flush hooks"},
+    {"hooked", hooked, METH_NOARGS, "whether the session made through this module has the read, write, fsync, flush and readdirplus hooks"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -215,7 +232,8 @@ PyMODINIT_FUNC PyInit__fuse_init(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "AUTO_INVAL_DATA", FUSE_CAP_AUTO_INVAL_DATA) < 0
-        || PyModule_AddIntConstant(m, "WRITEBACK_CACHE", FUSE_CAP_WRITEBACK_CACHE) < 0) {
+        || PyModule_AddIntConstant(m, "WRITEBACK_CACHE", FUSE_CAP_WRITEBACK_CACHE) < 0
+        || PyModule_AddIntConstant(m, "NO_OPENDIR_SUPPORT", FUSE_CAP_NO_OPENDIR_SUPPORT) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -59,11 +59,21 @@ def report() -> bool:
         log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes", why)
         return False
     want, capable = negotiated
-    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s journal_fast_path=%s want=%#x capable=%#x",
+    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s journal_fast_path=%s opendir=%s want=%#x capable=%#x",
              "on" if want & _module.AUTO_INVAL_DATA else "off",
              "on" if want & _module.WRITEBACK_CACHE else "off",
-             "on" if _module.hooked() else "off", want, capable)
+             "on" if _module.hooked() else "off",
+             "refused" if dirs_without_open() else "answered", want, capable)
     return not want & _module.AUTO_INVAL_DATA
+
+
+def dirs_without_open() -> bool:
+    """Whether opendir may be answered with ENOSYS: the kernel then never sends opendir
+    or releasedir again, which saves a round trip each time SQLite syncs a new
+    journal's directory, and lists every directory with handle 0, which the
+    readdirplus hook turns into the directory's inode (Linux 5.1 and later)."""
+    negotiated = _module.negotiated() if _module is not None else None
+    return negotiated is not None and _module.hooked() and bool(negotiated[1] & _module.NO_OPENDIR_SUPPORT)
 
 
 def session_fd() -> int | None:

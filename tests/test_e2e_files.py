@@ -143,6 +143,39 @@ def test_readdir_many_entries(mount):
     assert set(os.listdir(m / "many")) == set(sorted(names)[150:])
 
 
+def test_a_listing_resumed_after_changes_neither_skips_nor_repeats(mount):
+    """Directories have no open state (opendir is refused): a listing that goes on after
+    another one started over continues from the offsets it was given, so every entry
+    present throughout appears exactly once (POSIX leaves only the changed ones open)."""
+    m = mount
+    d = m / "d"
+    os.mkdir(d)
+    names = [f"entry-{i:04d}-{'y' * 40}" for i in range(600)]
+    for n in names:
+        write(d / n, b"")
+    with os.scandir(d) as first:
+        seen = [next(first).name for _ in range(150)]
+        unseen = [n for n in names if n not in set(seen)]
+        gone = seen[:50] + unseen[:50]
+        for n in gone:
+            os.unlink(d / n)
+        added = [f"added-{i:03d}" for i in range(50)]
+        for n in added:
+            write(d / n, b"")
+        assert {e.name for e in os.scandir(d)} == (set(names) - set(gone)) | set(added)  # starts over
+        rest = [e.name for e in first]
+    assert len(seen) + len(rest) == len(set(seen) | set(rest)), "an entry was listed twice"
+    assert set(unseen[50:]) <= set(rest), "an entry present throughout was left out"
+    assert set(rest) <= set(unseen[50:]) | set(added)
+    log = m.log_text()
+    assert "opendir=refused" in log or "journal_fast_path=off" in log, "the C hooks are loaded but opendir is answered"
+    fd = os.open(d, os.O_RDONLY)  # as SQLite syncs a new journal's directory
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def test_readdir_dot_entries(mount):
     """ext4's readdir returns '.' and '..' (ls -a shows them)."""
     m = mount

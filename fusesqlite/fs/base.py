@@ -38,8 +38,7 @@ ROLLBACK_INVALIDATE_SECONDS = 1.0
 @dataclass
 class Handle:
     ino: int
-    file: FileState | TransientFile | None  # None for directories
-    listing: list[tuple[bytes, int, Inode]] | None = None
+    file: FileState | TransientFile
     #: opened by this mount's own lock proxy (coherence.py): its fsync only flushes
     proxy: bool = False
 
@@ -73,12 +72,14 @@ class FsBase(pyfuse3.Operations):
         self.own_mount: OwnMount  # likewise: what this daemon does to its own mount
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
+        #: directory inode -> its last listing (directories.py: readdir)
+        self.listings: dict[int, list[tuple[int, bytes, int, Inode]]] = {}
         self._next_fh = 1
         #: last known (parent, name) of each inode: finds a database's journal, names files in logs
         self.names: dict[int, tuple[int, bytes]] = {}
 
     # -- handles and names -------------------------------------------------------------
-    def new_handle(self, ino: int, file: FileState | TransientFile | None, proxy: bool = False) -> int:
+    def new_handle(self, ino: int, file: FileState | TransientFile, proxy: bool = False) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = Handle(ino, file, proxy=proxy)
