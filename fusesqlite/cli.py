@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount (FUSE allow_other)")
     m.add_argument(
+        "--default-permissions", action="store_true",
+        help="let the kernel check permissions even when only root can use the mount (mounted by root without "
+        "--allow-other, where it is off: it refuses root nothing and costs two requests per small transaction); "
+        "for hosts whose uid-0 processes run without CAP_DAC_OVERRIDE",
+    )
+    m.add_argument(
         "--no-writeback-cache", dest="writeback_cache", action="store_false",
         help="send every write to the daemon at once instead of letting the kernel gather them "
         "until a commit point (slower; for comparison and troubleshooting)",
@@ -119,6 +125,7 @@ def run(argv: list[str] | None) -> None:
             read_only=args.read_only,
             lease_seconds=args.lease_seconds,
             writeback_cache=args.writeback_cache,
+            default_permissions=args.default_permissions,
         )
         try:
             serve(config)

@@ -91,6 +91,20 @@ class MountConfig:
     lease_seconds: float = 10.0
     #: the kernel gathers writes in its page cache until a commit point (docs/architecture.md)
     writeback_cache: bool = True
+    #: let the kernel check permissions even where only root can reach the mount
+    default_permissions: bool = False
+
+
+def kernel_checks_permissions(config: MountConfig) -> bool:
+    """Whether to mount with ``default_permissions``. Without ``allow_other`` only
+    processes of the mounting user reach a mount; if that is root, the kernel's checks
+    (mode bits against a caller with CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_CHOWN) refuse
+    nothing, but need a directory's attributes again after each create and unlink in
+    it: two round trips per small SQLite transaction. Such a mount answers access(2)
+    itself (``DirectoryOps.access``). A uid-0 caller stripped of those capabilities is
+    the one who would be let through: ``--default-permissions`` is for hosts that
+    run such callers."""
+    return config.default_permissions or config.allow_other or os.geteuid() != 0
 
 
 def check_mountpoint(path: str) -> None:
@@ -202,6 +216,8 @@ def serve(config: MountConfig) -> None:
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")
+    if not kernel_checks_permissions(config):
+        options.discard("default_permissions")
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
@@ -209,9 +225,9 @@ def serve(config: MountConfig) -> None:
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
     log.info(
         "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
-        "mount_id=%s",
+        "permissions=%s mount_id=%s",
         mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
-        config.writeback_cache, mount_id,
+        config.writeback_cache, "kernel" if "default_permissions" in options else "root-only", mount_id,
     )
     if config.writeback_cache and _kernel_release() < (6, 16):
         log.warning(

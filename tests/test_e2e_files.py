@@ -328,6 +328,50 @@ def test_chmod(mount):
     assert stat.S_IMODE(os.stat(m / "d").st_mode) == 0o700
 
 
+def _super_options(mountpoint) -> set[str]:
+    for line in open("/proc/self/mountinfo"):
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            return set(fields[-1].split(","))
+    raise AssertionError(f"{mountpoint} is not in /proc/self/mountinfo")
+
+
+def _access_answers(root) -> dict[str, tuple[bool, ...]]:
+    """What access(2) says about files of every kind of mode, set up under ``root``."""
+    modes = {"plain": 0o644, "tool": 0o755, "group-x": 0o610, "locked": 0o000, "dir": 0o755, "shut-dir": 0o000}
+    for name, mode in modes.items():
+        if name.endswith("dir"):
+            os.mkdir(root / name)
+        else:
+            write(root / name, b"#!/bin/sh\n")
+        os.chmod(root / name, mode)
+    checks = (os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK | os.X_OK)
+    answers = {name: tuple(os.access(root / name, c) for c in checks) for name in [*modes, "missing"]}
+    assert read(root / "locked") == b"#!/bin/sh\n"  # root reads what its mode forbids
+    write(root / "shut-dir" / "inside", b"")  # and writes into a directory shut to all
+    return answers
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's mounts go without default_permissions")
+def test_a_root_only_mount_answers_permissions_as_the_local_disk_does(mounts, tmp_path):
+    """Mounted by root without --allow-other, only root reaches the mount and the kernel
+    does not check permissions (two round trips less per small transaction): the
+    daemon answers access(2), and root may do what it may on a local disk."""
+    m = mounts()
+    assert "default_permissions" not in _super_options(m.mountpoint)
+    assert "permissions=root-only" in m.log_text()
+    local = tmp_path / "local"
+    local.mkdir()
+    assert _access_answers(m.mountpoint) == _access_answers(local)
+    ro = mounts(store=m.store, extra_args=("--read-only",))
+    assert os.access(ro / "plain", os.R_OK)
+    assert not os.access(ro / "plain", os.W_OK), "a read-only mount says a file is writable"
+    for args in (("--default-permissions",), ("--allow-other",)):
+        checked = mounts(store=m.store, extra_args=args)
+        assert "default_permissions" in _super_options(checked.mountpoint), args
+        assert "permissions=kernel" in checked.log_text()
+
+
 def test_symlink(mount):
     m = mount
     write(m / "target", b"through the link")

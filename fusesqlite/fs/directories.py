@@ -57,6 +57,15 @@ class DirectoryOps(FileOps, FsBase):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self.entry(inode, await self.record(inode))
 
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        """access(2) where the kernel does not check permissions: only root reaches such
+        a mount (mount.kernel_checks_permissions), and root may read and write
+        anything, search any directory, and execute a file with an execute bit."""
+        rec = await self.record(inode)
+        if mode & os.W_OK:
+            self.writable(ctx)
+        return not (mode & os.X_OK and not rec.is_dir and not rec.mode & 0o111)
+
     async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
         self.writable(ctx)
         if fields.update_size:
