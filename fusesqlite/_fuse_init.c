@@ -25,6 +25,13 @@
  * the kernel never sends opendir or releasedir again (no_opendir) and lists every
  * directory with handle 0. pyfuse3 hands Python the handle only, so the hook puts
  * the directory's inode there (fusesqlite/fs/directories.py, listing).
+ *
+ * And, if asked (handle_killpriv), it adds FUSE_HANDLE_KILLPRIV to the INIT reply:
+ * libfuse 3.14 offers FUSE_CAP_HANDLE_KILLPRIV and even sets it in `want` by default,
+ * but never puts it in the reply it builds. The module defines fuse_session_mount
+ * too (same RTLD_GLOBAL binding) and, after the real one, gives the session custom
+ * I/O (fuse_session_custom_io: plain read and writev on the same descriptor) whose
+ * writev sets the flag in the one reply that follows the init callback.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -33,8 +40,11 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include "_journal.h"
 
@@ -64,6 +74,12 @@ static int (*reply_write)(fuse_req_t, size_t);
 static int (*reply_buf)(fuse_req_t, const char *, size_t);
 static int (*reply_err)(fuse_req_t, int);
 static const struct journal_api *fast;
+
+/* FUSE_HANDLE_KILLPRIV in the kernel's protocol (linux/fuse.h, INIT flags) */
+#define KERNEL_HANDLE_KILLPRIV (1u << 19)
+static int killpriv_wanted; /* handle_killpriv() */
+static int patch_init;      /* the next reply written is INIT's */
+static int killpriv_sent;
 
 static void write_buf_hook(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
                            struct fuse_file_info *fi)
@@ -115,10 +131,62 @@ static void readdirplus_hook(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
     app_readdirplus(req, ino, size, off, fi);
 }
 
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void)userdata;
+    return read(fd, buf, len);
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void)userdata;
+    if (patch_init) {
+        patch_init = 0;
+        /* struct fuse_out_header {len, error, unique}, then struct fuse_init_out
+         * {major, minor, max_readahead, flags, ...} (libfuse's own, writable copy) */
+        int32_t error;
+        uint32_t major, flags;
+        if (count >= 2 && iov[0].iov_len >= 16 && iov[1].iov_len >= 16) {
+            memcpy(&error, (char *)iov[0].iov_base + 4, 4);
+            memcpy(&major, iov[1].iov_base, 4);
+            if (error == 0 && major == 7) {
+                memcpy(&flags, (char *)iov[1].iov_base + 12, 4);
+                flags |= KERNEL_HANDLE_KILLPRIV;
+                memcpy((char *)iov[1].iov_base + 12, &flags, 4);
+                killpriv_sent = 1;
+            }
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+__attribute__((visibility("default")))
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    static const struct fuse_custom_io io = {.writev = io_writev, .read = io_read};
+    void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
+    int (*real)(struct fuse_session *, const char *) =
+        lib ? (int (*)(struct fuse_session *, const char *))dlsym(lib, "fuse_session_mount") : NULL;
+    int (*custom)(struct fuse_session *, const struct fuse_custom_io *, int) =
+        lib ? (int (*)(struct fuse_session *, const struct fuse_custom_io *, int))dlsym(lib, "fuse_session_custom_io")
+            : NULL;
+    if (lib)
+        dlclose(lib);
+    if (real == NULL || real == fuse_session_mount)
+        return -1;
+    int res = real(se, mountpoint);
+    if (res == 0 && killpriv_wanted && custom != NULL && se == made && made_fd != NULL && made_fd(se) >= 0
+        && custom(se, &io, made_fd(se)) == 0)
+        killpriv_wanted = 2; /* the INIT reply will go through io_writev */
+    return res;
+}
+
 static void init_hook(void *userdata, struct fuse_conn_info *conn)
 {
     if (app_init)
         app_init(userdata, conn);
+    if (killpriv_wanted == 2 && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV))
+        patch_init = 1;
     conn->want = (conn->want & ~clear_mask) | (set_mask & conn->capable);
     want = conn->want;
     capable = conn->capable;
@@ -184,6 +252,21 @@ static PyObject *configure(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *handle_killpriv(PyObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    killpriv_wanted = on;
+    killpriv_sent = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *killpriv(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(killpriv_sent);
+}
+
 static PyObject *negotiated_caps(PyObject *self, PyObject *unused)
 {
     if (!negotiated)
@@ -213,6 +296,10 @@ static PyObject *hooked(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(clear, set): capabilities to clear from and set in what the mount asks of the kernel"},
+    {"handle_killpriv", handle_killpriv, METH_O,
+     "handle_killpriv(on): whether the next mount tells the kernel it clears set-user-ID bits itself "
+     "(call before pyfuse3.init)"},
+    {"killpriv", killpriv, METH_NOARGS, "whether the INIT reply told the kernel so"},
     {"negotiated", negotiated_caps, METH_NOARGS,
      "(want, capable) once the kernel's INIT handshake went through this module, else None"},
     {"session_fd", session_fd, METH_NOARGS,

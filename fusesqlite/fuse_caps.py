@@ -59,12 +59,27 @@ def report() -> bool:
         log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes", why)
         return False
     want, capable = negotiated
-    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s journal_fast_path=%s opendir=%s want=%#x capable=%#x",
+    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s journal_fast_path=%s opendir=%s "
+             "handle_killpriv=%s want=%#x capable=%#x",
              "on" if want & _module.AUTO_INVAL_DATA else "off",
              "on" if want & _module.WRITEBACK_CACHE else "off",
              "on" if _module.hooked() else "off",
-             "refused" if dirs_without_open() else "answered", want, capable)
+             "refused" if dirs_without_open() else "answered",
+             "on" if _module.killpriv() else "off", want, capable)
     return not want & _module.AUTO_INVAL_DATA
+
+
+def clear_setuid_in_daemon(on: bool) -> None:
+    """Whether the next mount tells the kernel that the daemon clears set-user-ID and
+    set-group-ID bits itself (FUSE_HANDLE_KILLPRIV; call before pyfuse3.init). The
+    kernel then stops asking for a file's attributes before every chown: SQLite
+    run as root chowns each new journal. Only for mounts that only root can reach
+    (mount.kernel_checks_permissions): with the writeback cache the kernel would
+    then also leave a non-root writer's write to the daemon, which could not tell
+    it apart, but root's writes and truncations keep the bits anyway, so chown is
+    the one case left (``DirectoryOps._apply``)."""
+    if _module is not None:
+        _module.handle_killpriv(on)
 
 
 def dirs_without_open() -> bool:

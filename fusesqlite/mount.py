@@ -216,8 +216,10 @@ def serve(config: MountConfig) -> None:
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")
-    if not kernel_checks_permissions(config):
+    root_only = not kernel_checks_permissions(config)
+    if root_only:
         options.discard("default_permissions")
+    fuse_caps.clear_setuid_in_daemon(root_only)
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:

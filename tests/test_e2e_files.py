@@ -336,20 +336,37 @@ def _super_options(mountpoint) -> set[str]:
     raise AssertionError(f"{mountpoint} is not in /proc/self/mountinfo")
 
 
-def _access_answers(root) -> dict[str, tuple[bool, ...]]:
-    """What access(2) says about files of every kind of mode, set up under ``root``."""
-    modes = {"plain": 0o644, "tool": 0o755, "group-x": 0o610, "locked": 0o000, "dir": 0o755, "shut-dir": 0o000}
+def _make_with_modes(root, modes: dict[str, int]) -> None:
+    """A file (a directory if the name ends in "dir") of each mode, under ``root``."""
     for name, mode in modes.items():
         if name.endswith("dir"):
             os.mkdir(root / name)
         else:
             write(root / name, b"#!/bin/sh\n")
         os.chmod(root / name, mode)
+
+
+def _access_answers(root) -> dict[str, tuple[bool, ...]]:
+    """What access(2) says about files of every kind of mode, set up under ``root``."""
+    modes = {"plain": 0o644, "tool": 0o755, "group-x": 0o610, "locked": 0o000, "dir": 0o755, "shut-dir": 0o000}
+    _make_with_modes(root, modes)
     checks = (os.F_OK, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK | os.X_OK)
     answers = {name: tuple(os.access(root / name, c) for c in checks) for name in [*modes, "missing"]}
     assert read(root / "locked") == b"#!/bin/sh\n"  # root reads what its mode forbids
     write(root / "shut-dir" / "inside", b"")  # and writes into a directory shut to all
     return answers
+
+
+def _modes_after_chown(root) -> dict[str, int]:
+    modes = {"suid": 0o4755, "sgid-x": 0o2755, "sgid": 0o2745, "both": 0o6755, "sgid-dir": 0o2755}
+    _make_with_modes(root, modes)
+    for name in modes:
+        fd = os.open(root / name, os.O_RDONLY)
+        try:
+            os.fchown(fd, 1, 1)  # as SQLite (run as root) chowns a new journal
+        finally:
+            os.close(fd)
+    return {name: stat.S_IMODE(os.stat(root / name).st_mode) for name in modes}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root's mounts go without default_permissions")
@@ -363,6 +380,9 @@ def test_a_root_only_mount_answers_permissions_as_the_local_disk_does(mounts, tm
     local = tmp_path / "local"
     local.mkdir()
     assert _access_answers(m.mountpoint) == _access_answers(local)
+    # the kernel leaves clearing set-user-ID bits at chown to the daemon here
+    assert "handle_killpriv=on" in m.log_text() or "journal_fast_path=off" in m.log_text()
+    assert _modes_after_chown(m.mountpoint) == _modes_after_chown(local)
     ro = mounts(store=m.store, extra_args=("--read-only",))
     assert os.access(ro / "plain", os.R_OK)
     assert not os.access(ro / "plain", os.W_OK), "a read-only mount says a file is writable"

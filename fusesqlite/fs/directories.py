@@ -119,6 +119,15 @@ class DirectoryOps(FileOps, FsBase):
             changes["uid"] = attr.st_uid
         if fields.update_gid:
             changes["gid"] = attr.st_gid
+        if (fields.update_uid or fields.update_gid) and not stat.S_ISDIR(rec.mode):
+            # chown clears set-user-ID, and set-group-ID where group execute is set, as
+            # Linux does even for root; with FUSE_HANDLE_KILLPRIV (fuse_caps) the kernel
+            # leaves that to the daemon
+            mode = changes.get("mode", rec.mode)
+            mode &= ~stat.S_ISUID
+            if mode & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
+            changes["mode"] = mode
         if fields.update_atime:
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
