@@ -93,6 +93,8 @@ class MountConfig:
     writeback_cache: bool = True
     #: let the kernel check permissions even where only root can reach the mount
     default_permissions: bool = False
+    #: look for the next request this long before sleeping (request_loop.py); 0: never
+    busy_poll_us: int = 50
 
 
 def kernel_checks_permissions(config: MountConfig) -> bool:
@@ -143,6 +145,12 @@ def _commit_inline(store: object) -> bool:
     inline = cpus == 1 and hasattr(store, "transact_nowait")
     log.info("event=commit_path inline=%s cpus=%d", "yes" if inline else "no", cpus)
     return inline
+
+
+def _busy_poll_seconds(config: MountConfig) -> float:
+    """No busy poll on one CPU: the app that would send the next request needs that CPU."""
+    cpus = len(os.sched_getaffinity(0))
+    return config.busy_poll_us / 1e6 if cpus > 1 else 0.0
 
 
 def _mounts_on(path: str) -> list[int]:
@@ -236,7 +244,7 @@ def serve(config: MountConfig) -> None:
             "event=old_kernel release=%s effect=%r", os.uname().release,
             "a synchronous=OFF commit may miss pages still queued in the kernel (README, Current limits)",
         )
-    request_loop.install()
+    request_loop.install(_busy_poll_seconds(config))
     devices = _mounts_on(mountpoint)  # the newest is ours
     ops.first_request = functools.partial(_after_handshake, devices[-1] if devices else None, tx.overlay_bytes)
     unmounted = False
@@ -248,8 +256,10 @@ def serve(config: MountConfig) -> None:
         pyfuse3.close(unmount=True)
         store.close()
         fast_writes, fast_reads, fast_settles, _ = _journal.stats()
+        found, missed = request_loop.busy_polls()
         log.info("event=unmounted mountpoint=%s clean=%s journal_writes_in_c=%d journal_reads_in_c=%d "
-                 "journal_syncs_in_c=%d", mountpoint, unmounted, fast_writes, fast_reads, fast_settles)
+                 "journal_syncs_in_c=%d busy_polls_found=%d busy_polls_missed=%d",
+                 mountpoint, unmounted, fast_writes, fast_reads, fast_settles, found, missed)
 
 
 async def _serve(ops: Operations) -> None:

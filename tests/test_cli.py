@@ -153,6 +153,12 @@ def test_unknown_option(tmp_path, mp):
     assert_one_line_error(r)
 
 
+@pytest.mark.parametrize("option", ["--busy-poll-us=-1", "--busy-poll-us=soon", "--memory-mb=0"])
+def test_a_bad_number_is_one_line(tmp_path, mp, option):
+    r = expect_error("mount", mp, "--store", tmp_path / "store", option)
+    assert_one_line_error(r, option.split("=")[0].lstrip("-"))
+
+
 def test_store_from_environment(mounts, tmp_path):
     store = tmp_path / "envstore"
     store.mkdir()

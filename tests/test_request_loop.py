@@ -3,11 +3,14 @@ reads the next, and a handler that waits never stops the mount serving others.""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import time
 
 import pytest
+
+from helpers import opendb
 
 #: a child that writes a file, fsyncs it (a store commit) and says how long it took
 WRITE_AND_FSYNC = r"""
@@ -122,3 +125,43 @@ def test_a_mount_whose_connection_is_aborted_exits(mount, root_only):
         pytest.fail(f"the daemon did not exit within 15 s of its connection's abort\n{m.log_tail()}")
     assert rc == 0, m.log_tail()
     assert "event=unmounted" in m.log_text()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_polls(m) -> tuple[int, int]:
+    """(found, missed) from the unmount's log line."""
+    line = [ln for ln in m.log_text().splitlines() if "event=unmounted" in ln][-1]
+    return int(re.search(r"busy_polls_found=(\d+)", line)[1]), int(re.search(r"busy_polls_missed=(\d+)", line)[1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="busy polling is off on one CPU")
+def test_the_next_request_is_found_by_busy_polling_and_an_idle_mount_spends_no_cpu(mounts):
+    """Small transactions, one after the other: the task that answered a request finds
+    many of the next ones by busy polling. Once the app stops, the daemon sleeps: a
+    busy poll lasts 50 µs at most. ``--busy-poll-us 0`` turns it off, and a daemon
+    with one CPU never busy polls (the app needs that CPU)."""
+    for extra, on in (((), True), (("--busy-poll-us=0",), False)):
+        m = mounts(extra_args=extra)
+        assert m.wait_log(f"busy_poll_us={50 if on else 0}"), m.log_tail()
+        with opendb(m / f"t{int(on)}.db") as c:
+            c.execute("CREATE TABLE t(x)")
+            for i in range(300):
+                c.execute("INSERT INTO t VALUES (?)", (i,))
+            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 300
+        time.sleep(0.5)
+        before = _cpu_seconds(m.pid)
+        time.sleep(2)
+        idle = _cpu_seconds(m.pid) - before
+        m.stop()
+        found, missed = _busy_polls(m)
+        if on:
+            assert found > 300, f"busy polling found the next request {found} times in 300 transactions"
+        else:
+            assert (found, missed) == (0, 0)
+        assert idle < 0.2, f"the idle daemon used {idle:.2f} s of CPU in 2 s"
+    one_cpu = mounts(cpus=frozenset({min(os.sched_getaffinity(0))}))
+    assert one_cpu.wait_log("busy_poll_us=0"), one_cpu.log_tail()
