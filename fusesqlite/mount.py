@@ -133,6 +133,12 @@ def _kernel_release() -> tuple[int, int]:
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
+def _daemon_cpus() -> int:
+    """CPUs the daemon may run on (taskset, a container's cpuset): with one, a worker
+    thread buys no parallelism and a busy poll would take the app's CPU."""
+    return len(os.sched_getaffinity(0))
+
+
 def _commit_inline(store: object) -> bool:
     """Small commits on the event loop when the daemon has one CPU (taskset, a cpuset).
 
@@ -141,7 +147,7 @@ def _commit_inline(store: object) -> bool:
     CPUs the thread stays: committing on the loop there measured slower, the kernel
     then placing the daemon and the application apart (docs/architecture.md).
     """
-    cpus = len(os.sched_getaffinity(0))
+    cpus = _daemon_cpus()
     inline = cpus == 1 and hasattr(store, "transact_nowait")
     log.info("event=commit_path inline=%s cpus=%d", "yes" if inline else "no", cpus)
     return inline
@@ -149,8 +155,7 @@ def _commit_inline(store: object) -> bool:
 
 def _busy_poll_seconds(config: MountConfig) -> float:
     """No busy poll on one CPU: the app that would send the next request needs that CPU."""
-    cpus = len(os.sched_getaffinity(0))
-    return config.busy_poll_us / 1e6 if cpus > 1 else 0.0
+    return config.busy_poll_us / 1e6 if _daemon_cpus() > 1 else 0.0
 
 
 def _mounts_on(path: str) -> list[int]:

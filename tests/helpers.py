@@ -16,6 +16,9 @@ from typing import Iterator, Sequence
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
+#: a daemon's affinity (MountFactory's ``cpus``) that leaves it one CPU, as ``taskset -c N`` would
+ONE_CPU = frozenset({min(os.sched_getaffinity(0))})
+
 #: every file/database written through the mount gets this page-size friendly chunk
 MB = 1024 * 1024
 

@@ -11,12 +11,9 @@ import pytest
 
 from fusesqlite.store.base import ConflictError
 from fusesqlite.store.embedded import CHECKPOINT_EVERY, FILE_NAME, EmbeddedStore
-from helpers import opendb
+from helpers import ONE_CPU, opendb
 
 pytestmark = pytest.mark.timeout(120)
-
-ONE_CPU = frozenset({min(os.sched_getaffinity(0))})
-
 
 def _hold_write_lock(store_dir) -> sqlite3.Connection:
     """Another process's writer, as SQLite sees it: a connection inside BEGIN IMMEDIATE."""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import opendb, run_py, table_digest
+from helpers import ONE_CPU, opendb, run_py, table_digest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -130,7 +130,7 @@ def test_kill9_daemon_during_commit_stream(mounts, mode):
 def test_kill9_daemon_during_commits_on_the_event_loop(mounts, mode):
     """The same with the daemon on one CPU, where small commits run on its event loop
     (mount.py's _commit_inline): acknowledged means in the store there too."""
-    m = _kill9_daemon_stream(mounts, mode, cpus=frozenset({min(os.sched_getaffinity(0))}))
+    m = _kill9_daemon_stream(mounts, mode, cpus=ONE_CPU)
     assert "event=commit_path inline=yes cpus=1" in m.log_text(), m.log_tail()
 
 

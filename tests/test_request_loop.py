@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import opendb
+from helpers import ONE_CPU, opendb
 
 #: a child that writes a file, fsyncs it (a store commit) and says how long it took
 WRITE_AND_FSYNC = r"""
@@ -163,5 +163,5 @@ def test_the_next_request_is_found_by_busy_polling_and_an_idle_mount_spends_no_c
         else:
             assert (found, missed) == (0, 0)
         assert idle < 0.2, f"the idle daemon used {idle:.2f} s of CPU in 2 s"
-    one_cpu = mounts(cpus=frozenset({min(os.sched_getaffinity(0))}))
+    one_cpu = mounts(cpus=ONE_CPU)
     assert one_cpu.wait_log("busy_poll_us=0"), one_cpu.log_tail()
