@@ -13,11 +13,15 @@ from __future__ import annotations
 import struct
 import zlib
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import lz4.block
 import xxhash
 
 from fusesqlite import _blocks
+
+if TYPE_CHECKING:
+    from fusesqlite.volume import BlockRows
 
 RAW = 0  # payload is the block itself (incompressible data)
 LZ4 = 1  # payload is an lz4 block with its size prefix
@@ -111,6 +115,21 @@ def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block
     for block_no, value in values.items():
         pos = (block_no - start) * block_size
         view[pos : pos + block_size] = decode_block(value, ino, block_no, block_size)
+    return buf
+
+
+def decode_rows(run: BlockRows, ino: int, start: int, count: int, version: int, block_size: int) -> bytearray:
+    """``decode_run`` of a run read with ``Volume.read_run``: the choice of each block's
+    version and the decoding in one C call (``_blocks.c``), Python where it declines."""
+    settled = min(count, run.settled_end - start)
+    try:
+        buf = _blocks.decode_rows(run.rows, run.prefix_len, ino, start, settled, version, block_size)
+    except ValueError as e:
+        raise CorruptBlock(str(e)) from None
+    if buf is None:
+        return decode_run(run.values(version), ino, start, count, block_size)
+    if settled < count:  # the range read's limit cut the run: the rest was read block by block
+        buf.extend(decode_run(run.rest, ino, start + settled, count - settled, block_size))
     return buf
 
 

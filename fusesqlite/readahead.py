@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 import trio
 
-from fusesqlite.pages import BlockCache, decode_run
+from fusesqlite.pages import BlockCache, decode_rows
 from fusesqlite.volume import Volume
 
 if TYPE_CHECKING:
@@ -170,9 +170,13 @@ class ReadAhead:
                 break
             stream.runs.append(run)
             self._bytes += run.size
-            self._loader.submit(run, fs.label, self.volume.read_blocks, fs.ino, fs.read_version, block_size)
+            self._loader.submit(run, fs.label, self._load, fs.ino, fs.read_version, block_size)
             start = end
         stream.ahead = max(stream.ahead, start)
+
+    def _load(self, ino: int, start: int, end: int, version: int, block_size: int) -> bytearray:
+        """Blocks ``start .. end - 1`` of ``ino`` as of ``version``, decoded (in the loader's thread)."""
+        return decode_rows(self.volume.read_run(ino, start, end, version), ino, start, end - start, version, block_size)
 
     # -- memory ----------------------------------------------------------------------------
     def _drop(self, stream: _Stream, below: int) -> None:
@@ -212,21 +216,20 @@ class _Loader:
         )
         self._thread: threading.Thread | None = None
 
-    def submit(self, run: Run, label: str, read_blocks: Callable, ino: int, version: int, block_size: int) -> None:
-        """Load ``run`` (``read_blocks(ino, blocks, version)``, then decode); ``run.done`` is set in the event loop."""
+    def submit(self, run: Run, label: str, load: Callable, ino: int, version: int, block_size: int) -> None:
+        """Load ``run`` (``load(ino, start, end, version, block_size)``); ``run.done`` is set in the event loop."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._work, name="fusesqlite-readahead", daemon=True)
             self._thread.start()
-        self._jobs.put((run, label, read_blocks, ino, version, block_size, trio.lowlevel.current_trio_token()))
+        self._jobs.put((run, label, load, ino, version, block_size, trio.lowlevel.current_trio_token()))
 
     def _work(self) -> None:
         while True:
-            run, label, read_blocks, ino, version, block_size, token = self._jobs.get()
+            run, label, load, ino, version, block_size, token = self._jobs.get()
             data = None
             try:
                 if not run.dropped:  # dropped: e.g. the file was read elsewhere meanwhile
-                    values = read_blocks(ino, range(run.start, run.end), version)
-                    data = decode_run(values, ino, run.start, run.end - run.start, block_size)
+                    data = load(ino, run.start, run.end, version, block_size)
                     log.debug("event=readahead path=%s ino=%d blocks=%d-%d", label, ino, run.start, run.end - 1)
             except Exception as e:  # noqa: BLE001 - a read of these blocks loads them itself and reports
                 log.debug("event=readahead_failed path=%s ino=%d blocks=%d-%d cause=%s: %s",

@@ -24,6 +24,38 @@ INO_BATCH = 1024
 
 
 @dataclass
+class BlockRows:
+    """A run of blocks as read from the store, still encoded (``Volume.read_run``)."""
+
+    #: (key, value) of every version of the run's first blocks, in key order; each key
+    #: is ``prefix_len`` bytes of block prefix, then the tuple (block_no, version)
+    rows: list[tuple[bytes, bytes]]
+    prefix_len: int
+    #: ``rows`` settle the blocks below this one (above: ``rest``)
+    settled_end: int
+    #: encoded values of the blocks from ``settled_end`` on (absent: a hole)
+    rest: dict[int, bytes]
+
+    def values(self, version: int) -> dict[int, bytes]:
+        """Encoded value of each block present, as of ``version``."""
+        found = dict(self.rest)
+        pick_versions(self.rows, self.prefix_len, self.settled_end, version, found)
+        return found
+
+
+def pick_versions(rows: list[tuple[bytes, bytes]], prefix_len: int, settled_end: int, version: int,
+                  found: dict[int, bytes]) -> None:
+    """Per block below ``settled_end``, the value of its last row at a version <= ``version``."""
+    int_pair = Keyspace.int_pair
+    for key, value in rows:
+        block_no, ver = int_pair(key[prefix_len:])
+        if block_no >= settled_end:
+            break
+        if ver <= version:  # rows come oldest version first: the last one wins
+            found[block_no] = value
+
+
+@dataclass
 class ChangeSet:
     """Everything one commit writes; applied atomically as one new version."""
 
@@ -290,20 +322,36 @@ class Volume:
         """Read blocks ``wanted[i:j]`` (consecutive) in one range read; return the index
         of the first block it did not settle (``j`` when it settled them all)."""
         first, end = wanted[i], wanted[j - 1] + 1
-        limit = (j - i) * self.RANGE_ROWS_PER_BLOCK
+        rows, plen, settled_end = self._range_rows(tr, ino, first, end)
+        pick_versions(rows, plen, settled_end, version, found)
+        return i + (settled_end - first)
+
+    def _range_rows(self, tr: Transaction, ino: int, first: int, end: int) -> tuple[list[tuple[bytes, bytes]], int, int]:
+        """Rows of blocks ``first .. end - 1``, the block prefix's length, and the block
+        the rows settle everything below (the limit may cut the last block's versions)."""
+        limit = (end - first) * self.RANGE_ROWS_PER_BLOCK
         plen = len(self.ks.key("b", ino))
-        int_pair = self.ks.int_pair
         rows = tr.get_range(*self.ks.blocks(ino, first, end), limit=limit)
         settled_end = end
         if len(rows) == limit:  # cut: the last block listed may have more versions
-            settled_end = int_pair(rows[-1][0][plen:])[0]
-        for key, value in rows:
-            block_no, ver = int_pair(key[plen:])
-            if block_no >= settled_end:
-                break
-            if ver <= version:  # rows come oldest version first: the last one wins
-                found[block_no] = value
-        return i + (settled_end - first)
+            settled_end = self.ks.int_pair(rows[-1][0][plen:])[0]
+        return rows, plen, settled_end
+
+    def read_run(self, ino: int, first: int, end: int, version: int) -> BlockRows:
+        """Blocks ``first .. end - 1`` as ``read_blocks`` would read them, left as rows:
+        read-ahead decodes them in C without building a dict of them in Python
+        (``pages.decode_rows``)."""
+
+        def fn(tr: Transaction) -> BlockRows:
+            rows, plen, settled_end = self._range_rows(tr, ino, first, end)
+            rest = {}
+            for block_no in range(settled_end, end):
+                value = self._latest(tr, self.ks.versions_upto(version, "b", ino, block_no))
+                if value is not None:
+                    rest[block_no] = value
+            return BlockRows(rows, plen, settled_end, rest)
+
+        return self.store.transact(fn)
 
     # -- commits ---------------------------------------------------------------------
     def commit(
