@@ -303,14 +303,19 @@ class Volume:
                     j += 1
                 if j - i > 1:
                     i = self._read_run(tr, ino, wanted, i, j, version, found)
-                for block_no in wanted[i:j]:
-                    value = self._latest(tr, self.ks.versions_upto(version, "b", ino, block_no))
-                    if value is not None:
-                        found[block_no] = value
+                self._read_each(tr, ino, wanted[i:j], version, found)
                 i = j
             return found
 
         return self.store.transact(fn)
+
+    def _read_each(self, tr: Transaction, ino: int, block_nos: Iterable[int], version: int,
+                   found: dict[int, bytes]) -> None:
+        """Blocks ``block_nos`` as of ``version``, one reverse read each, into ``found`` (absent: holes)."""
+        for block_no in block_nos:
+            value = self._latest(tr, self.ks.versions_upto(version, "b", ino, block_no))
+            if value is not None:
+                found[block_no] = value
 
     #: rows a range read over a run of blocks may return, per block, before the
     #: rest of the run is read block by block
@@ -344,11 +349,8 @@ class Volume:
 
         def fn(tr: Transaction) -> BlockRows:
             rows, plen, settled_end = self._range_rows(tr, ino, first, end)
-            rest = {}
-            for block_no in range(settled_end, end):
-                value = self._latest(tr, self.ks.versions_upto(version, "b", ino, block_no))
-                if value is not None:
-                    rest[block_no] = value
+            rest: dict[int, bytes] = {}
+            self._read_each(tr, ino, range(settled_end, end), version, rest)
             return BlockRows(rows, plen, settled_end, rest)
 
         return self.store.transact(fn)
