@@ -2,7 +2,9 @@
  * A rollback journal's contents, and its writes and reads answered without Python.
  *
  * SQLite writes a journal in small pieces (for each page: its number, the page,
- * a checksum), and the journal is direct_io, so every piece is a FUSE request.
+ * a checksum). Where a journal is direct_io (reopened journals, or no writeback
+ * cache; files.py) every piece is a FUSE request; where it goes through the page
+ * cache, the kernel's write-back sends it as a few large ones.
  * Through pyfuse3 each costs the daemon some 20-30 us of Python; most of them
  * change nothing but the bytes. So the bytes live here (Contents: memory up to
  * a limit, then an unlinked temporary file), and _fuse_init.c's session hook
@@ -42,6 +44,7 @@ typedef struct {
     uint64_t spool;     /* bytes kept in memory before spilling */
     int first;          /* the first byte, 0 while empty */
     int started;        /* Python found the transaction these writes belong to (files.py) */
+    int settle_wanted;  /* Python waits for the next fsync or flush to commit (files.py) */
     int64_t changed_ns; /* time of the last change not yet taken, -1 if none */
     char *spill_dir;
 } Contents;
@@ -260,6 +263,7 @@ static int Contents_init(Contents *self, PyObject *args, PyObject *kwds)
     self->spool = spool;
     self->first = 0;
     self->started = 0;
+    self->settle_wanted = 0;
     self->changed_ns = -1;
     return 0;
 }
@@ -353,6 +357,17 @@ static int Contents_set_started(Contents *self, PyObject *value, void *closure)
     return 0;
 }
 
+static PyObject *Contents_get_settle_wanted(Contents *self, void *closure) { return PyBool_FromLong(self->settle_wanted); }
+
+static int Contents_set_settle_wanted(Contents *self, PyObject *value, void *closure)
+{
+    int b = value == NULL ? 0 : PyObject_IsTrue(value);
+    if (b < 0)
+        return -1;
+    self->settle_wanted = b;
+    return 0;
+}
+
 static PyMethodDef Contents_methods[] = {
     {"write", (PyCFunction)Contents_write, METH_VARARGS, "write(offset, data): past the end, the gap reads as zeros"},
     {"read", (PyCFunction)Contents_read, METH_VARARGS, "read(offset, length) -> bytes (fewer at the end)"},
@@ -370,6 +385,8 @@ static PyGetSetDef Contents_getset[] = {
     {"started", (getter)Contents_get_started, (setter)Contents_set_started,
      "set while the transaction these writes belong to holds its lease: writes to the "
      "inactive journal may then be answered in C too", NULL},
+    {"settle_wanted", (getter)Contents_get_settle_wanted, (setter)Contents_set_settle_wanted,
+     "set while a commit waits for the journal's next fsync or flush: they then go to Python", NULL},
     {NULL},
 };
 
@@ -393,6 +410,7 @@ static PyTypeObject ContentsType = {
 static struct {
     uint64_t fh;
     Contents *c;
+    int cached; /* opened through the page cache: its flush goes to Python */
 } slots[SLOTS];
 static int used;
 static unsigned long long fast_writes, fast_reads, fast_settles;
@@ -434,13 +452,20 @@ static int fast_read(uint64_t fh, int64_t off, size_t size, const char **out, si
     return 1;
 }
 
-static int fast_settle(uint64_t fh)
+static int fast_settle(uint64_t fh, int flush)
 {
-    /* fsync and flush of a journal: Python does nothing with them (files.py) */
-    if (find(fh) == NULL)
-        return 0;
-    fast_settles++;
-    return 1;
+    /* fsync and flush of a journal: Python does nothing with them (files.py), unless
+     * a commit the kernel wrote back waits for one (settle_wanted), or it closes a
+     * journal written through the page cache */
+    for (int i = 0; i < used; i++) {
+        if (slots[i].fh != fh)
+            continue;
+        if (slots[i].c->settle_wanted || (flush && slots[i].cached))
+            return 0;
+        fast_settles++;
+        return 1;
+    }
+    return 0;
 }
 
 static const struct journal_api api = {fast_write, fast_read, fast_settle};
@@ -449,13 +474,15 @@ static PyObject *register_fh(PyObject *self, PyObject *args)
 {
     unsigned long long fh;
     PyObject *c;
-    if (!PyArg_ParseTuple(args, "KO!", &fh, &ContentsType, &c))
+    int cached = 0;
+    if (!PyArg_ParseTuple(args, "KO!|p", &fh, &ContentsType, &c, &cached))
         return NULL;
     if (find(fh) != NULL || used == SLOTS)
         Py_RETURN_FALSE; /* then Python answers this handle's requests */
     Py_INCREF(c);
     slots[used].fh = fh;
     slots[used].c = (Contents *)c;
+    slots[used].cached = cached;
     used++;
     Py_RETURN_TRUE;
 }
@@ -488,7 +515,8 @@ static PyObject *stats(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"register", register_fh, METH_VARARGS,
-     "register(fh, contents) -> bool: answer this journal handle's writes and reads in C where they can be"},
+     "register(fh, contents, cached=False) -> bool: answer this journal handle's writes and reads in C "
+     "where they can be (cached: opened through the page cache, its flush goes to Python)"},
     {"unregister", unregister_fh, METH_VARARGS, "unregister(fh): the handle is released"},
     {"api", api_capsule, METH_NOARGS, "the capsule _fuse_init.fast_path() takes"},
     {"stats", stats, METH_NOARGS, "(writes, reads, fsyncs and flushes answered in C, handles registered)"},

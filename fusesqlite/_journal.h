@@ -17,9 +17,11 @@ struct journal_api {
     int (*write)(uint64_t fh, int64_t off, const char *buf, size_t size);
     /* 1 with out and len set (free to_free after answering), 0 if Python must */
     int (*read)(uint64_t fh, int64_t off, size_t size, const char **out, size_t *len, char **to_free);
-    /* 1 if fh is a registered journal handle: its fsync and flush have nothing to
-     * do (the contents are the daemon's own memory) and are answered at once */
-    int (*settle)(uint64_t fh);
+    /* 1 if fh is a registered journal handle whose fsync (flush: 1, its close)
+     * has nothing to do (the contents are the daemon's own memory): answered at
+     * once. Not where a commit waits for it, nor a close of a journal written
+     * through the page cache (Python then looks at what the kernel wrote back) */
+    int (*settle)(uint64_t fh, int flush);
 };
 
 #endif

@@ -147,8 +147,11 @@ def _small_transactions(m, name: str, count: int = 300) -> None:
 
 
 def _burst(m, name: str) -> None:
-    """A VACUUM: thousands of journal writes and write-backs with no handler waiting."""
+    """A VACUUM: thousands of journal writes and write-backs with no handler waiting.
+    In PERSIST mode: a journal opened again is direct_io, each of SQLite's writes a
+    request (a new journal goes through the page cache, a few large writes)."""
     with opendb(m / name) as c:
+        c.execute("PRAGMA journal_mode=PERSIST")
         c.execute("CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT)")
         c.execute("BEGIN")
         c.executemany("INSERT INTO t VALUES (?, ?)", ((i, f"{i:0200}") for i in range(30000)))

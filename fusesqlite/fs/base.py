@@ -41,6 +41,8 @@ class Handle:
     file: FileState | TransientFile
     #: opened by this mount's own lock proxy (coherence.py): its fsync only flushes
     proxy: bool = False
+    #: a journal opened through the page cache: its writes come from the kernel's write-back
+    cached: bool = False
 
 
 def fail(err: int) -> pyfuse3.FUSEError:
@@ -79,10 +81,10 @@ class FsBase(pyfuse3.Operations):
         self.names: dict[int, tuple[int, bytes]] = {}
 
     # -- handles and names -------------------------------------------------------------
-    def new_handle(self, ino: int, file: FileState | TransientFile, proxy: bool = False) -> int:
+    def new_handle(self, ino: int, file: FileState | TransientFile, proxy: bool = False, cached: bool = False) -> int:
         fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = Handle(ino, file, proxy=proxy)
+        self.handles[fh] = Handle(ino, file, proxy=proxy, cached=cached)
         return fh
 
     def handle(self, fh: int) -> Handle:

@@ -214,7 +214,7 @@ class DirectoryOps(FileOps, FsBase):
         ino, rec, tf = await self._to_remove(parent_inode, name, ctx)
         if tf is not None:
             try:
-                if tf.active:
+                if tf.in_transaction:
                     await self.journal_settled(tf, "journal deleted")
             except BaseException:
                 # A failed commit reverted the database. The unlink failed, so the name

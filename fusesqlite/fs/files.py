@@ -39,7 +39,7 @@ class FileOps(FsBase):
         if known is None:
             return None
         tf = self.transient.get(known[0], known[1] + b"-journal")
-        return tf if tf is not None and tf.active else None
+        return tf if tf is not None and tf.in_transaction else None
 
     def journal_active(self, ino: int) -> bool:
         """Whether the database ``ino`` is inside a rollback-journal transaction on this
@@ -87,6 +87,8 @@ class FileOps(FsBase):
                 inos = [found[0]] if found is not None and found[2] is None else []
         inos = [ino for ino in inos if ino is not None]
         synced, tf.db_synced = tf.db_synced, False
+        tf.unsettled = False
+        tf.kept_open = tf.cached_opens > 0
         self.settling.update(inos)
         try:
             for ino in inos:
@@ -163,7 +165,7 @@ class FileOps(FsBase):
             raise fail(e.errno) from None
 
     async def transient_changed(self, tf: TransientFile, was_active: bool, reason: str) -> None:
-        if was_active and not tf.active:
+        if was_active and not tf.active and not tf.settle_due:
             try:
                 await self.journal_settled(tf, reason)
             except pyfuse3.FUSEError:
@@ -184,7 +186,14 @@ class FileOps(FsBase):
         if is_transient_name(name):
             tf = self.transient.create(parent_inode, name, mode, ctx.uid, ctx.gid)
             tf.opens += 1
-            return self.file_info(tf.ino, tf), self.entry(tf.ino, tf.record())
+            # A new rollback journal goes through the page cache (docs/architecture.md,
+            # "A new journal through the page cache"): SQLite's dozen small writes reach
+            # the daemon as one or two at its fsyncs.
+            cached = self.writeback_cache and journal_target(name) is not None
+            if cached:
+                tf.cached_opens += 1
+                tf.unsettled = True
+            return self.file_info(tf.ino, tf, cached_journal=cached), self.entry(tf.ino, tf.record())
         ino = await self.tx.new_ino()
         rec = Inode.new(stat.S_IFREG, mode, ctx.uid, ctx.gid)
         await self.commit_entry(parent_inode, name, ino, rec)
@@ -217,19 +226,21 @@ class FileOps(FsBase):
             raise fail(e.errno) from None
 
     def file_info(
-        self, ino: int, file: FileState | TransientFile, keep_cache: bool = True, proxy: bool = False
+        self, ino: int, file: FileState | TransientFile, keep_cache: bool = True, proxy: bool = False,
+        cached_journal: bool = False,
     ) -> pyfuse3.FileInfo:
-        fh = self.new_handle(ino, file, proxy)
+        fh = self.new_handle(ino, file, proxy, cached_journal)
         fi = pyfuse3.FileInfo(fh=fh)
         fi.keep_cache = keep_cache  # every change passes through this mount's kernel (open_record)
-        # A journal is written once and read back only by a rollback: through the
-        # page cache, each record's write would be split at page boundaries (the
-        # kernel ends a request at a partly written page it has not read), and the
-        # daemon would not see the transaction start. Each write is a request, but
-        # most are answered in C (_journal.c) without reaching ``write`` below.
-        fi.direct_io = isinstance(file, TransientFile) and journal_target(file.name) is not None
-        if fi.direct_io:
-            _journal.register(fh, file.data)
+        journal = isinstance(file, TransientFile) and journal_target(file.name) is not None
+        # A journal opened again (TRUNCATE and PERSIST modes, a hot journal's rollback)
+        # is direct_io: each of SQLite's writes is a request, so that the daemon sees a
+        # header zeroed at once (PERSIST's commit point), and most are answered in C
+        # (_journal.c) without reaching ``write`` below. Only a new journal (create)
+        # goes through the page cache.
+        fi.direct_io = journal and not cached_journal
+        if journal:
+            _journal.register(fh, file.data, cached_journal)
         return fi
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -244,7 +255,7 @@ class FileOps(FsBase):
             # writes its database anew: an earlier fsync no longer covers those pages
             tf.db_synced = False
             if flags & os.O_TRUNC:
-                was = tf.active
+                was = tf.in_transaction
                 tf.truncate(0)
                 await self.transient_changed(tf, was, "journal truncated")
             return self.file_info(inode, tf)
@@ -272,7 +283,8 @@ class FileOps(FsBase):
             raise fail(e.errno) from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        f = self.handle(fh).file
+        h = self.handle(fh)
+        f = h.file
         if isinstance(f, TransientFile):
             was = f.active
             # journal_started's own first test, here: a small transaction writes its
@@ -280,8 +292,16 @@ class FileOps(FsBase):
             if not was and not (off and f.writing is not None and self.coherence.holds(f.writing)):
                 await self.journal_started(f, off)
             f.write(off, buf)
+            if h.cached:
+                f.unsettled = True
             if off == 0 and was and not f.active:
-                await self.transient_changed(f, was, "journal header zeroed")
+                if h.cached:
+                    # written back by the kernel, maybe while the app already runs its
+                    # next transaction: commit at the journal's next fsync or close,
+                    # which the app waits for
+                    f.settle_due = True
+                else:
+                    await self.transient_changed(f, was, "journal header zeroed")
             return len(buf)
         try:
             await self.tx.write(f, off, buf)
@@ -297,7 +317,7 @@ class FileOps(FsBase):
     async def truncate(self, ino: int, size: int, open_handle: bool) -> None:
         tf = self.transient.by_ino.get(ino)
         if tf is not None:
-            was = tf.active
+            was = tf.in_transaction
             tf.truncate(size)
             await self.transient_changed(tf, was, "journal truncated")
             return
@@ -317,6 +337,24 @@ class FileOps(FsBase):
         f = self.handle(fh).file
         if isinstance(f, FileState):
             await self.commit_unless_in_transaction(f, "close")
+        else:
+            await self.settle_written_back(f, closing=True)
+
+    async def settle_written_back(self, tf: TransientFile, closing: bool) -> None:
+        """An fsync or close of a journal written through the page cache: the commit, if
+        what the kernel wrote back before it ended the transaction.
+
+        That is a header zeroed (``TransientFile.settle_due``: PERSIST mode, or DELETE
+        in locking_mode EXCLUSIVE), unless SQLite started its next transaction since
+        (the header is set again; it then commits with that one). At a close, also a
+        journal that was never active here: SQLite with synchronous=OFF ended its
+        transaction before the kernel wrote back any of it.
+        """
+        if tf.active:
+            return
+        if tf.settle_due or (closing and tf.unsettled and tf.size > 0):
+            tf.settle_due = False
+            await self.transient_changed(tf, True, "journal header zeroed")
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handle(fh)
@@ -331,6 +369,8 @@ class FileOps(FsBase):
             if tf is not None:  # the kernel just wrote back the transaction's pages
                 tf.db_synced = True
             await self.commit_unless_in_transaction(f, "fsync")
+        else:
+            await self.settle_written_back(f, closing=False)
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -339,6 +379,10 @@ class FileOps(FsBase):
         f = h.file
         if isinstance(f, TransientFile):
             _journal.unregister(fh)
+            if h.cached:
+                f.cached_opens -= 1
+                if not f.cached_opens:  # its close wrote back all there was (flush)
+                    f.unsettled = f.kept_open = False
             f.opens -= 1
             self.transient.release_if_unused(f)
             return

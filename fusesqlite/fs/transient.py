@@ -23,7 +23,7 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced")
+    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced", "cached_opens", "unsettled", "kept_open")
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
@@ -37,6 +37,15 @@ class TransientFile:
         #: its database was fsynced while this journal was active: the kernel holds
         #: none of the transaction's pages (SQLite fsyncs last, unless synchronous=OFF)
         self.db_synced = False
+        #: open handles through the page cache (files.py): the kernel sends their
+        #: writes when SQLite fsyncs or closes the journal, not when it writes it
+        self.cached_opens = 0
+        #: created through the page cache, or written back, since its last commit: the
+        #: transaction it started may still be running in the kernel's pages
+        self.unsettled = False
+        #: a handle through the page cache stayed open across a commit (locking_mode
+        #: EXCLUSIVE): the next transaction through it starts unseen
+        self.kept_open = False
 
     @property
     def writing(self) -> int | None:
@@ -74,6 +83,23 @@ class TransientFile:
         data = self.data
         return data.size > 0 and data.first != 0
 
+    @property
+    def settle_due(self) -> bool:
+        """The kernel wrote back a header that ended the transaction (PERSIST mode, a
+        journal through the page cache): its commit waits for the app's next fsync or
+        close of the journal, which SQLite makes before going on (files.py)."""
+        return self.data.settle_wanted
+
+    @settle_due.setter
+    def settle_due(self, due: bool) -> None:
+        self.data.settle_wanted = due  # then the C hook hands those to Python
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the database's writes may belong to an uncommitted transaction of this
+        journal: then nothing but the journal's own commit point commits them."""
+        return self.active or self.settle_due or self.unsettled or (self.kept_open and self.cached_opens > 0)
+
     def read(self, offset: int, length: int) -> bytes:
         return self.data.read(offset, length)
 
@@ -81,6 +107,7 @@ class TransientFile:
         self.data.write(offset, buf)
 
     def truncate(self, size: int) -> None:
+        self.settle_due = False
         self.data.truncate(size)
 
     def close(self) -> None:
