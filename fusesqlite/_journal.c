@@ -456,11 +456,13 @@ static int fast_settle(uint64_t fh, int flush)
 {
     /* fsync and flush of a journal: Python does nothing with them (files.py), unless
      * a commit the kernel wrote back waits for one (settle_wanted), or it closes a
-     * journal written through the page cache */
+     * journal written through the page cache that holds something but is not active
+     * (its transaction may have ended before the kernel wrote any of it back) */
     for (int i = 0; i < used; i++) {
         if (slots[i].fh != fh)
             continue;
-        if (slots[i].c->settle_wanted || (flush && slots[i].cached))
+        Contents *c = slots[i].c;
+        if (c->settle_wanted || (flush && slots[i].cached && c->size > 0 && c->first == 0))
             return 0;
         fast_settles++;
         return 1;

@@ -20,7 +20,8 @@ struct journal_api {
     /* 1 if fh is a registered journal handle whose fsync (flush: 1, its close)
      * has nothing to do (the contents are the daemon's own memory): answered at
      * once. Not where a commit waits for it, nor a close of a journal written
-     * through the page cache (Python then looks at what the kernel wrote back) */
+     * through the page cache whose transaction may have ended unseen (Python then
+     * looks at what the kernel wrote back) */
     int (*settle)(uint64_t fh, int flush);
 };
 
