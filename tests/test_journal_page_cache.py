@@ -7,7 +7,9 @@ through the page cache"). What that must not change:
   "Current limits"): locking_mode EXCLUSIVE with synchronous OFF in DELETE or PERSIST
   mode, whose commits land together when SQLite next syncs or closes the journal;
 - a transaction whose journal and pages the kernel still holds is never committed by
-  another process's fsync or close of the database.
+  another process's fsync or close of the database;
+- a transaction takes its write lease when it creates its journal, as it did at the
+  journal's first write: other mounts' writers wait (SQLITE_BUSY) from then on.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import itertools
 import os
 import signal
 import sqlite3
+import subprocess
 
 import pytest
 
 from helpers import table_digest
-from test_many_mounts import query, wait_for
+from test_many_mounts import new_counter, query, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -110,3 +113,47 @@ def test_an_fsync_of_the_database_by_another_process_mid_transaction_commits_not
     with sqlite3.connect(b / "app.sqlite") as con:
         assert table_digest(con, "SELECT * FROM t ORDER BY k") == before
     con.close()
+
+
+#: a write transaction that changed one row: its journal is created, and all of it is
+#: still in the page cache (no fsync yet); commits when told to
+SMALL_HOLDER = r"""
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")
+con.execute("UPDATE counter SET v = v + 1")
+print("ready", flush=True)
+sys.stdin.readline()
+con.execute("COMMIT")
+print("committed", flush=True)
+"""
+
+
+def test_a_transaction_holds_its_write_lease_from_its_journals_create(mounts):
+    a = mounts()
+    b = mounts(store=a.store)
+    new_counter(a, "c.db", b)
+    holder = a.py(SMALL_HOLDER, str(a / "c.db"), stdin=subprocess.PIPE)
+
+    def b_writer_waits() -> bool:
+        con = sqlite3.connect(b / "c.db", timeout=0.2)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.rollback()  # B has not learned of A's lease yet
+            return False
+        except sqlite3.OperationalError as e:
+            return "locked" in str(e)
+        finally:
+            con.close()
+
+    try:
+        assert holder.stdout.readline().strip() == "ready", holder.stderr.read()
+        # B's lock proxy holds RESERVED once it learns of A's lease (milliseconds)
+        assert wait_for(b_writer_waits, timeout=5), "a writer on B did not wait for A's transaction"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "committed", holder.stderr.read()
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert wait_for(lambda: query(b / "c.db", "SELECT v FROM counter") == [(1,)])

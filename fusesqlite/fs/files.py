@@ -191,6 +191,16 @@ class FileOps(FsBase):
             # the daemon as one or two at its fsyncs.
             cached = self.writeback_cache and journal_target(name) is not None
             if cached:
+                try:
+                    # the write lease now, when a direct_io journal's first write took it:
+                    # the write-back comes only at SQLite's first fsync, or at its close
+                    await self.journal_started(tf, 0)
+                except pyfuse3.FUSEError as e:
+                    # refused: a direct_io journal, whose first write fails with the
+                    # refusal, as it always did (an error of the transaction, not of
+                    # the journal's open)
+                    cached, tf.refused = False, e.errno
+            if cached:
                 tf.cached_opens += 1
                 tf.unsettled = True
             return self.file_info(tf.ino, tf, cached_journal=cached), self.entry(tf.ino, tf.record())
@@ -287,9 +297,13 @@ class FileOps(FsBase):
         f = h.file
         if isinstance(f, TransientFile):
             was = f.active
+            if f.refused is not None:  # at the journal's create (above)
+                refused, f.refused = f.refused, None
+                raise fail(refused)
             # journal_started's own first test, here: a small transaction writes its
-            # journal ten times, nine of them while holding the lease already
-            if not was and not (off and f.writing is not None and self.coherence.holds(f.writing)):
+            # journal ten times, nine of them while holding the lease already (and
+            # through the page cache, the first too: create took it)
+            if not was and not ((off or h.cached) and f.writing is not None and self.coherence.holds(f.writing)):
                 await self.journal_started(f, off)
             f.write(off, buf)
             if h.cached:

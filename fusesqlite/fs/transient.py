@@ -23,7 +23,7 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced", "cached_opens", "unsettled", "kept_open")
+    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced", "cached_opens", "unsettled", "kept_open", "refused")
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
@@ -46,6 +46,8 @@ class TransientFile:
         #: a handle through the page cache stayed open across a commit (locking_mode
         #: EXCLUSIVE): the next transaction through it starts unseen
         self.kept_open = False
+        #: the errno of a write lease refused at the create, for the first write
+        self.refused: int | None = None
 
     @property
     def writing(self) -> int | None:
