@@ -348,15 +348,17 @@ class FileOps(FsBase):
             self.tx.forget_state(fs)
 
     async def flush(self, fh: int) -> None:
-        f = self.handle(fh).file
+        h = self.handle(fh)
+        f = h.file
         if isinstance(f, FileState):
             await self.commit_unless_in_transaction(f, "close")
-        else:
+        elif h.cached:
             await self.settle_written_back(f, closing=True)
 
     async def settle_written_back(self, tf: TransientFile, closing: bool) -> None:
-        """An fsync or close of a journal written through the page cache: the commit, if
-        what the kernel wrote back before it ended the transaction.
+        """An fsync or close of a journal through its page-cached handle (SQLite's own,
+        not a backup's read-only open): the commit, if what the kernel wrote back
+        before it ended the transaction.
 
         That is a header zeroed (``TransientFile.settle_due``: PERSIST mode, or DELETE
         in locking_mode EXCLUSIVE), unless SQLite started its next transaction since
@@ -383,7 +385,7 @@ class FileOps(FsBase):
             if tf is not None:  # the kernel just wrote back the transaction's pages
                 tf.db_synced = True
             await self.commit_unless_in_transaction(f, "fsync")
-        else:
+        elif h.cached:
             await self.settle_written_back(f, closing=False)
 
     async def release(self, fh: int) -> None:
