@@ -400,6 +400,8 @@ class FileOps(FsBase):
                 if not f.cached_opens:  # its close wrote back all there was (flush)
                     f.unsettled = f.kept_open = False
             f.opens -= 1
+            if not f.opens:  # a refusal no write took belongs to no later transaction
+                f.refused = None
             self.transient.release_if_unused(f)
             return
         assert isinstance(f, FileState)

@@ -23,7 +23,10 @@ SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced", "cached_opens", "unsettled", "kept_open", "refused")
+    __slots__ = (
+        "ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced",
+        "cached_opens", "unsettled", "kept_open", "refused",
+    )
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
