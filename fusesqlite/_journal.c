@@ -348,24 +348,23 @@ static PyObject *Contents_get_first(Contents *self, void *closure) { return PyLo
 static PyObject *Contents_get_spilled(Contents *self, void *closure) { return PyBool_FromLong(self->fd >= 0); }
 static PyObject *Contents_get_started(Contents *self, void *closure) { return PyBool_FromLong(self->started); }
 
-static int Contents_set_started(Contents *self, PyObject *value, void *closure)
+/* A flag set from Python's truth value (deleting it clears it); -1 on error. */
+static int set_flag(int *flag, PyObject *value)
 {
     int b = value == NULL ? 0 : PyObject_IsTrue(value);
     if (b < 0)
         return -1;
-    self->started = b;
+    *flag = b;
     return 0;
 }
+
+static int Contents_set_started(Contents *self, PyObject *value, void *closure) { return set_flag(&self->started, value); }
 
 static PyObject *Contents_get_settle_wanted(Contents *self, void *closure) { return PyBool_FromLong(self->settle_wanted); }
 
 static int Contents_set_settle_wanted(Contents *self, PyObject *value, void *closure)
 {
-    int b = value == NULL ? 0 : PyObject_IsTrue(value);
-    if (b < 0)
-        return -1;
-    self->settle_wanted = b;
-    return 0;
+    return set_flag(&self->settle_wanted, value);
 }
 
 static PyMethodDef Contents_methods[] = {
