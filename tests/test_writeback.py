@@ -85,6 +85,35 @@ def test_syncfs_of_the_mount_succeeds_after_sqlite_transactions(mounts):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("how", ["unlink", "rename over"])
+def test_a_database_deleted_and_created_again_under_its_name_commits(mounts, how):
+    """SQLite's own tests delete test.db and create it again, with synchronous=OFF: the
+    kernel still holds the times of the first file, gone from the store, and writes
+    them back at the second one's commit (syncfs). That must not fail the commit."""
+    m = mounts()
+    db = m / "again.sqlite"
+    for round_ in range(3):
+        con = sqlite3.connect(db, isolation_level=None)
+        con.execute("PRAGMA synchronous=OFF")
+        con.execute("CREATE TABLE t1(x)")
+        con.execute("INSERT INTO t1 VALUES (?)", (round_,))
+        con.close()
+        if how == "unlink":
+            os.unlink(db)
+        else:
+            make_table(m / "other.sqlite")
+            os.rename(m / "other.sqlite", db)
+            os.unlink(db)
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute("CREATE TABLE t1(x)")
+    con.execute("INSERT INTO t1 VALUES (42)")
+    con.close()
+    assert "event=commit_failed" not in m.log_text()
+    m = mounts.remount(m)
+    assert query(m / "again.sqlite", "SELECT x FROM t1") == [(42,)]
+
+
 def test_each_small_transaction_is_one_commit(mounts):
     """The kernel sends a database's new mtime before each fsync: it joins the
     transaction's commit instead of costing one of its own."""

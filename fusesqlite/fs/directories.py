@@ -75,15 +75,15 @@ class DirectoryOps(FileOps, FsBase):
             tf.rec = self._apply(tf.record(), attr, fields)
             return self.entry(inode, tf.record())
         if inode >= TRANSIENT_BASE:
-            # a journal already gone, whose times the kernel writes back (writeback
-            # cache): an error would fail the next syncfs(2) of the whole mount
-            return self.entry(inode, self._apply(Inode.new(stat.S_IFREG, 0o600, ctx.uid, ctx.gid, nlink=0), attr, fields))
+            return self._gone(inode, attr, fields, ctx)
         if self.times_pending(inode, fields, attr):
             return self.entry(inode, self.tx.files[inode].live_record())
         if fields.update_mode or fields.update_uid or fields.update_gid or fields.update_atime or fields.update_mtime:
             rec = await self.tx.record(inode)
             if rec is None:
-                raise fail(errno.ENOENT)
+                if fields.update_mode or fields.update_uid or fields.update_gid:
+                    raise fail(errno.ENOENT)
+                return self._gone(inode, attr, fields, ctx)
             fs = self.tx.files.get(inode)
             committed = fs.record if fs is not None else rec
             new = self._apply(committed, attr, fields)
@@ -92,6 +92,16 @@ class DirectoryOps(FileOps, FsBase):
                 fs.modified = False  # earlier writes must not move it again at their commit (cp -p)
             await self.commit_meta(ChangeSet(inodes={inode: new}), f"setattr {self.path(inode)}")
         return self.entry(inode, await self.record(inode))
+
+    def _gone(self, inode: int, attr, fields: pyfuse3.SetattrFields, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        """New times for a file that no longer exists (unlinked and closed, on this mount
+        or another): with the writeback cache the kernel keeps a file's times itself and
+        writes them back whenever it writes the inode, also after the last close of a
+        file already unlinked -- at the next syncfs(2), say. That file is gone and its
+        times with it; an error here would fail that syncfs, and with it the commit of
+        whichever database asked for it (a database deleted and created again under the
+        same name, with synchronous=OFF)."""
+        return self.entry(inode, self._apply(Inode.new(stat.S_IFREG, 0o600, ctx.uid, ctx.gid, nlink=0), attr, fields))
 
     def times_pending(self, ino: int, fields: pyfuse3.SetattrFields, attr: pyfuse3.EntryAttributes) -> bool:
         """A new mtime (and ctime) alone, for a file with uncommitted changes here: it
