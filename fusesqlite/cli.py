@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"embedded store directory, or fdb: / fdb:/path/fdb.cluster for FoundationDB (default: {DEFAULT_STORE_HELP})",
     )
     where.add_argument("--volume", default="default", help="independent file system inside the store (default: default)")
+    where.add_argument(
+        "--allow-shared-store", action="store_true",
+        help="open an embedded store that other users can read or write (refused otherwise: they could read "
+        "every file in it); a new store is always private to its owner",
+    )
     m = sub.add_parser("mount", parents=[where], help="mount a volume and serve it in the foreground")
     m.add_argument("mountpoint", help="an empty directory")
     m.add_argument(
@@ -146,6 +151,7 @@ def run(argv: list[str] | None) -> None:
             writeback_cache=args.writeback_cache,
             default_permissions=args.default_permissions,
             busy_poll_us=args.busy_poll_us,
+            allow_shared_store=args.allow_shared_store,
         )
         try:
             serve(config)
@@ -153,20 +159,22 @@ def run(argv: list[str] | None) -> None:
             raise CliError(str(e)) from None
     elif args.command == "gc":
         setup_logging(False)
-        collect(store_spec, args.volume, args.staging_timeout)
+        collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store)
 
 
-def collect(store_spec: str, volume_name: str, staging_timeout: float | None) -> None:
+def collect(store_spec: str, volume_name: str, staging_timeout: float | None, allow_shared_store: bool = False) -> None:
     from fusesqlite import gc
     from fusesqlite.identity import new_mount_id
-    from fusesqlite.store import StoreError, open_store
+    from fusesqlite.store import StoreError, StoreNotPrivate, open_store
     from fusesqlite.volume import Volume
 
     try:
-        volume = Volume(open_store(store_spec), volume_name)
+        volume = Volume(open_store(store_spec, allow_shared=allow_shared_store), volume_name)
         volume.open()
         timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
         stagings, blocks = gc.reclaim_stagings(volume, new_mount_id(), timeout)
+    except StoreNotPrivate as e:
+        raise CliError(str(e)) from None  # it says what to run
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
     print(f"removed {stagings} abandoned staging(s), {blocks} block(s)")

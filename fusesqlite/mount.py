@@ -95,6 +95,8 @@ class MountConfig:
     default_permissions: bool = False
     #: look for the next request this long before sleeping (request_loop.py); 0: never
     busy_poll_us: int = 50
+    #: open an embedded store that other users can read or write (store/embedded.py)
+    allow_shared_store: bool = False
 
 
 def kernel_checks_permissions(config: MountConfig) -> bool:
@@ -199,7 +201,7 @@ def serve(config: MountConfig) -> None:
     tune_malloc(config.memory_mb)
     mount_id = new_mount_id()
     try:
-        store = open_store(config.store)
+        store = open_store(config.store, allow_shared=config.allow_shared_store)
         volume = Volume(store, config.volume, author=mount_id)
         snapshot = volume.open()
         reclaim_stagings(volume, mount_id)

@@ -20,7 +20,7 @@ from .base import (
     limits_from_env,
     run_with_retries,
 )
-from .embedded import EmbeddedStore
+from .embedded import EmbeddedStore, StoreNotPrivate
 from .foundationdb import FoundationDBStore
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreFull",
+    "StoreNotPrivate",
     "StoreUnavailable",
     "Transaction",
     "TransactionTooOld",
@@ -46,11 +47,13 @@ __all__ = [
 FDB_PREFIX = "fdb:"
 
 
-def open_store(spec: str, limits: Limits | None = None) -> Store:
+def open_store(spec: str, limits: Limits | None = None, *, allow_shared: bool = False) -> Store:
     """Open the store named by ``spec``, as given on the command line.
 
     ``fdb:`` is FoundationDB with its default cluster file, ``fdb:PATH`` with
-    the cluster file PATH; anything else is the directory of an embedded store.
+    the cluster file PATH; anything else is the directory of an embedded store,
+    refused if other users can read or write it unless ``allow_shared``
+    (FoundationDB's access is the cluster's business: its TLS and network).
     """
     limits = limits or limits_from_env()
     if spec.startswith(FDB_PREFIX):
@@ -63,4 +66,4 @@ def open_store(spec: str, limits: Limits | None = None) -> Store:
         return FoundationDBStore(str(cluster_file), limits)
     if not spec:
         raise StoreUnavailable("no store given: name a directory, 'fdb:' or 'fdb:/path/to/fdb.cluster'")
-    return EmbeddedStore(Path(spec).expanduser(), limits)
+    return EmbeddedStore(Path(spec).expanduser(), limits, allow_shared=allow_shared)

@@ -15,7 +15,9 @@ FoundationDB's optimistic conflict, detected per database instead of per key.
 from __future__ import annotations
 
 import os
+import shlex
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -43,6 +45,15 @@ T = TypeVar("T")
 FILE_NAME = "store.sqlite"
 #: how often ``wait_for_change`` looks again where wake-ups cannot work (wakeups.py)
 POLL_SECONDS = 0.01
+
+#: a store is its owner's alone: whoever reads its files reads every file of every
+#: volume, whatever the mounts' permissions say (README, Security). SQLite gives a
+#: database's -wal, -shm and -journal the database file's own mode, so a private
+#: store.sqlite keeps them private too, whatever the umask.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+#: the option that lets a store others can read or write be opened all the same
+ALLOW_SHARED_OPTION = "--allow-shared-store"
 
 #: SQLite page size of a new store (an existing one keeps its own). In a WITHOUT ROWID
 #: table a row keeps at most about a quarter of a page in its leaf and spills the rest
@@ -81,6 +92,10 @@ _UNAVAILABLE = (
 _NEARLY_FULL_BYTES = 64 * 1024
 
 _monotonic = time.monotonic
+
+
+class StoreNotPrivate(StoreUnavailable):
+    """An existing store that users other than its owner can read or write."""
 
 
 def _as_bytes(data: object) -> bytes:
@@ -201,9 +216,14 @@ class EmbeddedStore:
     """The store in directory ``path`` (created on first use) as ``path/store.sqlite``.
 
     ``retry_limit`` counts retries after the first attempt, like FoundationDB's option.
+    A new store is private to its owner (``DIR_MODE``, ``FILE_MODE``); an existing
+    one that other users can read or write is refused (``StoreNotPrivate``) unless
+    ``allow_shared`` says its owner means it.
     """
 
-    def __init__(self, path: str | Path, limits: Limits = FDB_LIMITS, *, retry_limit: int = 50) -> None:
+    def __init__(
+        self, path: str | Path, limits: Limits = FDB_LIMITS, *, retry_limit: int = 50, allow_shared: bool = False
+    ) -> None:
         self.path = Path(path).expanduser()
         self.file = self.path / FILE_NAME
         self.limits = limits
@@ -221,6 +241,8 @@ class EmbeddedStore:
         self._checkpoint_due = False
         self._closed = False
         self._make_directory()
+        self._check_private(allow_shared)
+        self._make_file()
         # connect now so a bad store fails at startup, not at the first file system request
         run_with_retries(self._connection, retry_limit=self._attempts, what=f"opening {self.description}")
         _open_stores.add(self)
@@ -451,16 +473,86 @@ class EmbeddedStore:
         _close_quietly(conn)
 
     def _make_directory(self) -> None:
+        """Create the store directory, 0700 whatever the umask. Its parents (say
+        ~/.local/share) are the umask's business. An existing empty directory is
+        becoming a store (``mkdir`` then ``--store``): it is made private too."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir(mode=DIR_MODE)  # the umask can only take bits away: never wider than 0700
+                created = True
+            except FileExistsError:
+                if not self.path.is_dir():
+                    raise
+                with os.scandir(self.path) as entries:
+                    created = next(entries, None) is None
+            if created:
+                os.chmod(self.path, DIR_MODE)
         except OSError as e:
-            raise StoreUnavailable(
-                f"cannot create store directory {self.path}: {e.strerror or e}"
-            ) from e
+            if isinstance(e, PermissionError) and self.path.is_dir():
+                pass  # someone else's empty directory: _check_private judges its mode
+            else:
+                raise StoreUnavailable(
+                    f"cannot create store directory {self.path}: {e.strerror or e}"
+                ) from e
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StoreUnavailable(
                 f"store directory {self.path} is not writable (read-only file system or permissions)"
             )
+
+    def _make_file(self) -> None:
+        """Create ``store.sqlite`` 0600 before SQLite does (SQLite's own default is 0644
+        less the umask); SQLite then creates -wal and -shm with the same mode."""
+        try:
+            fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+        except FileExistsError:
+            return
+        except OSError as e:
+            raise StoreUnavailable(f"cannot create {self.file}: {e.strerror or e}") from e
+        try:
+            os.fchmod(fd, FILE_MODE)  # exactly 0600: a umask such as 0277 would leave the owner unable to write
+        finally:
+            os.close(fd)
+
+    def exposed(self) -> list[tuple[Path, int]]:
+        """The store's own paths that users other than its owner can read, write or
+        enter, with their permission bits: the directory, the database and its SQLite
+        companions, the wake-up directory (whose entries are empty files, names only)."""
+        found = []
+        for p in (
+            self.path,
+            self.file,
+            self.file.with_name(FILE_NAME + "-wal"),
+            self.file.with_name(FILE_NAME + "-shm"),
+            self.file.with_name(FILE_NAME + "-journal"),
+            self.path / wakeups.DIR_NAME,
+        ):
+            try:
+                mode = stat.S_IMODE(os.stat(p).st_mode)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise StoreUnavailable(f"cannot check the permissions of {p}: {e.strerror or e}") from e
+            if mode & 0o077:
+                found.append((p, mode))
+        return found
+
+    def _check_private(self, allow_shared: bool) -> None:
+        exposed = self.exposed()
+        if not exposed:
+            return
+        p, mode = exposed[0]
+        if allow_shared:
+            log.warning(
+                "event=store_shared path=%s mode=%04o paths_open_to_others=%d allowed_by=%s",
+                p, mode, len(exposed), ALLOW_SHARED_OPTION,
+            )
+            return
+        raise StoreNotPrivate(
+            f"store {self.path} is open to other users ({p} has mode {mode:04o}), and whoever reads the store"
+            f" reads every file of every volume; make it private with: chmod -R go-rwx {shlex.quote(str(self.path))}"
+            f" (or pass {ALLOW_SHARED_OPTION} if it is shared on purpose)"
+        )
 
     def _after_fork(self) -> None:
         """A child must not use its parent's SQLite connections (SQLite forbids it): start afresh."""

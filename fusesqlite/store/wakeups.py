@@ -14,6 +14,10 @@ commits, which a mount follows without reading anything. A name whose socket is
 gone (its process died) refuses the datagram, and the sender removes the file.
 Waiters still poll, rarely (``FALLBACK_SECONDS``), for writers that do not
 send: a store directory where sockets cannot be listed, an older version.
+
+The directory takes the store directory's permissions (private in a private
+store; open to every sharer of a store shared on purpose, whose wake-ups then
+still work) and the names are empty files 0600.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
@@ -77,8 +82,7 @@ class Wakeups:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
                 try:
                     sock.bind(b"\0" + self._prefix + name.encode())
-                    self.dir.mkdir(exist_ok=True)
-                    (self.dir / name).touch()
+                    self._list(name)
                 except OSError as e:
                     sock.close()
                     self._failed = True
@@ -95,11 +99,28 @@ class Wakeups:
         assert self._name is not None
         try:
             if not (self.dir / self._name).exists():
-                self.dir.mkdir(exist_ok=True)
-                (self.dir / self._name).touch()
+                self._list(self._name)
                 log.info("event=store_waiter_relisted name=%s", self._name)
         except OSError as e:
             log.debug("event=store_waiter_relist_failed name=%s cause=%s", self._name, e)
+
+    def _list(self, name: str) -> None:
+        """Make this store's name a file in the directory (creating that first)."""
+        try:
+            os.mkdir(self.dir, 0o700)  # never wider than private until it has the store's mode
+        except FileExistsError:
+            pass
+        else:
+            store_mode = stat.S_IMODE(os.stat(self.dir.parent).st_mode) & 0o777
+            os.chmod(self.dir, (stat.S_IMODE(os.stat(self.dir).st_mode) & ~0o777) | store_mode)
+        try:
+            fd = os.open(self.dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return  # a name left by a process that died, reused: as good as a new one
+        try:
+            os.fchmod(fd, 0o600)  # exactly 0600, whatever the umask
+        finally:
+            os.close(fd)
 
     def notify(self) -> None:
         """Wake every other waiting store (after a commit that wrote)."""
