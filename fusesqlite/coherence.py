@@ -28,7 +28,7 @@ from fusesqlite.keyspace import pack, unpack
 from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume
+from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume, WalHeld
 
 log = logging.getLogger("fusesqlite.coherence")
 
@@ -52,6 +52,10 @@ PROXY_RETRY_SECONDS = 1.0
 #: a transaction started on an idle lease (no store round trip) marks the lease busy
 #: once it has run this long, so that only short transactions can lose it to a steal
 PROMOTE_AFTER = 0.05
+
+
+#: a database named by its directory entry: (directory inode, name)
+WalKey = tuple[int, bytes]
 
 
 @dataclass
@@ -104,6 +108,13 @@ class Coherence:
         #: moves when other mounts' changes arrive: an answer computed across a
         #: move must not be cached by the kernel (it may predate an invalidation)
         self.epoch = 0
+        #: databases this mount has in WAL mode: -shm handles open here, and the
+        #: expiry of the ownership in the store (renewed with the write leases)
+        self.wal_opens: dict[WalKey, int] = {}
+        self.wal_expiry: dict[WalKey, float] = {}
+        #: one change of WAL ownership at a time: a release in flight must not clear
+        #: the record an open taking it again has just written
+        self._wal_lock = trio.Lock()
 
     async def run(self) -> None:
         try:
@@ -117,6 +128,7 @@ class Coherence:
             # mount: closed while it serves, or its unmount would find them busy
             for p in self.proxies.values():
                 await self._close(p)
+            await self._release_all_wal()
 
     # -- write leases ------------------------------------------------------------------
     def holds(self, ino: int) -> bool:
@@ -251,12 +263,13 @@ class Coherence:
             self.writing[ino] = "lost"
 
     async def _renew(self) -> None:
+        """Renew the busy write leases and the WAL ownerships, in one store transaction."""
         while True:
             await trio.sleep(self.lease_ttl / 3)
-            if self.my_leases:
-                held = list(self.my_leases)
+            if self.my_leases or self.wal_expiry:
+                held, wal = list(self.my_leases), list(self.wal_expiry)
                 try:
-                    lost = await self.tx.run(self.volume.renew_leases, held, self.lease_ttl)
+                    lost, lost_wal = await self.tx.run(self.volume.renew_leases, held, self.lease_ttl, wal)
                 except StoreError as e:
                     log.warning("event=lease_renew_failed cause=%s", e)
                     continue
@@ -267,6 +280,96 @@ class Coherence:
                         log.warning("event=lease_lost ino=%d", ino)
                     elif ino in self.my_leases:
                         self.my_leases[ino] = expiry
+                for key in wal:
+                    if key not in self.wal_expiry:
+                        continue  # released meanwhile
+                    if key in lost_wal:
+                        # expired while this mount could not renew it: the next -wal commit
+                        # asks the store again (and is refused if another mount has it now)
+                        self.wal_expiry[key] = 0.0
+                        log.warning("event=wal_lost parent=%d name=%r", *key)
+                    else:
+                        self.wal_expiry[key] = expiry
+
+    # -- WAL ownership (fs/wal.py calls these) -----------------------------------------------
+    def _wal_fresh(self, key: WalKey) -> bool:
+        """This mount owns ``key``'s WAL, renewed recently enough that nobody else can have
+        taken it (renewals come every third of the lease; half of it is the margin)."""
+        return self.wal_expiry.get(key, 0.0) - time.time() > self.lease_ttl / 2
+
+    def _wal_refused(self, e: WalHeld, path: str, op: str) -> None:
+        log.warning(
+            "event=wal_refused path=%s op=%s holder=%s holder_expires_in=%.1f cause=%r",
+            path, op, e.holder.owner, e.holder.expiry - time.time(),
+            "another mount has this database in WAL mode; WAL works on one mount at a time "
+            "(docs/many-mounts.md, 'WAL and several mounts')",
+        )
+
+    async def shm_opened(self, key: WalKey, path: str) -> None:
+        """A -shm of database ``key`` is being opened here: SQLite is using it in WAL mode.
+        Take (or keep) its WAL ownership; WalHeld (logged) while another live mount has it."""
+        async with self._wal_lock:
+            if key not in self.wal_opens or not self._wal_fresh(key):
+                try:
+                    expiry = await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
+                except WalHeld as e:
+                    self._wal_refused(e, path, "open_shm")
+                    raise
+                if key not in self.wal_opens:
+                    log.info("event=wal_owned path=%s", path)
+                self.wal_expiry[key] = expiry
+            self.wal_opens[key] = self.wal_opens.get(key, 0) + 1
+
+    async def shm_closed(self, key: WalKey, path: str) -> None:
+        """A -shm handle of ``key`` was released: the last one ends this mount's ownership."""
+        async with self._wal_lock:
+            left = self.wal_opens.get(key, 0) - 1
+            if left > 0:
+                self.wal_opens[key] = left
+                return
+            self.wal_opens.pop(key, None)
+            self.wal_expiry.pop(key, None)
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.tx.run(self.volume.release_wal, [key])
+            except StoreError as e:  # it expires (--lease-seconds)
+                log.warning("event=wal_release_failed path=%s cause=%s", path, e)
+                return
+            log.info("event=wal_released path=%s", path)
+
+    async def wal_usable(self, key: WalKey, path: str, op: str) -> None:
+        """The -wal of ``key`` is opened, committed or removed here: WalHeld (logged) if
+        another live mount has the database in WAL mode. Free on the owner (no store
+        round trip while its ownership is fresh)."""
+        if self._wal_fresh(key):
+            return
+        try:
+            if key in self.wal_opens:  # this mount's, but not renewed lately: take it again
+                async with self._wal_lock:
+                    if key in self.wal_opens and not self._wal_fresh(key):
+                        self.wal_expiry[key] = await self.tx.run(
+                            self.volume.acquire_wal, key[0], key[1], self.lease_ttl
+                        )
+                return
+            holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
+            if holder is not None:
+                raise WalHeld(key[0], key[1], holder)
+        except WalHeld as e:
+            self._wal_refused(e, path, op)
+            raise
+
+    async def _release_all_wal(self) -> None:
+        """A stopping mount ends its WAL ownerships (its apps' -shm handles die with it)."""
+        keys = list(self.wal_opens)
+        self.wal_opens.clear()
+        self.wal_expiry.clear()
+        if not keys:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.tx.run(self.volume.release_wal, keys)
+            except StoreError as e:
+                log.warning("event=wal_release_failed keys=%r cause=%s", keys, e)
 
     # -- following other mounts ------------------------------------------------------------
     async def _follow(self) -> None:

@@ -11,6 +11,8 @@ a tombstone.
     (prefix, 'next_ino')                     -> next free inode number
     (prefix, 'log', version)                 -> (unix time, author, inodes, entries, lease events)
     (prefix, 'lease', ino)                   -> (mount id, expiry): the one mount writing a database
+    (prefix, 'wal', parent, name)            -> (mount id, expiry): the one mount with database
+                                                `name` in WAL mode (its -shm open there)
     (prefix, 'i', ino, version)              -> inode record (see inodes.py)
     (prefix, 'd', parent, name, version)     -> child inode number
     (prefix, 'b', ino, block_no, version)    -> block (see pages.py)
@@ -100,6 +102,11 @@ class Keyspace:
 
     def lease(self, ino: int) -> bytes:
         return self.key("lease", ino)
+
+    def wal_owner(self, parent: int, name: bytes) -> bytes:
+        """Keyed by the database's directory entry, not its inode: a -shm and a -wal name
+        their database by name, and both mounts resolve the pair alike without a lookup."""
+        return self.key("wal", parent, name)
 
     def staging(self, ino: int, version: int) -> bytes:
         return self.key("staging", ino, version)

@@ -117,8 +117,23 @@ class Lease:
         owner, expiry, *busy = unpack(value)
         return cls(owner, expiry, bool(busy[0]) if busy else True)
 
+    def live(self, now: float) -> bool:
+        """Whether its owner still holds it: not expired, and not a mount of this host whose process is gone."""
+        return self.expiry > now and not dead_here(self.owner)
+
     def pack(self) -> bytes:
         return pack((self.owner, self.expiry, self.busy))
+
+
+class WalHeld(StoreError):
+    """Another live mount has the database in WAL mode (its WAL index, -shm, is in that
+    mount's memory only: a second mount with its own would lose commits)."""
+
+    errno = errno.EBUSY
+
+    def __init__(self, parent: int, name: bytes, holder: Lease) -> None:
+        super().__init__(f"{name!r} in directory {parent} is in WAL mode on mount {holder.owner}")
+        self.holder = holder
 
 
 class EntryChanged(StoreError):
@@ -467,7 +482,7 @@ class Volume:
             raw = tr.get(self.ks.lease(ino))
             if raw is not None:
                 held = Lease.unpack(raw)
-                if held.owner != self.author and held.busy and held.expiry > now and not dead_here(held.owner):
+                if held.owner != self.author and held.busy and held.live(now):
                     raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
             raw = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
             if raw and Inode.unpack(raw).dver != view_dver:
@@ -482,12 +497,15 @@ class Volume:
 
         return self.store.transact(fn)
 
-    def renew_leases(self, inos: Iterable[int], ttl: float) -> list[int]:
-        """Extend this mount's leases (no new version: only their holder's expiry moves); return those lost."""
-        inos = list(inos)
+    def renew_leases(
+        self, inos: Iterable[int], ttl: float, wal: Iterable[tuple[int, bytes]] = ()
+    ) -> tuple[list[int], list[tuple[int, bytes]]]:
+        """Extend this mount's write leases on ``inos`` and its WAL ownerships ``wal``
+        (no new version: only their holder's expiry moves); return those lost."""
+        inos, wal = list(inos), list(wal)
 
-        def fn(tr: Transaction) -> list[int]:
-            lost, expiry = [], time.time() + ttl
+        def fn(tr: Transaction) -> tuple[list[int], list[tuple[int, bytes]]]:
+            lost, lost_wal, expiry = [], [], time.time() + ttl
             for ino in inos:
                 raw = tr.get(self.ks.lease(ino))
                 lease = Lease.unpack(raw) if raw is not None else None
@@ -495,7 +513,14 @@ class Volume:
                     lost.append(ino)
                 else:
                     tr.set(self.ks.lease(ino), Lease(self.author, expiry, lease.busy).pack())
-            return lost
+            for parent, name in wal:
+                key = self.ks.wal_owner(parent, name)
+                raw = tr.get(key)
+                if raw is None or Lease.unpack(raw).owner != self.author:
+                    lost_wal.append((parent, name))
+                else:
+                    tr.set(key, Lease(self.author, expiry, True).pack())
+            return lost, lost_wal
 
         return self.store.transact(fn)
 
@@ -516,6 +541,48 @@ class Volume:
         value = self.store.transact(lambda tr: tr.get(self.ks.lease(ino)))
         lease = Lease.unpack(value) if value else None
         return lease if lease is not None and lease.busy else None
+
+    # -- WAL ownership: one mount at a time has a database in WAL mode ------------------
+    # A lease record like the write lease's (owner, expiry), kept and renewed by the same
+    # code (coherence.py), but never taken away from a live owner: a WAL index (-shm) is
+    # in one mount's memory, so a second mount's would not see the first one's frames.
+    # No log entry and no new version: nobody follows it, a refusal reads it here.
+    def acquire_wal(self, parent: int, name: bytes, ttl: float) -> float:
+        """Make this mount the WAL owner of database ``name`` in ``parent``; return the
+        expiry. Fails with WalHeld while another live mount owns it."""
+
+        def fn(tr: Transaction) -> float:
+            now = time.time()
+            key = self.ks.wal_owner(parent, name)
+            raw = tr.get(key)
+            if raw is not None:
+                held = Lease.unpack(raw)
+                if held.owner != self.author and held.live(now):
+                    raise WalHeld(parent, name, held)
+            expiry = now + ttl
+            tr.set(key, Lease(self.author, expiry, True).pack())
+            return expiry
+
+        return self.store.transact(fn)
+
+    def wal_holder(self, parent: int, name: bytes) -> Lease | None:
+        """The live mount other than this one that owns database ``name``'s WAL, if any."""
+        raw = self.store.transact(lambda tr: tr.get(self.ks.wal_owner(parent, name)))
+        held = Lease.unpack(raw) if raw is not None else None
+        return held if held is not None and held.owner != self.author and held.live(time.time()) else None
+
+    def release_wal(self, keys: Iterable[tuple[int, bytes]]) -> None:
+        """End this mount's WAL ownership of ``keys`` (those still its own)."""
+        keys = list(keys)
+
+        def fn(tr: Transaction) -> None:
+            for parent, name in keys:
+                key = self.ks.wal_owner(parent, name)
+                raw = tr.get(key)
+                if raw is not None and Lease.unpack(raw).owner == self.author:
+                    tr.clear(key)
+
+        self.store.transact(fn)
 
     # -- staging: transactions bigger than one store transaction ------------------------
     def begin_staging(self, ino: int, mount_id: str) -> int:

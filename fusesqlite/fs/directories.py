@@ -17,6 +17,7 @@ import time
 import pyfuse3
 
 from fusesqlite import fuse_caps
+from fusesqlite.fs import wal
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.files import FileOps
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, TRANSIENT_BASE, Inode, is_transient_name
@@ -238,6 +239,7 @@ class DirectoryOps(FileOps, FsBase):
             self.transient.unlink(tf)
             return
         assert rec is not None
+        await wal.wal_touched(self, parent_inode, name, "unlink_wal")  # fs/wal.py
         if rec.is_dir:
             raise fail(errno.EISDIR)
         changes = ChangeSet(dirents={(parent_inode, name): None}, expect={(parent_inode, name): ino})

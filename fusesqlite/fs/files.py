@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from fusesqlite import _journal
+from fusesqlite.fs import wal
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
@@ -55,6 +56,7 @@ class FileOps(FsBase):
         return None
 
     async def commit(self, fs: FileState, reason: str) -> None:
+        await wal.wal_committing(self, fs.ino)  # a -wal another mount has in WAL mode: EBUSY
         try:
             await self.tx.commit(fs, reason)
         except StoreError as e:
@@ -183,6 +185,7 @@ class FileOps(FsBase):
         self.writable(ctx)
         if await self.child(parent_inode, name) is not None:
             raise fail(errno.EEXIST)
+        await wal.opening(self, parent_inode, name)  # WAL on one mount at a time (fs/wal.py)
         if is_transient_name(name):
             tf = self.transient.create(parent_inode, name, mode, ctx.uid, ctx.gid)
             tf.opens += 1
@@ -256,6 +259,8 @@ class FileOps(FsBase):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.writable(ctx)
+        if not (flags & os.O_NONBLOCK and self._own_thread(ctx.pid)):  # not the lock proxy's open
+            await wal.opening_ino(self, inode)  # WAL on one mount at a time (fs/wal.py)
         tf = self.transient.by_ino.get(inode)
         if tf is not None:
             if not tf.linked:  # unlinked, still open elsewhere, reopened (/proc/PID/fd)
@@ -403,6 +408,7 @@ class FileOps(FsBase):
             if not f.opens:  # a refusal no write took belongs to no later transaction
                 f.refused = None
             self.transient.release_if_unused(f)
+            await wal.released(self, f)  # a -shm's last handle ends this mount's WAL ownership
             return
         assert isinstance(f, FileState)
         f.opens -= 1

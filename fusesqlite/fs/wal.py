@@ -1,0 +1,123 @@
+"""WAL files (-shm, -wal) across mounts: one mount at a time has a database in WAL mode.
+
+SQLite's WAL index (``X-shm``) is a transient file, in one daemon's memory: a second
+mount building its own index of the same ``X-wal`` would append frames the first
+one never sees, and commits would be lost (measured: 194 of 499 acknowledged). So a
+mount that opens ``X-shm`` becomes the WAL owner of ``X`` in the store (a lease
+record, coherence.py) until its last ``X-shm`` handle closes, and another mount's
+open of ``X-shm`` or ``X-wal``, commit of ``X-wal`` or removal of ``X-wal`` fails with
+EBUSY while that owner lives. SQLite reports a refused open as "unable to open
+database file" (SQLITE_CANTOPEN), a refused commit as "disk I/O error"; neither
+writes anything. docs/many-mounts.md, "WAL and several mounts", says why.
+
+These are the hooks files.py and directories.py call; the ownership itself is
+Coherence's (``shm_opened``, ``shm_closed``, ``wal_usable``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import pyfuse3
+
+from fusesqlite.volume import WalHeld
+
+if TYPE_CHECKING:
+    from fusesqlite.fs.files import FileOps
+
+log = logging.getLogger("fusesqlite.fs")
+
+SHM = b"-shm"
+WAL = b"-wal"
+
+
+def database_of(name: bytes, suffix: bytes) -> bytes | None:
+    """``X`` for ``X-shm`` / ``X-wal`` (by ``suffix``), else None."""
+    return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
+
+
+async def opening(ops: "FileOps", parent: int, name: bytes) -> None:
+    """Before a create of ``name`` in ``parent``: a -shm takes WAL ownership, a -wal checks it."""
+    await shm_opening(ops, parent, name)
+    await wal_touched(ops, parent, name, "create_wal")
+
+
+async def opening_ino(ops: "FileOps", ino: int) -> None:
+    """Before an open of ``ino`` by an app (not by this mount's own lock proxy)."""
+    tf = ops.transient.by_ino.get(ino)
+    if tf is not None:
+        if tf.linked:  # else the open fails (ENOENT)
+            await shm_opening(ops, tf.parent, tf.name)
+        return
+    known = ops.names.get(ino)
+    if known is not None:
+        await wal_touched(ops, known[0], known[1], "open_wal")
+
+
+async def released(ops: "FileOps", file: object) -> None:
+    """After a handle of ``file`` is released: a -shm's last one ends the WAL ownership."""
+    name = getattr(file, "name", None)
+    if isinstance(name, bytes) and name.endswith(SHM):
+        await shm_released(ops, file.parent, name)  # type: ignore[attr-defined]
+
+
+async def shm_opening(ops: "FileOps", parent: int, name: bytes) -> None:
+    """Before a create or open of ``name`` (transient) in ``parent``: a -shm takes WAL ownership."""
+    db = database_of(name, SHM)
+    if db is None:
+        return
+    try:
+        await ops.coherence.shm_opened((parent, db), ops.child_path(parent, db))
+    except WalHeld as e:
+        raise pyfuse3.FUSEError(e.errno) from None
+
+
+async def shm_released(ops: "FileOps", parent: int, name: bytes) -> None:
+    """After a handle of a transient file opened by ``shm_opening`` is released."""
+    db = database_of(name, SHM)
+    if db is None:
+        return
+    key, path = (parent, db), ops.child_path(parent, db)
+    if ops.coherence.wal_opens.get(key) == 1:
+        await _publish_before_release(ops, parent, db, path)
+    await ops.coherence.shm_closed(key, path)
+
+
+async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: str) -> None:
+    """Commit what this mount wrote to ``db`` and its -wal before giving the WAL away.
+
+    With synchronous=OFF SQLite never fsyncs: its last checkpoint's pages and the -wal's
+    frames reach the store only at the files' closes, which come after the -shm's.
+    A mount taking the WAL in between would read the database without them. With
+    NORMAL and FULL they were committed already, and this costs one syncfs.
+    """
+    inos = [ino for ino in (ops.open_file_named(parent, db), ops.open_file_named(parent, db + WAL)) if ino]
+    if not inos:
+        return
+    try:
+        await ops.take_kernel_pages(inos)
+        for ino in inos:
+            fs = ops.tx.files.get(ino)
+            if fs is not None:
+                await ops.commit_unless_in_transaction(fs, "wal released")
+    except pyfuse3.FUSEError as e:  # logged by the commit; the app's own close reports it too
+        log.warning("event=wal_publish_failed path=%s errno=%d", path, e.errno)
+
+
+async def wal_touched(ops: "FileOps", parent: int, name: bytes, op: str) -> None:
+    """Before an open, create, commit or unlink of stored file ``name``: a -wal of a
+    database another live mount has in WAL mode is refused (EBUSY)."""
+    db = database_of(name, WAL)
+    if db is None:
+        return
+    try:
+        await ops.coherence.wal_usable((parent, db), ops.child_path(parent, db), op)
+    except WalHeld as e:
+        raise pyfuse3.FUSEError(e.errno) from None
+
+
+async def wal_committing(ops: "FileOps", ino: int) -> None:
+    """Before a commit of stored file ``ino`` (its fsync, flush or release)."""
+    known = ops.names.get(ino)
+    if known is not None and known[1].endswith(WAL):
+        await wal_touched(ops, known[0], known[1], "commit_wal")

@@ -1,0 +1,132 @@
+"""WAL across mounts is refused, never lossy (DESIGN.md contract 7).
+
+SQLite's WAL index (-shm) lives in one daemon's memory, so one mount at a time may
+have a database in WAL mode: another mount's SQLite gets "unable to open database
+file" (its open of -shm or -wal is refused with EBUSY) and its daemon logs
+``event=wal_refused`` naming the holder. docs/many-mounts.md, "WAL and several mounts".
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from test_many_mounts import query, wait_for
+
+#: a WAL connection on argv[1] that writes a row every argv[2] seconds until stdin closes
+HOLD_WAL = r"""
+import sqlite3, sys, threading
+con = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+assert con.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+con.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, src TEXT)")
+print("ready", flush=True)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+n = 0
+while not stop.wait(float(sys.argv[2])):
+    con.execute("INSERT INTO t(src) VALUES ('holder')")
+    n += 1
+con.close()
+print(n, flush=True)
+"""
+
+#: open argv[1] and read it: prints "ok N" or "error MESSAGE"
+TRY_OPEN = r"""
+import sqlite3, sys
+try:
+    con = sqlite3.connect(sys.argv[1], timeout=2, isolation_level=None)
+    if len(sys.argv) > 2:
+        con.execute("PRAGMA journal_mode=" + sys.argv[2])
+    n = con.execute("SELECT count(*) FROM t").fetchone()[0]
+    con.close()
+    print("ok", n)
+except sqlite3.Error as e:
+    print("error", e)
+"""
+
+#: for argv[2] seconds: connect to argv[1] in WAL mode, commit up to 20 single-row
+#: transactions, close; prints JSON {"acked": [ids whose COMMIT returned], "errors": {...}}
+WAL_WRITER = r"""
+import json, sqlite3, sys, time
+path, seconds, tag = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + seconds
+acked, errors, i = [], {}, 0
+while time.monotonic() < deadline:
+    con = None
+    try:
+        con = sqlite3.connect(path, timeout=5, isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        for _ in range(20):
+            i += 1
+            row = f"{tag}-{i}"
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("INSERT INTO t(src) VALUES (?)", (row,))
+            con.execute("COMMIT")
+            acked.append(row)
+    except sqlite3.Error as e:
+        errors[str(e)] = errors.get(str(e), 0) + 1
+        time.sleep(0.02)
+    finally:
+        if con is not None:
+            try:
+                con.close()
+            except sqlite3.Error as e:
+                errors["close: " + str(e)] = errors.get("close: " + str(e), 0) + 1
+print(json.dumps({"acked": acked, "errors": errors}), flush=True)
+"""
+
+
+def try_open(m, name: str, mode: str | None = None) -> str:
+    args = [str(m / name)] + ([mode] if mode else [])
+    out, err = m.py(TRY_OPEN, *args).communicate(timeout=60)
+    assert not err, err
+    return out.strip()
+
+
+def new_db(m, name: str, *others) -> None:
+    con = sqlite3.connect(m / name)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, src TEXT)")
+    con.commit()
+    con.close()
+    for o in others:
+        assert wait_for(lambda: query(o / name, "SELECT count(*) FROM t") == [(0,)])
+
+
+def start_holder(m, name: str, every: float = 0.05):
+    p = m.py(HOLD_WAL, str(m / name), str(every), stdin=__import__("subprocess").PIPE)
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    return p
+
+
+def stop_holder(p) -> int:
+    out, err = p.communicate("", timeout=60)
+    assert p.returncode == 0, err
+    return int(out.split()[-1])
+
+
+@pytest.mark.parametrize("n_mounts", [2, 3])
+@pytest.mark.timeout(120)
+def test_a_second_mount_is_refused_while_one_has_the_database_in_wal_mode(mounts, n_mounts):
+    a = mounts()
+    others = [mounts(store=a.store) for _ in range(n_mounts - 1)]
+    new_db(a, "w.db", *others)
+    holder = start_holder(a, "w.db")
+    try:
+        for o in others:
+            for mode in (None, "WAL", "DELETE"):  # rollback mode reads, switching to WAL or away
+                got = try_open(o, "w.db", mode)
+                assert got == "error unable to open database file", (mode, got)
+            assert o.wait_log("event=wal_refused"), o.log_tail()
+            line = next(ln for ln in o.log_text().splitlines() if "event=wal_refused" in ln)
+            assert "path=/w.db" in line and "holder=" in line, line
+        time.sleep(0.3)
+        assert try_open(a, "w.db").startswith("ok "), "the owner's other connections keep working"
+    finally:
+        written = stop_holder(holder)
+    assert written > 0
+    # the owner closed its connections: the WAL is free, the next mount takes it
+    b = others[0]
+    assert wait_for(lambda: try_open(b, "w.db", "WAL") == f"ok {written}", timeout=10), try_open(b, "w.db", "WAL")
+    assert query(b / "w.db", "PRAGMA integrity_check") == [("ok",)]
