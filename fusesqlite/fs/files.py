@@ -95,13 +95,20 @@ class FileOps(FsBase):
         try:
             for ino in inos:
                 await self.coherence.settle(ino)
-            leases = [ino for ino in inos if self.coherence.end_write(ino)]
+            leases: list[int] | None = None
             try:
                 if not synced:
+                    # Before the leases end: the pages the kernel hands over include the
+                    # page-cached journals' own (SQLite with synchronous=OFF never had
+                    # them written back), which would otherwise look like a new
+                    # transaction starting and take the lease again.
                     await self.take_kernel_pages(inos)
+                leases = [ino for ino in inos if self.coherence.end_write(ino)]
                 files = [fs for fs in map(self.tx.files.get, inos) if fs is not None and fs.changed]
                 await self.tx.commit_many(files, reason, keep=leases)
             except (StoreError, pyfuse3.FUSEError) as e:
+                if leases is None:
+                    leases = [ino for ino in inos if self.coherence.end_write(ino)]
                 self.coherence.kept(leases, ok=False)
                 if leases:  # the failed commit changed no lease; do not make other mounts wait
                     await self.tx.commit_many([], "release lease", release=leases)
