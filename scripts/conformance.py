@@ -49,6 +49,7 @@ EXPECTED_RE = re.compile(r"^! (\S+) expected: ", re.M)
 ERROR_RE = re.compile(r"^(\S+)\.\.\.\s*\nError: ", re.M)
 LEFT_OPEN_RE = re.compile(r"^(\d+) files were left open$", re.M)
 UNFREED_RE = re.compile(r"^Unfreed memory: ", re.M)
+STARTED_RE = re.compile(r"^\S+\.\.\.", re.M)  # "name..." as each test starts
 
 
 # ---------------------------------------------------------------------------
@@ -176,7 +177,9 @@ def run_file(testfixture: Path, test_path: Path, rundir: Path, out_path: Path, t
     text = out_path.read_text(errors="replace")
     failures, tests, completed = parse_output(text)
     if timed_out:
-        status, reason = "timeout", f"killed after {timeout:.0f}s; last line: {last_line(text)}"
+        started = len(STARTED_RE.findall(text))
+        status, reason = "timeout", (f"killed after {timeout:.0f}s, {started} tests started, "
+                                     f"{len(failures)} failed; last line: {last_line(text)}")
         if rc is None:
             reason += " (did not exit after SIGKILL)"
     elif completed:
