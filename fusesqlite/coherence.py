@@ -18,7 +18,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 from dataclasses import dataclass
 
 import trio
@@ -28,9 +29,10 @@ from fusesqlite.keyspace import pack, unpack
 from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import WANT, LeaseHeld, LogEntry, StaleView, Volume, WalHeld
+from fusesqlite.volume import WANT, Lease, LeaseHeld, LogEntry, StaleView, Volume, WalGrant, WalHeld
 
 log = logging.getLogger("fusesqlite.coherence")
+T = TypeVar("T")
 
 # SQLite's lock bytes (os_unix.c): PENDING, RESERVED, then the SHARED range
 PENDING_BYTE = 0x40000000
@@ -301,24 +303,63 @@ class Coherence:
         log.warning(
             "event=wal_refused path=%s op=%s holder=%s holder_expires_in=%.1f cause=%r",
             path, op, e.holder.owner, e.holder.expiry - time.time(),
-            "another mount has this database in WAL mode; WAL works on one mount at a time "
-            "(docs/many-mounts.md, 'WAL and several mounts')",
+            "in WAL mode on another mount (docs/many-mounts.md, 'WAL and several mounts')",
         )
 
-    async def shm_opened(self, key: WalKey, path: str) -> None:
+    async def shm_opened(self, key: WalKey, path: str, current: Callable[[WalGrant], bool]) -> None:
         """A -shm of database ``key`` is being opened here: SQLite is using it in WAL mode.
-        Take (or keep) its WAL ownership; WalHeld (logged) while another live mount has it."""
+        Take (or keep) its WAL ownership; WalHeld (logged) while another live mount has it.
+
+        Taking it, this mount must see the database and its -wal exactly as the store
+        has them (``current``): the last owner's last commits may not have reached it
+        yet, and a WAL index built on an older database with a newer -wal, or the
+        reverse, would let this mount's frames replace them. Otherwise WalHeld too
+        (the app's retry finds this mount caught up: following takes milliseconds).
+        """
         async with self._wal_lock:
             if key not in self.wal_opens or not self._wal_fresh(key):
                 try:
-                    expiry = await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
+                    grant = await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
                 except WalHeld as e:
                     self._wal_refused(e, path, "open_shm")
                     raise
+                if key not in self.wal_opens and not current(grant):
+                    with trio.CancelScope(shield=True):
+                        await self.tx.run(self.volume.release_wal, [key])
+                    log.info("event=wal_refused path=%s op=open_shm reason=view_behind seen=%d last_change=%d",
+                             path, self.seen, grant.last_change)
+                    raise WalHeld(key[0], key[1], Lease(self.me, 0.0, False))
                 if key not in self.wal_opens:
                     log.info("event=wal_owned path=%s", path)
-                self.wal_expiry[key] = expiry
+                self.wal_expiry[key] = grant.expiry
             self.wal_opens[key] = self.wal_opens.get(key, 0) + 1
+
+    async def while_owning(self, key: WalKey, path: str, op: str, act: Awaitable[T]) -> T:
+        """Run ``act`` (a removal of the -wal) as the WAL owner of ``key``: a mount that
+        takes the WAL meanwhile would have its frames go to a -wal gone from the store.
+        WalHeld (logged) while another live mount has it."""
+        async with self._wal_lock:
+            owned = key in self.wal_opens
+            try:
+                if not owned or not self._wal_fresh(key):
+                    self.wal_expiry[key] = (
+                        await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
+                    ).expiry
+            except WalHeld as e:
+                if not owned:
+                    self.wal_expiry.pop(key, None)
+                self._wal_refused(e, path, op)
+                raise
+            try:
+                return await act
+            finally:
+                if not owned:
+                    self.wal_expiry.pop(key, None)
+                    with trio.CancelScope(shield=True):
+                        try:
+                            await self.tx.run(self.volume.release_wal, [key])
+                        except StoreError as e:
+                            log.warning("event=wal_release_failed path=%s cause=%s", path, e)
 
     async def shm_closed(self, key: WalKey, path: str) -> None:
         """A -shm handle of ``key`` was released: the last one ends this mount's ownership."""
@@ -347,9 +388,9 @@ class Coherence:
             if key in self.wal_opens:  # this mount's, but not renewed lately: take it again
                 async with self._wal_lock:
                     if key in self.wal_opens and not self._wal_fresh(key):
-                        self.wal_expiry[key] = await self.tx.run(
-                            self.volume.acquire_wal, key[0], key[1], self.lease_ttl
-                        )
+                        self.wal_expiry[key] = (
+                            await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
+                        ).expiry
                 return
             holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
             if holder is not None:

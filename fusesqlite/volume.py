@@ -136,6 +136,17 @@ class WalHeld(StoreError):
         self.holder = holder
 
 
+@dataclass(frozen=True)
+class WalGrant:
+    """A WAL ownership taken (``Volume.acquire_wal``)."""
+
+    expiry: float
+    #: the last version that changed the database or its -wal (data, or the name)
+    last_change: int
+    #: (name, inode or None if absent, data version) of the database and of its -wal
+    files: tuple[tuple[bytes, int | None, int], ...]
+
+
 class EntryChanged(StoreError):
     """Another mount changed a directory entry after this mount looked it up."""
 
@@ -547,11 +558,12 @@ class Volume:
     # code (coherence.py), but never taken away from a live owner: a WAL index (-shm) is
     # in one mount's memory, so a second mount's would not see the first one's frames.
     # No log entry and no new version: nobody follows it, a refusal reads it here.
-    def acquire_wal(self, parent: int, name: bytes, ttl: float) -> float:
-        """Make this mount the WAL owner of database ``name`` in ``parent``; return the
-        expiry. Fails with WalHeld while another live mount owns it."""
+    def acquire_wal(self, parent: int, name: bytes, ttl: float) -> WalGrant:
+        """Make this mount the WAL owner of database ``name`` in ``parent``. Fails with
+        WalHeld while another live mount owns it. The grant says what the database and
+        its -wal are in the store now: the new owner must see exactly that."""
 
-        def fn(tr: Transaction) -> float:
+        def fn(tr: Transaction) -> WalGrant:
             now = time.time()
             key = self.ks.wal_owner(parent, name)
             raw = tr.get(key)
@@ -561,7 +573,22 @@ class Volume:
                     raise WalHeld(parent, name, held)
             expiry = now + ttl
             tr.set(key, Lease(self.author, expiry, True).pack())
-            return expiry
+            last, files = 0, []
+            for n in (name, name + b"-wal"):
+                rows = tr.get_range(*self.ks.versions_upto(1 << 62, "d", parent, n), limit=1, reverse=True)
+                if not rows:
+                    files.append((n, None, 0))
+                    continue
+                last = max(last, self.ks.parts(rows[0][0])[-1])  # created or removed then
+                if not rows[0][1]:
+                    files.append((n, None, 0))
+                    continue
+                ino = unpack(rows[0][1])[0]
+                rec = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
+                dver = Inode.unpack(rec).dver if rec else 0
+                last = max(last, dver)
+                files.append((n, ino, dver))
+            return WalGrant(expiry, last, tuple(files))
 
         return self.store.transact(fn)
 

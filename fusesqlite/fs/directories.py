@@ -239,13 +239,12 @@ class DirectoryOps(FileOps, FsBase):
             self.transient.unlink(tf)
             return
         assert rec is not None
-        await wal.wal_touched(self, parent_inode, name, "unlink_wal")  # fs/wal.py
         if rec.is_dir:
             raise fail(errno.EISDIR)
         changes = ChangeSet(dirents={(parent_inode, name): None}, expect={(parent_inode, name): ino})
         self._drop_link(ino, rec, changes)
         await self.dir_changed(changes, parent_inode)
-        await self.commit_meta(changes, f"unlink {self.path(ino)}")
+        await wal.removing(self, parent_inode, name, self.commit_meta(changes, f"unlink {self.path(ino)}"))
         if self.names.get(ino) == (parent_inode, name):
             del self.names[ino]
 

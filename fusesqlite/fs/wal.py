@@ -15,17 +15,21 @@ Coherence's (``shm_opened``, ``shm_closed``, ``wal_usable``).
 """
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import pyfuse3
 
-from fusesqlite.volume import WalHeld
+from fusesqlite.volume import WalGrant, WalHeld
 
 if TYPE_CHECKING:
     from fusesqlite.fs.files import FileOps
 
 log = logging.getLogger("fusesqlite.fs")
+T = TypeVar("T")
 
 SHM = b"-shm"
 WAL = b"-wal"
@@ -67,8 +71,38 @@ async def shm_opening(ops: "FileOps", parent: int, name: bytes) -> None:
     if db is None:
         return
     try:
-        await ops.coherence.shm_opened((parent, db), ops.child_path(parent, db))
+        await ops.coherence.shm_opened((parent, db), ops.child_path(parent, db), partial(_view_current, ops, parent))
     except WalHeld as e:
+        raise pyfuse3.FUSEError(e.errno) from None
+
+
+def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
+    """Whether this mount sees the database and its -wal as ``grant`` found them in the store."""
+    seen, last, mine = ops.coherence.seen, grant.last_change, ops.tx.mine
+    if seen < last and not (last - seen <= len(mine) and all(v in mine for v in range(seen + 1, last + 1))):
+        return False  # another mount's change not followed yet: names and records read now could be older
+    for name, ino, dver in grant.files:
+        here = ops.open_file_named(parent, name)
+        if here is None:
+            continue  # not open here: its next open reads what this mount has followed
+        if here != ino:
+            return False  # open here as a file the store no longer has under this name
+        fs = ops.tx.files.get(here)
+        if fs is not None and fs.record.dver != dver:
+            return False  # open with an older version: its move is still to come
+    return True
+
+
+async def removing(ops: "FileOps", parent: int, name: bytes, act: Awaitable[T]) -> T:
+    """Run ``act``, the unlink of stored file ``name``: a -wal's as its database's WAL owner."""
+    db = database_of(name, WAL)
+    if db is None:
+        return await act
+    try:
+        return await ops.coherence.while_owning((parent, db), ops.child_path(parent, db), "unlink_wal", act)
+    except WalHeld as e:
+        if inspect.iscoroutine(act):
+            act.close()  # refused before it ran
         raise pyfuse3.FUSEError(e.errno) from None
 
 
@@ -105,7 +139,7 @@ async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: 
 
 
 async def wal_touched(ops: "FileOps", parent: int, name: bytes, op: str) -> None:
-    """Before an open, create, commit or unlink of stored file ``name``: a -wal of a
+    """Before an open, create or commit of stored file ``name``: a -wal of a
     database another live mount has in WAL mode is refused (EBUSY)."""
     db = database_of(name, WAL)
     if db is None:
