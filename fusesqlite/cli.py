@@ -96,10 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-other, where it is off: it refuses root nothing and costs two requests per small transaction); "
         "for hosts whose uid-0 processes run without CAP_DAC_OVERRIDE",
     )
-    m.add_argument(
-        "--no-writeback-cache", dest="writeback_cache", action="store_false",
-        help="send every write to the daemon at once instead of letting the kernel gather them "
-        "until a commit point (slower; for comparison and troubleshooting)",
+    wb = m.add_mutually_exclusive_group()
+    wb.add_argument(
+        "--writeback-cache", dest="writeback_cache", action="store_const", const=True, default=None,
+        help="let the kernel gather writes in its page cache until a commit point (the default on "
+        "Linux 6.16 and later; before 6.16 a synchronous=OFF commit may miss pages still queued in the kernel)",
+    )
+    wb.add_argument(
+        "--no-writeback-cache", dest="writeback_cache", action="store_const", const=False,
+        help="send every write to the daemon at once (the default before Linux 6.16; slower)",
     )
     m.add_argument(
         "--busy-poll-us", type=_non_negative, default=50,

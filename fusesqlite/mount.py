@@ -89,8 +89,9 @@ class MountConfig:
     read_only: bool = False
     #: a mount that dies holding a database's write lease blocks other writers this long
     lease_seconds: float = 10.0
-    #: the kernel gathers writes in its page cache until a commit point (docs/architecture.md)
-    writeback_cache: bool = True
+    #: the kernel gathers writes in its page cache until a commit point (docs/architecture.md);
+    #: None: where the kernel makes it correct (writeback_cache_default)
+    writeback_cache: bool | None = None
     #: let the kernel check permissions even where only root can reach the mount
     default_permissions: bool = False
     #: look for the next request this long before sleeping (request_loop.py); 0: never
@@ -133,6 +134,17 @@ def _kernel_release() -> tuple[int, int]:
     """(major, minor) of the running kernel: FUSE's writeback changed in 6.16."""
     m = re.match(r"(\d+)\.(\d+)", os.uname().release)
     return (int(m[1]), int(m[2])) if m else (0, 0)
+
+
+#: the first kernel whose FUSE writeback waits until the daemon has a page's WRITE:
+#: before it, syncfs(2) of a mount can return with pages still queued, and a commit
+#: of SQLite with synchronous=OFF (which never fsyncs) would miss them
+WRITEBACK_CORRECT_SINCE = (6, 16)
+
+
+def writeback_cache_default() -> bool:
+    """The writeback cache where it is correct: on Linux 6.16 and later."""
+    return _kernel_release() >= WRITEBACK_CORRECT_SINCE
 
 
 def _daemon_cpus() -> int:
@@ -223,7 +235,8 @@ def serve(config: MountConfig) -> None:
     )
     tx.snapshot = snapshot
     tx.inline_commits = _commit_inline(store)
-    ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=config.writeback_cache)
+    writeback_cache = writeback_cache_default() if config.writeback_cache is None else config.writeback_cache
+    ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=writeback_cache)
     ops.own_mount = own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
     ops.coherence = Coherence(
         tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, own_mount
@@ -244,9 +257,9 @@ def serve(config: MountConfig) -> None:
         "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
         "permissions=%s mount_id=%s",
         mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
-        config.writeback_cache, "kernel" if "default_permissions" in options else "root-only", mount_id,
+        writeback_cache, "kernel" if "default_permissions" in options else "root-only", mount_id,
     )
-    if config.writeback_cache and _kernel_release() < (6, 16):
+    if writeback_cache and not writeback_cache_default():
         log.warning(
             "event=old_kernel release=%s effect=%r", os.uname().release,
             "a synchronous=OFF commit may miss pages still queued in the kernel (README, Current limits)",

@@ -192,3 +192,24 @@ def test_without_writeback_cache(mounts):
     con.close()
     m = mounts.remount(m)
     assert query(m / "plain.sqlite", "SELECT count(*) FROM t") == [(10,)]
+
+
+def test_the_default_is_the_writeback_cache_only_where_the_kernel_makes_it_correct(mounts):
+    """Before Linux 6.16 syncfs(2) of a FUSE mount can return with pages still queued, so
+    a synchronous=OFF commit could miss them: the default there is without the cache."""
+    from fusesqlite.mount import WRITEBACK_CORRECT_SINCE, _kernel_release
+
+    m = mounts()
+    want = "on" if _kernel_release() >= WRITEBACK_CORRECT_SINCE else "off"
+    assert m.wait_log(f"writeback_cache={want}")
+    forced = mounts(extra_args=("--writeback-cache",))
+    assert forced.wait_log("writeback_cache=on")
+    assert ("event=old_kernel" in forced.log_text()) == (want == "off")
+
+
+def test_writeback_cache_on_and_off_together_is_a_one_line_error():
+    from helpers import run_cli
+
+    done = run_cli("mount", "/nonexistent", "--writeback-cache", "--no-writeback-cache")
+    assert done.returncode == 2
+    assert "not allowed with argument" in done.stderr and "Traceback" not in done.stderr
