@@ -612,7 +612,8 @@ def test_a_new_store_keeps_block_sized_values_in_their_leaf_pages(tmp_path: Path
 
 
 def test_an_existing_store_keeps_its_page_size(tmp_path: Path) -> None:
-    (tmp_path / "store").mkdir()
+    (tmp_path / "store").mkdir(mode=0o700)
+    (tmp_path / "store" / "store.sqlite").touch(mode=0o600)  # private, as a store it made
     con = sqlite3.connect(tmp_path / "store" / "store.sqlite")
     con.execute("PRAGMA page_size=4096")
     con.execute("PRAGMA journal_mode=WAL")
