@@ -126,6 +126,10 @@ class Coherence:
                 nursery.start_soon(self._promoter)
                 nursery.start_soon(self._renew)
         finally:
+            # a commit that fails at unmount reverts its file (``reverted``): with the
+            # nursery closed, its move must not be started (it raised, and the mount
+            # exited with status 1)
+            self.nursery = None
             # the files the proxy still holds (for other mounts' writers) are on this
             # mount: closed while it serves, or its unmount would find them busy
             for p in self.proxies.values():

@@ -91,7 +91,7 @@ def new_db(m, name: str, *others) -> None:
     con.commit()
     con.close()
     for o in others:
-        assert wait_for(lambda: query(o / name, "SELECT count(*) FROM t") == [(0,)])
+        assert wait_for(lambda: (o / name).exists() and query(o / name, "SELECT count(*) FROM t") == [(0,)])
 
 
 def start_holder(m, name: str, every: float = 0.05):
@@ -160,3 +160,33 @@ def test_wal_writers_on_several_mounts_lose_no_acknowledged_commit(mounts, n_mou
     assert rows <= set(acked), "a row whose COMMIT failed is in the database"
     assert query(fresh / "s.db", "PRAGMA integrity_check") == [("ok",)]
     print(f"acknowledged per mount {[len(r['acked']) for r in results]}, errors {errors}")
+
+
+WRITE_AND_HOLD = r"""
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+con.execute("PRAGMA journal_mode=WAL")
+for i in range(int(sys.argv[2])):
+    con.execute("INSERT INTO t(src) VALUES ('a')")
+print("done", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_wal_owner_frees_the_database_once_its_lease_expires(mounts):
+    lease = 2.0
+    a = mounts(extra_args=("--lease-seconds", str(lease)))
+    b = mounts(store=a.store, extra_args=("--lease-seconds", str(lease)))
+    new_db(a, "k.db", b)
+    holder = a.py(WRITE_AND_HOLD, str(a / "k.db"), "50")
+    assert holder.stdout.readline().strip() == "done", holder.stderr.read()
+    assert try_open(b, "k.db") == "error unable to open database file"
+    a.kill9()
+    killed = time.monotonic()
+    holder.kill()
+    # every COMMIT that returned (synchronous=FULL: each fsynced its -wal) is there
+    assert wait_for(lambda: try_open(b, "k.db", "WAL") == "ok 50", timeout=lease + 10), try_open(b, "k.db", "WAL")
+    print(f"WAL free {time.monotonic() - killed:.2f} s after the owner's kill -9 (lease {lease} s)")
+    assert query(b / "k.db", "PRAGMA integrity_check") == [("ok",)]
+    assert b.log_text().count("event=wal_owned") >= 1

@@ -151,7 +151,15 @@ async def wal_touched(ops: "FileOps", parent: int, name: bytes, op: str) -> None
 
 
 async def wal_committing(ops: "FileOps", ino: int) -> None:
-    """Before a commit of stored file ``ino`` (its fsync, flush or release)."""
+    """Before a commit of stored file ``ino`` (its fsync, flush or release). A -wal's
+    refused changes are dropped, as a failed commit's are: kept, every later close
+    of any handle of it (this mount's lock proxy's too) failed again."""
     known = ops.names.get(ino)
     if known is not None and known[1].endswith(WAL):
-        await wal_touched(ops, known[0], known[1], "commit_wal")
+        try:
+            await wal_touched(ops, known[0], known[1], "commit_wal")
+        except pyfuse3.FUSEError:
+            fs = ops.tx.files.get(ino)
+            if fs is not None:
+                await ops.tx.rollback(fs)
+            raise
