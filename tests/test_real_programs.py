@@ -1,7 +1,8 @@
 """Real programs that use SQLite behave on a mount as on a local disk (DESIGN.md,
 contract 1), in every write-back configuration of the mount.
 
-- Fossil (Debian's ``fossil``): init, open, 60 commits (edits, new files, files the
+- Fossil (Debian's ``fossil``), its repository in rollback-journal mode and in WAL
+  mode (``fossil rebuild --wal``): init, open, 60 commits (edits, new files, files the
   user deletes), a close and open of the checkout every 20 commits, rebuild,
   test-integrity and a second checkout, with the repository (in the checkout's own
   directory), both checkouts and ``HOME`` (fossil's global configuration database)
@@ -41,9 +42,10 @@ FOSSIL = shutil.which("fossil")
 needs_fossil = pytest.mark.skipif(
     FOSSIL is None, reason="fossil is not installed: apt-get install fossil (scripts/install.sh --test lists it)")
 
-#: every configuration of the mount a user may choose: the kernel's writeback cache on, and off
+#: the mount as a user gets it (the kernel's writeback cache where the kernel is new
+#: enough), and without the writeback cache
 WRITEBACK = [
-    pytest.param((), id="writeback-cache"),
+    pytest.param((), id="default"),
     pytest.param(("--no-writeback-cache",), id="no-writeback-cache"),
 ]
 
@@ -56,10 +58,16 @@ USER = "tester"
 STEP_TIMEOUT = 120.0
 
 
+def cache_mode(m) -> str:
+    """How the daemon mounted, for a timing line: its writeback_cache=... field."""
+    found = re.search(r"event=mounted .*?(writeback_cache=\S+)", m.log_text())
+    return found.group(1) if found else "writeback_cache=?"
+
+
 def daemon_complaints(m) -> str:
     """The daemon's log lines that say something went wrong (a failure's evidence)."""
     lines = [ln for ln in m.log_text().splitlines()
-             if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln or "_failed" in ln]
+             if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln or "_failed" in ln or "_refused" in ln]
     return "\n".join(lines[-40:]) or "(no warning or error lines)"
 
 
@@ -75,6 +83,7 @@ class StepFailed(Exception):
 class FossilRun:
     """One run of the fossil workflow under ``base``; what it produced, to compare."""
     base: Path
+    wal: bool = False  # the repository in WAL mode (``fossil rebuild --wal``)
     seconds: dict[str, float] = field(default_factory=dict)
     results: dict[str, str] = field(default_factory=dict)
 
@@ -121,6 +130,8 @@ class FossilRun:
         for d in ("home", "co", "co2"):
             (self.base / d).mkdir(parents=True)
         self.fossil("init", "init", "--date-override", "2024-01-01T00:00:00", "-A", USER, str(self.repo))
+        if self.wal:
+            self.fossil("rebuild --wal", "rebuild", "--wal", str(self.repo))
         self.fossil("open", "open", str(self.repo))
         (self.base / "co" / "sub").mkdir()
         for i in range(COMMITS):
@@ -189,8 +200,9 @@ def local_fossil(tmp_path_factory) -> FossilRun:
 
 @needs_fossil
 def test_fossil_workflow_is_the_same_on_every_local_run(local_fossil, tmp_path):
-    """The comparison with a mount means something only if two local runs agree exactly."""
-    again = FossilRun(tmp_path / "again")
+    """The comparison with a mount means something only if two local runs agree
+    exactly, the repository in WAL mode or not."""
+    again = FossilRun(tmp_path / "again", wal=True)
     again.workflow()
     assert again.results == local_fossil.results
     assert local_fossil.results["timeline"].count("commit ") == COMMITS
@@ -201,10 +213,12 @@ def test_fossil_workflow_is_the_same_on_every_local_run(local_fossil, tmp_path):
 @needs_fossil
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mount_args", WRITEBACK)
-def test_fossil_workflow_on_a_mount_matches_a_local_disk(mounts, local_fossil, mount_args):
+@pytest.mark.parametrize("wal", [pytest.param(False, id="rollback"), pytest.param(True, id="wal")])
+def test_fossil_workflow_on_a_mount_matches_a_local_disk(mounts, local_fossil, mount_args, wal):
+    """The local run is in rollback mode: fossil reports the same in either mode."""
     local = local_fossil
     m = mounts(extra_args=mount_args)
-    run = FossilRun(m / "work")
+    run = FossilRun(m / "work", wal=wal)
     t0 = time.monotonic()
     failed = run.attempt(run.workflow)
     if failed:
@@ -212,7 +226,7 @@ def test_fossil_workflow_on_a_mount_matches_a_local_disk(mounts, local_fossil, m
     mount_s = time.monotonic() - t0
     slowest = sorted(run.seconds.items(), key=lambda kv: -kv[1])[:5]
     print(f"fossil workflow ({COMMITS} commits): local disk {local.seconds['total']:.2f} s, "
-          f"mount {' '.join(mount_args) or 'default'} {mount_s:.2f} s; per step on the mount: "
+          f"mount {' '.join(mount_args) or 'default'} ({cache_mode(m)}, wal={wal}) {mount_s:.2f} s; per step: "
           + ", ".join(f"{k} {v:.2f}" for k, v in slowest))
 
     for key, want in local.results.items():
@@ -284,7 +298,7 @@ def test_cpython_test_sqlite3_on_a_mount_matches_a_local_disk(mounts, tmp_path, 
     (m / "work").mkdir()
     on_mount = run_test_sqlite3(m / "work", tmp_path / "mount.xml")
     print(f"test_sqlite3 ({len(on_mount.outcomes)} tests): local disk {local.seconds:.2f} s, "
-          f"mount {' '.join(mount_args) or 'default'} {on_mount.seconds:.2f} s")
+          f"mount {' '.join(mount_args) or 'default'} ({cache_mode(m)}) {on_mount.seconds:.2f} s")
 
     names = local.outcomes.keys() | on_mount.outcomes.keys()
     differ = sorted(t for t in names if local.outcomes.get(t) != on_mount.outcomes.get(t))
