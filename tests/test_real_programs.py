@@ -12,6 +12,8 @@ contract 1), in every write-back configuration of the mount.
   the user are fixed, so every artifact hash, the timeline, ``fossil ls`` and the
   files of a fresh checkout are the same on any file system; the test compares them
   to a run on a local disk, and again after a remount.
+- The sqlite3 shell (Debian's ``sqlite3``), one process per statement list, in
+  rollback-journal and WAL mode: the same output as on a local disk.
 - CPython's own ``test_sqlite3`` (436 tests) with its working directory and
   ``TMPDIR`` on the mount (regrtest makes its work directory, the cwd where
   ``os_helper.TESTFN`` lives, under ``tempfile.gettempdir()``; ``temp_dir()`` uses
@@ -240,6 +242,55 @@ def test_fossil_workflow_on_a_mount_matches_a_local_disk(mounts, local_fossil, m
     for key in ("test-integrity", "timeline", "ls", "changes", "sql"):  # as on the local disk
         assert run.results[key + " after remount"] == local.results[key], f"{key} after a remount differs"
     assert tree_digest(run.base / "co2") == local.results["co2 files"]
+
+
+# ---------------------------------------------------------------------------
+# the sqlite3 shell
+
+SQLITE3 = shutil.which("sqlite3")
+
+#: one shell process per statement list, as a user types them: every process opens the
+#: database (and in WAL mode its -shm) again, and the last close checkpoints
+SHELL_SESSION = [
+    "PRAGMA journal_mode={mode}; CREATE TABLE t(x INTEGER PRIMARY KEY, v TEXT); INSERT INTO t(v) VALUES ('a');",
+    *["INSERT INTO t(v) SELECT v || x FROM t;"] * 10,
+    "DELETE FROM t WHERE x % 3 = 0; VACUUM;",
+    "SELECT count(*), sum(length(v)) FROM t; PRAGMA integrity_check; PRAGMA journal_mode;",
+]
+
+
+def shell_session(db: Path, mode: str) -> list[str]:
+    """The outputs of SHELL_SESSION's processes; a failure names the statement and its error."""
+    outs = []
+    for sql in SHELL_SESSION:
+        sql = sql.format(mode=mode)
+        p = subprocess.run([SQLITE3, "-bail", str(db), sql], stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=STEP_TIMEOUT, env=child_env())
+        if p.returncode != 0:
+            raise StepFailed(f"step {sql!r}: sqlite3 exited {p.returncode}: {p.stderr.strip()}")
+        outs.append(p.stdout)
+    return outs
+
+
+@pytest.mark.skipif(SQLITE3 is None, reason="the sqlite3 shell is not installed: apt-get install sqlite3")
+@pytest.mark.parametrize("mount_args", WRITEBACK)
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_sqlite3_shell_session_on_a_mount_matches_a_local_disk(mounts, tmp_path, mount_args, journal_mode):
+    (tmp_path / "local").mkdir()
+    local = shell_session(tmp_path / "local" / "shell.db", journal_mode)
+    m = mounts(extra_args=mount_args)
+    (m / "work").mkdir()
+    try:
+        on_mount = shell_session(m / "work" / "shell.db", journal_mode)
+    except StepFailed as e:
+        failed = str(e)
+    else:
+        failed = None
+    if failed:
+        pytest.fail(f"{failed}\n--- daemon warnings/errors ---\n{daemon_complaints(m)}", pytrace=False)
+    assert on_mount == local
+    left = sorted(p.name for p in (m / "work").iterdir())
+    assert left == sorted(p.name for p in (tmp_path / "local").iterdir()), left  # as the last close left them
 
 
 # ---------------------------------------------------------------------------
