@@ -327,7 +327,7 @@ class Coherence:
                 except WalHeld as e:
                     self._wal_refused(e, path, "open_shm")
                     raise
-                if key not in self.wal_opens and not current(grant):
+                if key not in self.wal_opens and not (await self._followed(key, grant) and current(grant)):
                     with trio.CancelScope(shield=True):
                         await self.tx.run(self.volume.release_wal, [key])
                     log.info("event=wal_refused path=%s op=open_shm reason=view_behind seen=%d last_change=%d",
@@ -337,6 +337,19 @@ class Coherence:
                     log.info("event=wal_owned path=%s", path)
                 self.wal_expiry[key] = grant.expiry
             self.wal_opens[key] = self.wal_opens.get(key, 0) + 1
+
+    async def _followed(self, key: WalKey, grant: WalGrant) -> bool:
+        """Whether this mount has followed every other mount's change to the database and
+        its -wal up to ``grant``: the log between what it followed and the last change
+        (usually nothing to read: ``seen`` lags this mount's own commits only)."""
+        if grant.last_change <= self.seen:
+            return True
+        inos = {ino for _, ino, _ in grant.files if ino is not None}
+        names = {(key[0], name) for name, _, _ in grant.files}
+        for e in await self.tx.run(self.volume.log_range, self.seen, grant.last_change):
+            if e.author != self.me and (inos.intersection(e.inodes) or names.intersection(e.dirents)):
+                return False
+        return True
 
     async def while_owning(self, key: WalKey, path: str, op: str, act: Awaitable[T]) -> T:
         """Run ``act`` (a removal of the -wal) as the WAL owner of ``key``: a mount that

@@ -77,18 +77,18 @@ async def shm_opening(ops: "FileOps", parent: int, name: bytes) -> None:
 
 
 def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
-    """Whether this mount sees the database and its -wal as ``grant`` found them in the store."""
-    seen, last, mine = ops.coherence.seen, grant.last_change, ops.tx.mine
-    if seen < last and not (last - seen <= len(mine) and all(v in mine for v in range(seen + 1, last + 1))):
-        return False  # another mount's change not followed yet: names and records read now could be older
+    """Whether the database and its -wal, where open here, are as ``grant`` found them
+    in the store (``Coherence.shm_opened`` checks that no change to them is unfollowed)."""
     for name, ino, dver in grant.files:
         here = ops.open_file_named(parent, name)
         if here is None:
             continue  # not open here: its next open reads what this mount has followed
         if here != ino:
+            log.debug("event=wal_view_behind name=%r ino_here=%s ino_stored=%s", name, here, ino)
             return False  # open here as a file the store no longer has under this name
         fs = ops.tx.files.get(here)
         if fs is not None and fs.record.dver != dver:
+            log.debug("event=wal_view_behind name=%r dver_here=%d dver_stored=%d", name, fs.record.dver, dver)
             return False  # open with an older version: its move is still to come
     return True
 
