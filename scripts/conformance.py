@@ -421,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         tests.append(path)
 
+    # the daemon runs the code of the tree at its start: the results belong to that revision
+    revision = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True).stdout.strip() or "unknown"
     work = a.work or Path(tempfile.mkdtemp(prefix="fusesqlite-conformance-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     (work / "out").mkdir(exist_ok=True)
@@ -484,10 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{matching} of {len(results)} files match the local disk"
           + (f" ({len(tests) - len(results)} not run: interrupted)" if interrupted else ""))
     print(f"time: mount {t_mount:.0f}s, local disk {t_local:.0f}s{ratio}; "
-          f"wall {time.monotonic() - started:.0f}s; mount args: {a.mount_args or '(default)'}")
+          f"wall {time.monotonic() - started:.0f}s; mount args: {a.mount_args or '(default)'}; "
+          f"fusesqlite {revision}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({
+            "fusesqlite_revision": revision,
             "testfixture": str(testfixture),
             "sqlite_src": str(src),
             "mount_args": shlex.split(a.mount_args),

@@ -26,7 +26,7 @@ CI_LIST = REPO / "tests" / "conformance" / "ci.txt"
 BUILD = REPO / "bench" / "build_testfixture.sh"
 
 
-def testfixture() -> Path:
+def built_testfixture() -> Path:
     """The cached testfixture, built if need be; skips when it cannot be built here."""
     built = CACHE / "sqlite3-testfixture" / "testfixture"
     if not os.access(built, os.X_OK):
@@ -66,7 +66,7 @@ def mismatch_report(results: dict) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(3600)  # the first run builds testfixture (minutes on 2 cores); the list runs in < 5 min
 def test_sqlite_test_files_match_local_disk(tmp_path: Path) -> None:
-    binary = testfixture()
+    binary = built_testfixture()
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(REPO / "scripts" / "conformance.py"), "--list", str(CI_LIST),
            "--testfixture", str(binary), "--work", str(tmp_path / "work"), "--json", str(out),
