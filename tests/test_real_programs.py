@@ -6,9 +6,9 @@ contract 1), in every write-back configuration of the mount.
   user deletes), a close and open of the checkout every 20 commits, rebuild,
   test-integrity and a second checkout, with the repository (in the checkout's own
   directory), both checkouts and ``HOME`` (fossil's global configuration database)
-  on the mount. Fossil runs with synchronous=OFF, and ``fossil open`` and every
-  ``fossil commit`` write two databases in one transaction: SQLite creates, writes
-  and deletes a super-journal, and that unlink is the commit point. Commit dates and
+  on the mount. ``fossil open`` and every ``fossil commit`` write two databases
+  (the checkout's and the repository) in one transaction: SQLite creates, syncs and
+  deletes a super-journal, and that unlink is the commit point. Commit dates and
   the user are fixed, so every artifact hash, the timeline, ``fossil ls`` and the
   files of a fresh checkout are the same on any file system; the test compares them
   to a run on a local disk, and again after a remount. In WAL mode every fossil
@@ -45,7 +45,7 @@ from helpers import child_env
 FOSSIL = shutil.which("fossil")
 
 needs_fossil = pytest.mark.skipif(
-    FOSSIL is None, reason="fossil is not installed: apt-get install fossil (scripts/install.sh --test lists it)")
+    FOSSIL is None, reason="fossil is not installed: apt-get install fossil")
 
 #: the mount as a user gets it (the kernel's writeback cache where the kernel is new
 #: enough), and without the writeback cache
@@ -81,7 +81,7 @@ def daemon_complaints(m) -> str:
 
 
 class StepFailed(Exception):
-    """A fossil command exited non-zero (or hung): the message says which and why."""
+    """A step of a real program exited non-zero (or hung): the message says which and why."""
 
 
 @dataclass
@@ -193,7 +193,7 @@ def tree_digest(root: Path) -> str:
 def local_fossil(tmp_path_factory) -> FossilRun:
     """The workflow run once on a local disk: what every mount must produce."""
     if FOSSIL is None:
-        pytest.skip("fossil is not installed: apt-get install fossil (scripts/install.sh --test lists it)")
+        pytest.skip("fossil is not installed: apt-get install fossil")
     run = FossilRun(tmp_path_factory.mktemp("fossil-local") / "local")
     t0 = time.monotonic()
     failed = run.attempt(run.workflow)
