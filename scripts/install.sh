@@ -31,6 +31,12 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${FUSESQLITE_VENV:-/opt/fusesqlite-venv}
 BINDIR=${FUSESQLITE_BINDIR:-/usr/local/bin}   # where the venv's `fusesqlite` is linked
 APT_PACKAGES=(fuse3 libfuse3-dev pkg-config python3-dev python3-pip python3-venv sqlite3 gcc liblz4-dev libxxhash-dev)
+if [ "$TEST" -eq 1 ]; then
+    # tests/test_conformance.py builds SQLite's testfixture from Debian's source package;
+    # tests/test_real_programs.py runs fossil and CPython's own test_sqlite3 (which
+    # Debian's python3 ships in a package of its own)
+    APT_PACKAGES+=(tcl-dev dpkg-dev make fossil "libpython3.$(python3 -c 'import sys; print(sys.version_info.minor)' 2>/dev/null || echo 11)-testsuite")
+fi
 
 export DEBIAN_FRONTEND=noninteractive
 export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
