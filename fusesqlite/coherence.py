@@ -19,7 +19,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
 from dataclasses import dataclass
 
 import trio
@@ -29,10 +28,9 @@ from fusesqlite.keyspace import pack, unpack
 from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import WANT, Lease, LeaseHeld, LogEntry, StaleView, Volume, WalGrant, WalHeld
+from fusesqlite.volume import WANT, Lease, LeaseHeld, LogEntry, StaleView, Volume, WalGrant, WalHeld, WalKey, wal_database
 
 log = logging.getLogger("fusesqlite.coherence")
-T = TypeVar("T")
 
 # SQLite's lock bytes (os_unix.c): PENDING, RESERVED, then the SHARED range
 PENDING_BYTE = 0x40000000
@@ -54,10 +52,6 @@ PROXY_RETRY_SECONDS = 1.0
 #: a transaction started on an idle lease (no store round trip) marks the lease busy
 #: once it has run this long, so that only short transactions can lose it to a steal
 PROMOTE_AFTER = 0.05
-
-
-#: a database named by its directory entry: (directory inode, name)
-WalKey = tuple[int, bytes]
 
 
 @dataclass
@@ -110,10 +104,9 @@ class Coherence:
         #: moves when other mounts' changes arrive: an answer computed across a
         #: move must not be cached by the kernel (it may predate an invalidation)
         self.epoch = 0
-        #: databases this mount has in WAL mode: -shm handles open here, and the
-        #: expiry of the ownership in the store (renewed with the write leases)
+        #: databases this mount has in WAL mode: -shm handles open here (their WAL
+        #: ownership in the store is renewed with the write leases)
         self.wal_opens: dict[WalKey, int] = {}
-        self.wal_expiry: dict[WalKey, float] = {}
         #: one change of WAL ownership at a time: a release in flight must not clear
         #: the record an open taking it again has just written
         self._wal_lock = trio.Lock()
@@ -272,8 +265,9 @@ class Coherence:
         """Renew the busy write leases and the WAL ownerships, in one store transaction."""
         while True:
             await trio.sleep(self.lease_ttl / 3)
-            if self.my_leases or self.wal_expiry:
-                held, wal = list(self.my_leases), list(self.wal_expiry)
+            wal = [key for key in self.wal_opens if key not in self.volume.wal_poisoned]
+            if self.my_leases or wal:
+                held = list(self.my_leases)
                 try:
                     lost, lost_wal = await self.tx.run(self.volume.renew_leases, held, self.lease_ttl, wal)
                 except StoreError as e:
@@ -286,23 +280,16 @@ class Coherence:
                         log.warning("event=lease_lost ino=%d", ino)
                     elif ino in self.my_leases:
                         self.my_leases[ino] = expiry
-                for key in wal:
-                    if key not in self.wal_expiry:
-                        continue  # released meanwhile
-                    if key in lost_wal:
-                        # expired while this mount could not renew it: the next -wal commit
-                        # asks the store again (and is refused if another mount has it now)
-                        self.wal_expiry[key] = 0.0
-                        log.warning("event=wal_lost parent=%d name=%r", *key)
-                    else:
-                        self.wal_expiry[key] = expiry
+                for key in lost_wal:
+                    if key in self.wal_opens:  # else released meanwhile
+                        # expired while this mount could not renew it, and perhaps taken:
+                        # another mount may have changed the -wal under this index
+                        self.wal_poison(key, repr(key), "its WAL ownership expired")
 
     # -- WAL ownership (fs/wal.py calls these) -----------------------------------------------
-    def _wal_fresh(self, key: WalKey) -> bool:
-        """This mount owns ``key``'s WAL, renewed recently enough that nobody else can have
-        taken it (renewals come every third of the lease; half of it is the margin)."""
-        return self.wal_expiry.get(key, 0.0) - time.time() > self.lease_ttl / 2
-
+    # The rule itself is checked by every commit, in its own store transaction
+    # (Volume._check_wal); here: the sessions (a WAL index open here) that rule reads,
+    # their hand-over, and the poisoning of an index that may no longer match the store.
     def _wal_refused(self, e: WalHeld, path: str, op: str) -> None:
         log.warning(
             "event=wal_refused path=%s op=%s holder=%s holder_expires_in=%.1f cause=%r",
@@ -310,32 +297,54 @@ class Coherence:
             "in WAL mode on another mount (docs/many-mounts.md, 'WAL and several mounts')",
         )
 
-    async def shm_opened(self, key: WalKey, path: str, current: Callable[[WalGrant], bool]) -> None:
+    def wal_poison(self, key: WalKey, path: str, why: str) -> None:
+        """This mount's WAL index of ``key`` may no longer match the store's database and
+        -wal: refuse every commit of them from here (Volume._check_wal) until a new WAL
+        index of it is opened here (``shm_opened``), which SQLite builds from the store's."""
+        if key not in self.volume.wal_poisoned:
+            self.volume.wal_poisoned.add(key)
+            log.error("event=wal_poisoned path=%s cause=%r action=%r", path, why,
+                      "its commits on this mount fail until every connection to it here is closed")
+
+    async def shm_opened(
+        self, key: WalKey, path: str, current: Callable[[WalGrant], bool], reset: Callable[[], Awaitable[None]]
+    ) -> None:
         """A -shm of database ``key`` is being opened here: SQLite is using it in WAL mode.
-        Take (or keep) its WAL ownership; WalHeld (logged) while another live mount has it.
+        The first one takes its WAL ownership (WalHeld, logged, while another live mount
+        has it); the others share it (one WAL index per mount).
 
         Taking it, this mount must see the database and its -wal exactly as the store
         has them (``current``): the last owner's last commits may not have reached it
         yet, and a WAL index built on an older database with a newer -wal, or the
         reverse, would let this mount's frames replace them. Otherwise WalHeld too
         (the app's retry finds this mount caught up: following takes milliseconds).
+
+        A poisoned index (``wal_poison``) admits no new handle: SQLite would share it.
+        Once its last handle is gone, the next open starts a new one; what the poisoned
+        one left uncommitted of the database and -wal is dropped first (``reset``).
         """
         async with self._wal_lock:
-            if key not in self.wal_opens or not self._wal_fresh(key):
+            if key in self.volume.wal_poisoned:
+                if key in self.wal_opens:
+                    log.warning("event=wal_refused path=%s op=open_shm reason=poisoned", path)
+                    raise WalHeld(key[0], key[1], Lease(self.me, 0.0, False))
+                await reset()
+                self.volume.wal_poisoned.discard(key)
+                log.info("event=wal_unpoisoned path=%s", path)
+            if key not in self.wal_opens:
                 try:
                     grant = await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
                 except WalHeld as e:
                     self._wal_refused(e, path, "open_shm")
                     raise
-                if key not in self.wal_opens and not (await self._followed(key, grant) and current(grant)):
+                if not (await self._followed(key, grant) and current(grant)):
                     with trio.CancelScope(shield=True):
                         await self.tx.run(self.volume.release_wal, [key])
                     log.info("event=wal_refused path=%s op=open_shm reason=view_behind seen=%d last_change=%d",
                              path, self.seen, grant.last_change)
                     raise WalHeld(key[0], key[1], Lease(self.me, 0.0, False))
-                if key not in self.wal_opens:
-                    log.info("event=wal_owned path=%s", path)
-                self.wal_expiry[key] = grant.expiry
+                log.info("event=wal_owned path=%s", path)
+                self.volume.wal_mine.add(key)
             self.wal_opens[key] = self.wal_opens.get(key, 0) + 1
 
     async def _followed(self, key: WalKey, grant: WalGrant) -> bool:
@@ -351,33 +360,6 @@ class Coherence:
                 return False
         return True
 
-    async def while_owning(self, key: WalKey, path: str, op: str, act: Awaitable[T]) -> T:
-        """Run ``act`` (a removal of the -wal) as the WAL owner of ``key``: a mount that
-        takes the WAL meanwhile would have its frames go to a -wal gone from the store.
-        WalHeld (logged) while another live mount has it."""
-        async with self._wal_lock:
-            owned = key in self.wal_opens
-            try:
-                if not owned or not self._wal_fresh(key):
-                    self.wal_expiry[key] = (
-                        await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
-                    ).expiry
-            except WalHeld as e:
-                if not owned:
-                    self.wal_expiry.pop(key, None)
-                self._wal_refused(e, path, op)
-                raise
-            try:
-                return await act
-            finally:
-                if not owned:
-                    self.wal_expiry.pop(key, None)
-                    with trio.CancelScope(shield=True):
-                        try:
-                            await self.tx.run(self.volume.release_wal, [key])
-                        except StoreError as e:
-                            log.warning("event=wal_release_failed path=%s cause=%s", path, e)
-
     async def shm_closed(self, key: WalKey, path: str) -> None:
         """A -shm handle of ``key`` was released: the last one ends this mount's ownership."""
         async with self._wal_lock:
@@ -386,7 +368,7 @@ class Coherence:
                 self.wal_opens[key] = left
                 return
             self.wal_opens.pop(key, None)
-            self.wal_expiry.pop(key, None)
+            self.volume.wal_mine.discard(key)
             try:
                 with trio.CancelScope(shield=True):
                     await self.tx.run(self.volume.release_wal, [key])
@@ -396,31 +378,36 @@ class Coherence:
             log.info("event=wal_released path=%s", path)
 
     async def wal_usable(self, key: WalKey, path: str, op: str) -> None:
-        """The -wal of ``key`` is opened, committed or removed here: WalHeld (logged) if
-        another live mount has the database in WAL mode. Free on the owner (no store
-        round trip while its ownership is fresh)."""
-        if self._wal_fresh(key):
+        """The -wal of ``key`` is opened or created here: WalHeld (logged) if another live
+        mount has the database in WAL mode. Free where a WAL index of it is open here.
+        (A refusal at the open, for a clear error; the commits check it themselves.)"""
+        if key in self.wal_opens:
             return
-        try:
-            if key in self.wal_opens:  # this mount's, but not renewed lately: take it again
-                async with self._wal_lock:
-                    if key in self.wal_opens and not self._wal_fresh(key):
-                        self.wal_expiry[key] = (
-                            await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
-                        ).expiry
-                return
-            holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
-            if holder is not None:
-                raise WalHeld(key[0], key[1], holder)
-        except WalHeld as e:
+        holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
+        if holder is not None:
+            e = WalHeld(key[0], key[1], holder)
             self._wal_refused(e, path, op)
-            raise
+            raise e
+
+    def _wal_reverted(self, ino: int) -> None:
+        """A failed commit dropped this mount's changes of ``ino``: if it is a database
+        or -wal with a WAL index open here, that index may name frames the -wal no longer
+        has, or pages the database no longer has (``wal_poison``)."""
+        known = self.volume.wal_names(ino)
+        fs = self.tx.files.get(ino)
+        if known is None or (fs is not None and fs.record.nlink == 0):
+            return  # an unlinked file's last close drops its data: nothing was refused
+        parent, name = known
+        key = (parent, wal_database(name) or name)
+        if key in self.wal_opens:
+            self.wal_poison(key, self.tx.files[ino].label if fs else repr(key),
+                            "a commit of the database or its -wal failed")
 
     async def _release_all_wal(self) -> None:
         """A stopping mount ends its WAL ownerships (its apps' -shm handles die with it)."""
         keys = list(self.wal_opens)
         self.wal_opens.clear()
-        self.wal_expiry.clear()
+        self.volume.wal_mine.clear()
         if not keys:
             return
         with trio.CancelScope(shield=True):
@@ -499,6 +486,7 @@ class Coherence:
         """A failed commit reverted ``ino``, which a move found with local changes and
         so left behind (Transactions.behind): move it again, since nothing else would
         bring it to the store's version before another mount's next commit."""
+        self._wal_reverted(ino)
         if ino not in self.tx.behind:
             return  # a lone mount's refused commit: nothing to move, no locks to take
         self.tx.behind.discard(ino)

@@ -12,7 +12,8 @@ a tombstone.
     (prefix, 'log', version)                 -> (unix time, author, inodes, entries, lease events)
     (prefix, 'lease', ino)                   -> (mount id, expiry): the one mount writing a database
     (prefix, 'wal', parent, name)            -> (mount id, expiry): the one mount with database
-                                                `name` in WAL mode (its -shm open there)
+                                                `name` in WAL mode (its -shm open there); every
+                                                commit of `name` or `name-wal` reads it
     (prefix, 'i', ino, version)              -> inode record (see inodes.py)
     (prefix, 'd', parent, name, version)     -> child inode number
     (prefix, 'b', ino, block_no, version)    -> block (see pages.py)

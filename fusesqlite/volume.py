@@ -136,6 +136,28 @@ class WalHeld(StoreError):
         self.holder = holder
 
 
+class WalLost(StoreError):
+    """This mount's WAL index of the database may no longer describe the store's files:
+    its WAL record is gone (expired and taken), or a commit of the database or its
+    -wal failed here. Commits of either from this mount are refused until its apps
+    have closed them (docs/many-mounts.md, "WAL and several mounts")."""
+
+    errno = errno.EIO
+
+    def __init__(self, parent: int, name: bytes, why: str) -> None:
+        super().__init__(f"{name!r} in directory {parent}: {why}; close the database and open it again")
+
+
+#: a database named by its directory entry: (directory inode, name)
+WalKey = tuple[int, bytes]
+WAL_SUFFIX = b"-wal"
+
+
+def wal_database(name: bytes) -> bytes | None:
+    """``X`` for ``X-wal``, else None."""
+    return name[: -len(WAL_SUFFIX)] if name.endswith(WAL_SUFFIX) and len(name) > len(WAL_SUFFIX) else None
+
+
 @dataclass(frozen=True)
 class WalGrant:
     """A WAL ownership taken (``Volume.acquire_wal``)."""
@@ -206,6 +228,14 @@ class Volume:
         self.author = author
         self.ks = Keyspace(name)
         self.block_size = DEFAULT_BLOCK_SIZE
+        #: WAL ownership as commits check it, in their own store transaction (``_check_wal``).
+        #: This mount's (parent, name) of an inode (fs/wal.py sets it; read from worker threads)
+        self.wal_names: Callable[[int], tuple[int, bytes] | None] = lambda ino: None
+        #: databases with a WAL index (-shm) open on this mount (coherence.py)
+        self.wal_mine: set[WalKey] = set()
+        #: databases whose WAL index here may not match the store (coherence.py): every
+        #: commit of them or of their -wal from this mount is refused (WalLost)
+        self.wal_poisoned: set[WalKey] = set()
 
     # -- opening ---------------------------------------------------------------------
     def open(self, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
@@ -405,8 +435,12 @@ class Volume:
         release_leases = tuple(release_leases)
         idle_leases = tuple(idle_leases)
 
+        wal_keys = self._wal_keys(changes, data)
+
         def fn(tr: Transaction) -> CommitResult:
             version = unpack(tr.get(self.ks.head()))[0] + 1
+            if wal_keys:
+                self._check_wal(tr, wal_keys)
             written: dict[int, Inode | None] = {}
             for ino, rec in changes.inodes.items():
                 raw = self._latest(tr, self.ks.versions_upto(version, "i", ino))
@@ -464,6 +498,51 @@ class Volume:
         if nowait:
             return self.store.transact_nowait(fn)  # type: ignore[attr-defined]
         return self.store.transact(fn)
+
+    def _wal_keys(self, changes: ChangeSet, data: dict[int, DataCommit]) -> dict[WalKey, bool]:
+        """The databases whose WAL ownership a commit must check: every name whose entry
+        it changes, and every file whose data it writes (as this mount names it), a
+        -wal standing for its database; and whether that change only creates the -wal
+        (allowed on a poisoned index: SQLite creates it before it opens a new index).
+        Rollback-journal databases pay one store read."""
+        keys: dict[WalKey, bool] = {}  # key -> whether the commit only creates its -wal
+        for (parent, name), ino in changes.dirents.items():
+            db = wal_database(name)
+            key = (parent, db or name)
+            keys[key] = keys.get(key, True) and db is not None and bool(ino)
+        for ino in data:
+            known = self.wal_names(ino)
+            if known is not None:
+                keys[(known[0], wal_database(known[1]) or known[1])] = False
+        return keys
+
+    def _check_wal(self, tr: Transaction, keys: dict[WalKey, bool]) -> None:
+        """In a commit's store transaction: the WAL records of ``keys`` allow it.
+
+        Where this mount has a WAL index of the database, the record must name this
+        mount: whoever took it since (only possible once this mount's expired) may
+        have changed the files under that index. Elsewhere nobody else alive may hold
+        the record; an expired holder's is cleared, so that holder, should it resume,
+        finds it gone at its next commit. Checked here, in the transaction that
+        writes, no commit lands from a mount that has lost the ownership, whatever
+        the timing; and no other mount's change to the database or its -wal lands
+        between an owner's grant and its release.
+        """
+        now = time.time()
+        for key, creates_wal in sorted(keys.items()):
+            parent, name = key
+            if key in self.wal_poisoned and not creates_wal:
+                raise WalLost(parent, name, "a commit of it or of its -wal failed on this mount, or its WAL "
+                              "ownership was lost, while its WAL index was open here")
+            raw = tr.get(self.ks.wal_owner(parent, name))
+            held = Lease.unpack(raw) if raw is not None else None
+            if key in self.wal_mine:
+                if held is None or held.owner != self.author:
+                    raise WalLost(parent, name, f"its WAL ownership was lost to {held.owner if held else 'expiry'}")
+            elif held is not None and held.owner != self.author:
+                if held.live(now):
+                    raise WalHeld(parent, name, held)
+                tr.clear(self.ks.wal_owner(parent, name))
 
     def _log(self, tr: Transaction, version: int, entry: LogEntry) -> None:
         tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases)))

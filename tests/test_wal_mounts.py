@@ -8,7 +8,10 @@ file" (its open of -shm or -wal is refused with EBUSY) and its daemon logs
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
 import time
 
 import pytest
@@ -95,7 +98,7 @@ def new_db(m, name: str, *others) -> None:
 
 
 def start_holder(m, name: str, every: float = 0.05):
-    p = m.py(HOLD_WAL, str(m / name), str(every), stdin=__import__("subprocess").PIPE)
+    p = m.py(HOLD_WAL, str(m / name), str(every), stdin=subprocess.PIPE)
     assert p.stdout.readline().strip() == "ready", p.stderr.read()
     return p
 
@@ -190,3 +193,84 @@ def test_a_killed_wal_owner_frees_the_database_once_its_lease_expires(mounts):
     print(f"WAL free {time.monotonic() - killed:.2f} s after the owner's kill -9 (lease {lease} s)")
     assert query(b / "k.db", "PRAGMA integrity_check") == [("ok",)]
     assert b.log_text().count("event=wal_owned") >= 1
+
+
+#: a WAL connection on argv[1] inserting a row every argv[2] seconds until stdin closes;
+#: on an error it reconnects, as an app would. Prints "ready" after 5 rows, then at the
+#: end JSON {"acked": [rows whose COMMIT returned], "errors": {message: count}}
+KEEP_WRITING = r"""
+import json, sqlite3, sys, threading, time
+path, every = sys.argv[1], float(sys.argv[2])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+acked, errors, con, i = [], {}, None, 0
+while not stop.wait(every):
+    try:
+        if con is None:
+            con = sqlite3.connect(path, timeout=5, isolation_level=None)
+            con.execute("PRAGMA journal_mode=WAL")
+        i += 1
+        con.execute("INSERT INTO t(src) VALUES (?)", (f"a-{i}",))
+        acked.append(f"a-{i}")
+        if len(acked) == 5:
+            print("ready", flush=True)
+    except sqlite3.Error as e:
+        errors[str(e)] = errors.get(str(e), 0) + 1
+        try:
+            con.close()
+        except Exception:
+            pass
+        con = None
+print(json.dumps({"acked": acked, "errors": errors}), flush=True)
+"""
+
+#: connect to argv[1] in WAL mode, commit argv[2] single-row transactions tagged argv[3], close
+WRITE_ROWS = r"""
+import sqlite3, sys
+try:
+    con = sqlite3.connect(sys.argv[1], timeout=2, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    for i in range(int(sys.argv[2])):
+        con.execute("INSERT INTO t(src) VALUES (?)", (f"{sys.argv[3]}-{i}",))
+    con.close()
+    print("ok")
+except sqlite3.Error as e:
+    print("error", e)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_wal_owner_frozen_past_its_lease_commits_nothing_when_it_resumes(mounts):
+    """The owner's daemon stops (SIGSTOP) past its lease while its app writes; another
+    mount takes the WAL, commits, and closes; the owner resumes with its WAL index of
+    files the other mount changed. Its app's next commits fail (the index is poisoned
+    until it reconnects), and every acknowledged commit of both is there afterwards."""
+    lease = 2.0
+    a = mounts(extra_args=("--lease-seconds", str(lease)))
+    b = mounts(store=a.store, extra_args=("--lease-seconds", str(lease)))
+    new_db(a, "f.db", b)
+    writer = a.py(KEEP_WRITING, str(a / "f.db"), "0.05", stdin=subprocess.PIPE)
+    assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        time.sleep(lease + 0.5)
+        assert wait_for(lambda: b.py(WRITE_ROWS, str(b / "f.db"), "30", "b").communicate(timeout=60)[0].strip()
+                        == "ok", timeout=lease + 10), b.log_tail()
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    time.sleep(1.5)  # the owner's app goes on writing: refused, then on a new connection
+    out, err = writer.communicate("", timeout=60)
+    assert writer.returncode == 0, err
+    result = json.loads(out)
+    acked = result["acked"] + [f"b-{i}" for i in range(30)]
+    for m in (a, b):
+        m.stop()
+    fresh = mounts.remount(b)
+    rows = [src for (src,) in query(fresh / "f.db", "SELECT src FROM t")]
+    assert query(fresh / "f.db", "PRAGMA integrity_check") == [("ok",)]
+    missing = [row for row in acked if row not in set(rows)]
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged commits lost, e.g. {missing[:5]}; {result}"
+    assert len(rows) == len(set(rows)) and set(rows) <= set(acked), "a row whose COMMIT failed is in the database"
+    assert result["errors"], "the resumed owner's app got no error: its stale WAL index was not refused"
+    assert "event=wal_poisoned" in a.log_text(), a.log_tail()
+    print(f"acknowledged {len(acked)}, the resumed owner's errors {result['errors']}")

@@ -4,18 +4,22 @@ SQLite's WAL index (``X-shm``) is a transient file, in one daemon's memory: a se
 mount building its own index of the same ``X-wal`` would append frames the first
 one never sees, and commits would be lost (measured: 194 of 499 acknowledged). So a
 mount that opens ``X-shm`` becomes the WAL owner of ``X`` in the store (a lease
-record, coherence.py) until its last ``X-shm`` handle closes, and another mount's
-open of ``X-shm`` or ``X-wal``, commit of ``X-wal`` or removal of ``X-wal`` fails with
-EBUSY while that owner lives. SQLite reports a refused open as "unable to open
-database file" (SQLITE_CANTOPEN), a refused commit as "disk I/O error"; neither
-writes anything. docs/many-mounts.md, "WAL and several mounts", says why.
+record, coherence.py) until its last ``X-shm`` handle closes. Every commit that
+writes ``X`` or ``X-wal``, or changes their names, reads that record in its own
+store transaction (``Volume._check_wal``): from the owner it must still name the
+owner, from any other mount it must name no other live one. Opens of ``X-shm`` and
+``X-wal`` are refused early (EBUSY) while another mount owns it, for a clear error.
+An owner whose index may no longer match the store (its ownership lost, or a commit
+of ``X`` or ``X-wal`` failed) is poisoned: its commits of them fail until its apps
+have closed them. SQLite reports a refused open as "unable to open database file"
+(SQLITE_CANTOPEN), a refused commit as "disk I/O error"; neither writes anything.
+docs/many-mounts.md, "WAL and several mounts", says why this is correct.
 
 These are the hooks files.py and directories.py call; the ownership itself is
-Coherence's (``shm_opened``, ``shm_closed``, ``wal_usable``).
+Coherence's (``shm_opened``, ``shm_closed``, ``wal_usable``, ``wal_poison``).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Awaitable
 from functools import partial
@@ -40,14 +44,23 @@ def database_of(name: bytes, suffix: bytes) -> bytes | None:
     return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
 
 
+def _guard(ops: "FileOps") -> None:
+    """Lets the commits' WAL check (``Volume._check_wal``) name this mount's files. Set
+    by every hook before the first commit a -wal or WAL database can have here: each
+    is opened, created or removed through one of them first."""
+    ops.tx.volume.wal_names = ops.names.get
+
+
 async def opening(ops: "FileOps", parent: int, name: bytes) -> None:
     """Before a create of ``name`` in ``parent``: a -shm takes WAL ownership, a -wal checks it."""
+    _guard(ops)
     await shm_opening(ops, parent, name)
     await wal_touched(ops, parent, name, "create_wal")
 
 
 async def opening_ino(ops: "FileOps", ino: int) -> None:
     """Before an open of ``ino`` by an app (not by this mount's own lock proxy)."""
+    _guard(ops)
     tf = ops.transient.by_ino.get(ino)
     if tf is not None:
         if tf.linked:  # else the open fails (ENOENT)
@@ -71,9 +84,23 @@ async def shm_opening(ops: "FileOps", parent: int, name: bytes) -> None:
     if db is None:
         return
     try:
-        await ops.coherence.shm_opened((parent, db), ops.child_path(parent, db), partial(_view_current, ops, parent))
+        await ops.coherence.shm_opened(
+            (parent, db), ops.child_path(parent, db), partial(_view_current, ops, parent), partial(_reset, ops, parent, db)
+        )
     except WalHeld as e:
         raise pyfuse3.FUSEError(e.errno) from None
+
+
+async def _reset(ops: "FileOps", parent: int, db: bytes) -> None:
+    """Drop what this mount holds uncommitted of ``db`` and its -wal, written under a
+    poisoned WAL index (``Coherence.wal_poison``): its commits were refused, and a new
+    index must not publish them."""
+    for ino in (ops.open_file_named(parent, db), ops.open_file_named(parent, db + WAL)):
+        fs = ops.tx.files.get(ino) if ino else None
+        if fs is not None and fs.changed:
+            async with fs.commit_lock:
+                await ops.tx.rollback(fs)
+            log.info("event=wal_reset path=%s", fs.label)
 
 
 def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
@@ -94,16 +121,11 @@ def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
 
 
 async def removing(ops: "FileOps", parent: int, name: bytes, act: Awaitable[T]) -> T:
-    """Run ``act``, the unlink of stored file ``name``: a -wal's as its database's WAL owner."""
-    db = database_of(name, WAL)
-    if db is None:
-        return await act
-    try:
-        return await ops.coherence.while_owning((parent, db), ops.child_path(parent, db), "unlink_wal", act)
-    except WalHeld as e:
-        if inspect.iscoroutine(act):
-            act.close()  # refused before it ran
-        raise pyfuse3.FUSEError(e.errno) from None
+    """Run ``act``, the unlink of stored file ``name``. A -wal's is checked in its own
+    store transaction (``Volume._check_wal``): EBUSY while another live mount has its
+    database in WAL mode, EIO from a mount whose WAL index of it is poisoned."""
+    _guard(ops)
+    return await act
 
 
 async def shm_released(ops: "FileOps", parent: int, name: bytes) -> None:
@@ -151,15 +173,7 @@ async def wal_touched(ops: "FileOps", parent: int, name: bytes, op: str) -> None
 
 
 async def wal_committing(ops: "FileOps", ino: int) -> None:
-    """Before a commit of stored file ``ino`` (its fsync, flush or release). A -wal's
-    refused changes are dropped, as a failed commit's are: kept, every later close
-    of any handle of it (this mount's lock proxy's too) failed again."""
-    known = ops.names.get(ino)
-    if known is not None and known[1].endswith(WAL):
-        try:
-            await wal_touched(ops, known[0], known[1], "commit_wal")
-        except pyfuse3.FUSEError:
-            fs = ops.tx.files.get(ino)
-            if fs is not None:
-                await ops.tx.rollback(fs)
-            raise
+    """Before a commit of stored file ``ino`` (its fsync, flush or release). The WAL
+    rules are checked in the commit's own store transaction (``Volume._check_wal``):
+    a refused commit fails there and drops its changes, as any failed commit does."""
+    _guard(ops)
