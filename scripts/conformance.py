@@ -42,6 +42,9 @@ log = logging.getLogger("conformance")
 #: daemon log lines worth showing next to a file's result
 DAEMON_LOG_PATTERN = re.compile(r"event=commit_failed|Traceback|\bERROR\b|\bCRITICAL\b|\bWARNING\b")
 MAX_DAEMON_LINES = 40
+#: daemon log lines that make a file a mismatch even where SQLite's results agree: a
+#: commit the daemon failed is an error some call got that a local disk never gives
+DAEMON_FAILURE_PATTERN = re.compile(r"event=commit_failed|Traceback|\bCRITICAL\b")
 
 SUMMARY_RE = re.compile(r"^(\d+) errors out of (\d+) tests\b", re.M)
 FAIL_LIST_RE = re.compile(r"^!Failures on these tests:(.*)$", re.M)
@@ -298,8 +301,15 @@ class FileResult:
     note: str = ""
 
     @property
+    def daemon_failed(self) -> bool:
+        return any(DAEMON_FAILURE_PATTERN.search(line) for line in self.daemon_log)
+
+    @property
     def match(self) -> bool:
-        return self.local.ending == self.mount.ending and self.local.failures == self.mount.failures
+        return (
+            self.local.ending == self.mount.ending and self.local.failures == self.mount.failures
+            and not self.daemon_failed
+        )
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -337,6 +347,8 @@ def print_details(r: FileResult) -> None:
             print(f"   {side}: {run.reason}")
     if r.note:
         print(f"   note: {r.note}")
+    if r.daemon_failed:
+        print("   the daemon failed a commit or crashed during this file (lines below)")
     for line in r.daemon_log:
         print(f"   daemon: {line}")
     print(f"   output: {r.local.output}  {r.mount.output}")
