@@ -45,10 +45,12 @@ MOUNT_OPTIONS = [
 ]
 
 #: a stream of small autocommit transactions (3 rows + a meta update each) at the given
-#: journal mode and synchronous setting; prints each txn number after COMMIT returned
+#: journal mode and synchronous setting; prints each txn number after COMMIT returned.
+#: With a limit (argv[7]) it closes the connection after that many and exits 0.
 SYNC_STREAM_WRITER = r"""
 import sqlite3, sys
 path, mode, sync, first, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+limit = int(sys.argv[7]) if len(sys.argv) > 7 else None
 c = sqlite3.connect(path, timeout=30, isolation_level=None)
 got = c.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
 assert got.lower() == mode.lower(), got
@@ -57,7 +59,7 @@ level = c.execute("PRAGMA synchronous").fetchone()[0]
 assert level == int(sys.argv[6]), (sync, level)
 txn = first
 try:
-    while True:
+    while limit is None or txn < first + limit:
         c.execute("BEGIN")
         for k in range(3):
             c.execute("INSERT INTO t(txn, k, data) VALUES (?, ?, randomblob(? + abs(random() % 1500)))", (txn, k, size))
@@ -65,6 +67,7 @@ try:
         c.execute("COMMIT")
         print(txn, flush=True)
         txn += 1
+    c.close()
 except BaseException as e:
     print(f"writer stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -83,10 +86,15 @@ def _log_excerpt(text: str, n: int = 25) -> str:
     return "\n".join(keep[-n:]) or "\n".join(text.splitlines()[-n:])
 
 
+def _writer(mounts, db, mode: str, sync: str, first: int, size: int, *limit: int) -> subprocess.Popen:
+    return mounts.py(SYNC_STREAM_WRITER, str(db), mode, sync, str(first), str(size), str(SYNC_LEVEL[sync]),
+                     *map(str, limit))
+
+
 def _stream_then_kill(mounts, m, db, mode: str, sync: str, first: int, run_for: float, size: int):
     """Run the writer from txn ``first``; ``run_for`` s after its first acknowledged commit,
     kill -9 the daemon. Returns the acknowledged txn numbers and the writer's stderr."""
-    w = mounts.py(SYNC_STREAM_WRITER, str(db), mode, sync, str(first), str(size), str(SYNC_LEVEL[sync]))
+    w = _writer(mounts, db, mode, sync, first, size)
     out = _Lines(w.stdout)
     out.wait_for(1, 60)
     time.sleep(run_for)
@@ -165,4 +173,48 @@ def test_kill9_daemon_during_stream(mounts, mode, sync, mount_args):
                                  f"{_log_excerpt(killed_log)}") from None
         lost = sorted(x for x in acked if x > last)
         print(f"{where}: acked {min(acked)}..{max(acked)}, last present {last}, lost {len(lost)}")
+        first = last + 1
+
+
+@pytest.mark.parametrize("sync", [
+    "OFF",  # no fsync ever: the hand-over's publish is the database's only commit point
+    pytest.param("NORMAL", marks=pytest.mark.slow),
+    pytest.param("FULL", marks=pytest.mark.slow),
+])
+def test_kill9_daemon_while_wal_changes_hands(mounts, sync):
+    """WAL: one process writes some transactions (synchronous=FULL) and exits (its connection
+    closes: SQLite checkpoints and removes the -wal; the mount, at the -shm's last release,
+    publishes the database and -wal before giving up the WAL); the next one starts streaming
+    at once, at ``sync``, and the daemon is killed. The hand-over must not commit the database
+    at some instant of the next writer's stream (mid-checkpoint, without its -wal): after the
+    remount the database is consistent, as in the matrix above, and the first writer's
+    transactions are all there."""
+    seed = int(os.environ.get("FUSESQLITE_CRASH_SEED") or random.randrange(1 << 30))
+    rng = random.Random(seed)
+    strict = not _may_lose_last("WAL", sync)
+    m = mounts()
+    db = m / "handover.sqlite"
+    _setup_stream_db(db, "WAL")
+    first, all_acked = 1, set()
+    for round_ in range(3):
+        limit, run_for = rng.randint(1, 40), rng.uniform(0.6, 1.2)
+        where = (f"WAL/synchronous={sync} hand-over seed={seed} round {round_} "
+                 f"(txn {first}.., {limit} then a stream killed {run_for:.2f} s after its first ack)")
+        a = _writer(mounts, db, "WAL", "FULL", first, 200, limit)
+        a_out, a_err = a.communicate(timeout=60)
+        assert a.returncode == 0, f"{where}: the first writer failed: {a_err}\n{m.log_tail()}"
+        acked = {int(x) for x in a_out.split()}
+        more, err = _stream_then_kill(mounts, m, db, "WAL", sync, first + limit, run_for, 200)
+        assert "writer stopped" in err, f"{where}: the writer did not see the daemon die: {err!r}"
+        acked |= more
+        all_acked |= acked
+        killed_log = m.log_text()
+        m = mounts.remount(m)
+        try:
+            last = _check(db, all_acked, first, strict, where)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nwriter: {err.strip()}\n--- killed daemon's log (errors, commits) ---\n"
+                                 f"{_log_excerpt(killed_log)}") from None
+        assert last >= first + limit - 1, f"{where}: the first writer's (FULL, closed) transactions lost"
+        print(f"{where}: acked {min(acked)}..{max(acked)}, last present {last}")
         first = last + 1
