@@ -400,8 +400,7 @@ class Coherence:
         parent, name = known
         key = (parent, wal_database(name) or name)
         if key in self.wal_opens:
-            self.wal_poison(key, self.tx.files[ino].label if fs else repr(key),
-                            "a commit of the database or its -wal failed")
+            self.wal_poison(key, fs.label if fs else repr(key), "a commit of the database or its -wal failed")
 
     async def _release_all_wal(self) -> None:
         """A stopping mount ends its WAL ownerships (its apps' -shm handles die with it)."""

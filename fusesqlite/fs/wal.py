@@ -161,8 +161,8 @@ async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: 
 
 
 async def wal_touched(ops: "FileOps", parent: int, name: bytes, op: str) -> None:
-    """Before an open, create or commit of stored file ``name``: a -wal of a
-    database another live mount has in WAL mode is refused (EBUSY)."""
+    """Before an open or create of stored file ``name``: a -wal of a database another
+    live mount has in WAL mode is refused (EBUSY), before SQLite reads anything."""
     db = database_of(name, WAL)
     if db is None:
         return
