@@ -15,7 +15,8 @@ the writeback cache, requests in flight) is gone, what the store has stays. Afte
   (a suffix of the stream, never one that a previous remount already showed).
 
 Each case runs a few rounds: start the writer, let it run a random short time, kill -9 the
-daemon, remount, check. The next round continues on the recovered database.
+daemon, remount, check. The next round continues on the recovered database. A last test
+starts the stream right after another connection's close, where the mount hands the WAL over.
 """
 from __future__ import annotations
 
