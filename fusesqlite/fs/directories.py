@@ -69,6 +69,7 @@ class DirectoryOps(FileOps, FsBase):
 
     async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
         self.writable(ctx)
+        wal.attach(self)  # a -wal's attributes are checked like its data (fs/wal.py)
         if fields.update_size:
             await self.truncate(inode, attr.st_size, open_handle=fh is not None)
         tf = self.transient.by_ino.get(inode)
