@@ -350,10 +350,17 @@ class Coherence:
     async def _followed(self, key: WalKey, grant: WalGrant) -> bool:
         """Whether this mount has followed every other mount's change to the database and
         its -wal up to ``grant``: the log between what it followed and the last change
-        (usually nothing to read: ``seen`` lags this mount's own commits only)."""
+        (usually nothing to read: ``seen`` lags this mount's own commits only), and no
+        move of either still to run. A move of the -wal is not held back by SQLite's
+        locks (SQLite locks the database and -shm, never -wal): run under a WAL index,
+        it would write back the index's own frames as changes made on the old version."""
+        inos = {ino for _, ino, _ in grant.files if ino is not None}
+        for ino in inos:
+            p = self.proxies.get(ino)
+            if p is not None and (p.move or p.running):
+                return False
         if grant.last_change <= self.seen:
             return True
-        inos = {ino for _, ino, _ in grant.files if ino is not None}
         names = {(key[0], name) for name, _, _ in grant.files}
         for e in await self.tx.run(self.volume.log_range, self.seen, grant.last_change):
             if e.author != self.me and (inos.intersection(e.inodes) or names.intersection(e.dirents)):

@@ -163,7 +163,7 @@ class WalGrant:
     """A WAL ownership taken (``Volume.acquire_wal``)."""
 
     expiry: float
-    #: the last version that changed the database or its -wal (data, or the name)
+    #: the last version that changed the database or its -wal (data, attributes, or the name)
     last_change: int
     #: (name, inode or None if absent, data version) of the database and of its -wal
     files: tuple[tuple[bytes, int | None, int], ...]
@@ -501,8 +501,8 @@ class Volume:
 
     def _wal_keys(self, changes: ChangeSet, data: dict[int, DataCommit]) -> dict[WalKey, bool]:
         """The databases whose WAL ownership a commit must check: every name whose entry
-        it changes, and every file whose data it writes (as this mount names it), a
-        -wal standing for its database; and whether that change only creates the -wal
+        it changes, and every file whose data or attributes it writes (as this mount
+        names it: SQLite, as root, chowns a new -wal), a -wal standing for its database; and whether that change only creates the -wal
         (allowed on a poisoned index: SQLite creates it before it opens a new index).
         Rollback-journal databases pay one store read."""
         keys: dict[WalKey, bool] = {}  # key -> whether the commit only creates its -wal
@@ -510,8 +510,8 @@ class Volume:
             db = wal_database(name)
             key = (parent, db or name)
             keys[key] = keys.get(key, True) and db is not None and bool(ino)
-        for ino in data:
-            known = self.wal_names(ino)
+        for ino in {*data, *(ino for ino, rec in changes.inodes.items() if rec is not None)}:
+            known = self.wal_names(ino)  # an unlinked file's record going is nobody's view
             if known is not None:
                 keys[(known[0], wal_database(known[1]) or known[1])] = False
         return keys
@@ -663,9 +663,10 @@ class Volume:
                     files.append((n, None, 0))
                     continue
                 ino = unpack(rows[0][1])[0]
-                rec = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
-                dver = Inode.unpack(rec).dver if rec else 0
-                last = max(last, dver)
+                recs = tr.get_range(*self.ks.versions_upto(1 << 62, "i", ino), limit=1, reverse=True)
+                dver = Inode.unpack(recs[0][1]).dver if recs and recs[0][1] else 0
+                if recs:  # its last change, data or attributes: a move of it still to come
+                    last = max(last, self.ks.parts(recs[0][0])[-1])  # would run under the index
                 files.append((n, ino, dver))
             return WalGrant(expiry, last, tuple(files))
 

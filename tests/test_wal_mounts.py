@@ -7,6 +7,7 @@ file" (its open of -shm or -wal is refused with EBUSY) and its daemon logs
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -124,6 +125,11 @@ def test_a_second_mount_is_refused_while_one_has_the_database_in_wal_mode(mounts
             assert o.wait_log("event=wal_refused"), o.log_tail()
             line = next(ln for ln in o.log_text().splitlines() if "event=wal_refused" in ln)
             assert "path=/w.db" in line and "holder=" in line, line
+            # the -wal's attributes are the owner's too (SQLite, as root, chowns a new -wal):
+            # followed by the owner mid-transaction, such a change broke its WAL index
+            with pytest.raises(OSError) as refused:
+                os.chmod(o / "w.db-wal", 0o600)
+            assert refused.value.errno == errno.EBUSY, refused.value
         time.sleep(0.3)
         assert try_open(a, "w.db").startswith("ok "), "the owner's other connections keep working"
     finally:

@@ -44,23 +44,24 @@ def database_of(name: bytes, suffix: bytes) -> bytes | None:
     return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
 
 
-def _guard(ops: "FileOps") -> None:
+def attach(ops: "FileOps") -> None:
     """Lets the commits' WAL check (``Volume._check_wal``) name this mount's files. Set
-    by every hook before the first commit a -wal or WAL database can have here: each
-    is opened, created or removed through one of them first."""
+    by every hook here and by setattr, before the first commit a -wal or WAL database
+    can have on this mount: each is opened, created, removed or set through one of them
+    first (a rename's check needs no names: they are in its entries)."""
     ops.tx.volume.wal_names = ops.names.get
 
 
 async def opening(ops: "FileOps", parent: int, name: bytes) -> None:
     """Before a create of ``name`` in ``parent``: a -shm takes WAL ownership, a -wal checks it."""
-    _guard(ops)
+    attach(ops)
     await shm_opening(ops, parent, name)
     await wal_touched(ops, parent, name, "create_wal")
 
 
 async def opening_ino(ops: "FileOps", ino: int) -> None:
     """Before an open of ``ino`` by an app (not by this mount's own lock proxy)."""
-    _guard(ops)
+    attach(ops)
     tf = ops.transient.by_ino.get(ino)
     if tf is not None:
         if tf.linked:  # else the open fails (ENOENT)
@@ -124,7 +125,7 @@ async def removing(ops: "FileOps", parent: int, name: bytes, act: Awaitable[T]) 
     """Run ``act``, the unlink of stored file ``name``. A -wal's is checked in its own
     store transaction (``Volume._check_wal``): EBUSY while another live mount has its
     database in WAL mode, EIO from a mount whose WAL index of it is poisoned."""
-    _guard(ops)
+    attach(ops)
     return await act
 
 
@@ -176,4 +177,4 @@ async def wal_committing(ops: "FileOps", ino: int) -> None:
     """Before a commit of stored file ``ino`` (its fsync, flush or release). The WAL
     rules are checked in the commit's own store transaction (``Volume._check_wal``):
     a refused commit fails there and drops its changes, as any failed commit does."""
-    _guard(ops)
+    attach(ops)
