@@ -502,9 +502,10 @@ class Volume:
     def _wal_keys(self, changes: ChangeSet, data: dict[int, DataCommit]) -> dict[WalKey, bool]:
         """The databases whose WAL ownership a commit must check: every name whose entry
         it changes, and every file whose data or attributes it writes (as this mount
-        names it: SQLite, as root, chowns a new -wal), a -wal standing for its database; and whether that change only creates the -wal
-        (allowed on a poisoned index: SQLite creates it before it opens a new index).
-        Rollback-journal databases pay one store read."""
+        names it: SQLite, as root, chowns a new -wal), a -wal standing for its
+        database; and whether the change only creates the -wal (allowed on a poisoned
+        index: SQLite creates it before it opens a new index). Rollback-journal
+        databases pay one store read."""
         keys: dict[WalKey, bool] = {}  # key -> whether the commit only creates its -wal
         for (parent, name), ino in changes.dirents.items():
             db = wal_database(name)
