@@ -214,9 +214,13 @@ class FileOps(FsBase):
                 tf.cached_opens += 1
                 tf.unsettled = True
             return self.file_info(tf.ino, tf, cached_journal=cached), self.entry(tf.ino, tf.record())
-        ino = await self.tx.new_ino()
-        rec = Inode.new(stat.S_IFREG, mode, ctx.uid, ctx.gid)
-        await self.commit_entry(parent_inode, name, ino, rec)
+        try:
+            ino = await self.tx.new_ino()
+            rec = Inode.new(stat.S_IFREG, mode, ctx.uid, ctx.gid)
+            await self.commit_entry(parent_inode, name, ino, rec)
+        except BaseException:
+            await wal.open_failed(self, parent_inode, name)  # no handle: out of the WAL session
+            raise
         self.names[ino] = (parent_inode, name)
         fs = self.tx.state(ino, rec, self.path(ino))
         fs.opens += 1
@@ -266,7 +270,8 @@ class FileOps(FsBase):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.writable(ctx)
-        if not (flags & os.O_NONBLOCK and self._own_thread(ctx.pid)):  # not the lock proxy's open
+        app = not (flags & os.O_NONBLOCK and self._own_thread(ctx.pid))  # not the lock proxy's open
+        if app:
             await wal.opening_ino(self, inode)  # WAL on one mount at a time (fs/wal.py)
         tf = self.transient.by_ino.get(inode)
         if tf is not None:
@@ -281,11 +286,16 @@ class FileOps(FsBase):
                 tf.truncate(0)
                 await self.transient_changed(tf, was, "journal truncated")
             return self.file_info(inode, tf)
-        rec, keep_cache = await self.tx.open_record(inode)
-        if rec is None:
-            raise fail(errno.ENOENT)
-        if stat.S_ISDIR(rec.mode):
-            raise fail(errno.EISDIR)
+        try:
+            rec, keep_cache = await self.tx.open_record(inode)
+            if rec is None:
+                raise fail(errno.ENOENT)
+            if stat.S_ISDIR(rec.mode):
+                raise fail(errno.EISDIR)
+        except BaseException:
+            if app:
+                await wal.open_failed_ino(self, inode)  # no handle: out of the WAL session
+            raise
         fs = self.tx.state(inode, rec, self.path(inode))
         fs.opens += 1
         if flags & os.O_TRUNC and fs.size:
@@ -415,19 +425,23 @@ class FileOps(FsBase):
             if not f.opens:  # a refusal no write took belongs to no later transaction
                 f.refused = None
             self.transient.release_if_unused(f)
-            await wal.released(self, f)  # a -shm's last handle ends this mount's WAL ownership
+            await wal.released(self, f)  # a session's last handle ends this mount's WAL ownership
             return
         assert isinstance(f, FileState)
         f.opens -= 1
-        if f.opens == 0 and f.ino in self.stale_in_kernel:
-            self.forget_in_kernel(f.ino)
-        if f.opens == 0 and f.record.nlink == 0:
-            await self.drop_unlinked(f)
-            return
         try:
-            await self.commit_unless_in_transaction(f, "release")
+            if f.opens == 0 and f.ino in self.stale_in_kernel:
+                self.forget_in_kernel(f.ino)
+            if f.opens == 0 and f.record.nlink == 0:
+                await self.drop_unlinked(f)
+                return
+            try:
+                await self.commit_unless_in_transaction(f, "release")
+            finally:
+                self.tx.forget_state(f)
         finally:
-            self.tx.forget_state(f)
+            if not h.proxy:
+                await wal.released(self, f)  # likewise, after the -wal's own commit
 
     async def drop_unlinked(self, fs: FileState) -> None:
         """The last handle of an unlinked file is gone: its inode goes too."""
