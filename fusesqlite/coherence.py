@@ -104,8 +104,8 @@ class Coherence:
         #: moves when other mounts' changes arrive: an answer computed across a
         #: move must not be cached by the kernel (it may predate an invalidation)
         self.epoch = 0
-        #: databases this mount has in WAL mode: -shm handles open here (their WAL
-        #: ownership in the store is renewed with the write leases)
+        #: databases this mount has in WAL mode (a session): apps' -shm and -wal handles
+        #: open here (their WAL ownership in the store is renewed with the write leases)
         self.wal_opens: dict[WalKey, int] = {}
         #: one change of WAL ownership at a time: a release in flight must not clear
         #: the record an open taking it again has just written
@@ -288,7 +288,7 @@ class Coherence:
 
     # -- WAL ownership (fs/wal.py calls these) -----------------------------------------------
     # The rule itself is checked by every commit, in its own store transaction
-    # (Volume._check_wal); here: the sessions (a WAL index open here) that rule reads,
+    # (Volume._check_wal); here: the sessions (apps' -shm and -wal handles) that rule reads,
     # their hand-over, and the poisoning of an index that may no longer match the store.
     def _wal_refused(self, e: WalHeld, path: str, op: str) -> None:
         log.warning(
@@ -299,19 +299,22 @@ class Coherence:
 
     def wal_poison(self, key: WalKey, path: str, why: str) -> None:
         """This mount's WAL index of ``key`` may no longer match the store's database and
-        -wal: refuse every commit of them from here (Volume._check_wal) until a new WAL
-        index of it is opened here (``shm_opened``), which SQLite builds from the store's."""
+        -wal: refuse every commit of them from here (Volume._check_wal) until a new
+        session of it starts here (``index_opened``), whose index SQLite builds from the
+        store's files."""
         if key not in self.volume.wal_poisoned:
             self.volume.wal_poisoned.add(key)
             log.error("event=wal_poisoned path=%s cause=%r action=%r", path, why,
                       "its commits on this mount fail until every connection to it here is closed")
 
-    async def shm_opened(
-        self, key: WalKey, path: str, current: Callable[[WalGrant], bool], reset: Callable[[], Awaitable[None]]
+    async def index_opened(
+        self, key: WalKey, path: str, op: str, current: Callable[[WalGrant], bool],
+        reset: Callable[[], Awaitable[None]],
     ) -> None:
-        """A -shm of database ``key`` is being opened here: SQLite is using it in WAL mode.
-        The first one takes its WAL ownership (WalHeld, logged, while another live mount
-        has it); the others share it (one WAL index per mount).
+        """An app opens a -shm or -wal of database ``key`` here (``op``): SQLite is using
+        it in WAL mode. The first such handle starts this mount's session, taking its
+        WAL ownership (WalHeld, logged, while another live mount has it); the others
+        share it (one WAL index per mount, in -shm or in one process's heap).
 
         Taking it, this mount must see the database and its -wal exactly as the store
         has them (``current``): the last owner's last commits may not have reached it
@@ -319,14 +322,14 @@ class Coherence:
         reverse, would let this mount's frames replace them. Otherwise WalHeld too
         (the app's retry finds this mount caught up: following takes milliseconds).
 
-        A poisoned index (``wal_poison``) admits no new handle: SQLite would share it.
-        Once its last handle is gone, the next open starts a new one; what the poisoned
-        one left uncommitted of the database and -wal is dropped first (``reset``).
+        A poisoned session (``wal_poison``) admits no new handle: SQLite would share its
+        index. Once its last handle is gone, the next open starts a new one; what the
+        poisoned one left uncommitted of the database and -wal is dropped first (``reset``).
         """
         async with self._wal_lock:
             if key in self.volume.wal_poisoned:
                 if key in self.wal_opens:
-                    log.warning("event=wal_refused path=%s op=open_shm reason=poisoned", path)
+                    log.warning("event=wal_refused path=%s op=%s reason=poisoned", path, op)
                     raise WalHeld(key[0], key[1], Lease(self.me, 0.0, False))
                 await reset()
                 self.volume.wal_poisoned.discard(key)
@@ -335,13 +338,13 @@ class Coherence:
                 try:
                     grant = await self.tx.run(self.volume.acquire_wal, key[0], key[1], self.lease_ttl)
                 except WalHeld as e:
-                    self._wal_refused(e, path, "open_shm")
+                    self._wal_refused(e, path, op)
                     raise
                 if not (await self._followed(key, grant) and current(grant)):
                     with trio.CancelScope(shield=True):
                         await self.tx.run(self.volume.release_wal, [key])
-                    log.info("event=wal_refused path=%s op=open_shm reason=view_behind seen=%d last_change=%d",
-                             path, self.seen, grant.last_change)
+                    log.info("event=wal_refused path=%s op=%s reason=view_behind seen=%d last_change=%d",
+                             path, op, self.seen, grant.last_change)
                     raise WalHeld(key[0], key[1], Lease(self.me, 0.0, False))
                 log.info("event=wal_owned path=%s", path)
                 self.volume.wal_mine.add(key)
@@ -367,10 +370,13 @@ class Coherence:
                 return False
         return True
 
-    async def shm_closed(self, key: WalKey, path: str) -> None:
-        """A -shm handle of ``key`` was released: the last one ends this mount's ownership."""
+    async def index_closed(self, key: WalKey, path: str) -> None:
+        """A -shm or -wal handle of ``key`` was released (or never made): the session's
+        last one ends this mount's ownership."""
         async with self._wal_lock:
-            left = self.wal_opens.get(key, 0) - 1
+            if key not in self.wal_opens:
+                return  # a handle opened before the session (a -wal renamed since)
+            left = self.wal_opens[key] - 1
             if left > 0:
                 self.wal_opens[key] = left
                 return
@@ -383,18 +389,6 @@ class Coherence:
                 log.warning("event=wal_release_failed path=%s cause=%s", path, e)
                 return
             log.info("event=wal_released path=%s", path)
-
-    async def wal_usable(self, key: WalKey, path: str, op: str) -> None:
-        """The -wal of ``key`` is opened or created here: WalHeld (logged) if another live
-        mount has the database in WAL mode. Free where a WAL index of it is open here.
-        (A refusal at the open, for a clear error; the commits check it themselves.)"""
-        if key in self.wal_opens:
-            return
-        holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
-        if holder is not None:
-            e = WalHeld(key[0], key[1], holder)
-            self._wal_refused(e, path, op)
-            raise e
 
     def _wal_reverted(self, ino: int) -> None:
         """A failed commit dropped this mount's changes of ``ino``: if it is a database
@@ -410,7 +404,7 @@ class Coherence:
             self.wal_poison(key, fs.label if fs else repr(key), "a commit of the database or its -wal failed")
 
     async def _release_all_wal(self) -> None:
-        """A stopping mount ends its WAL ownerships (its apps' -shm handles die with it)."""
+        """A stopping mount ends its WAL ownerships (its apps' handles die with it)."""
         keys = list(self.wal_opens)
         self.wal_opens.clear()
         self.volume.wal_mine.clear()

@@ -280,3 +280,43 @@ def test_a_wal_owner_frozen_past_its_lease_commits_nothing_when_it_resumes(mount
     assert result["errors"], "the resumed owner's app got no error: its stale WAL index was not refused"
     assert "event=wal_poisoned" in a.log_text(), a.log_tail()
     print(f"acknowledged {len(acked)}, the resumed owner's errors {result['errors']}")
+
+
+#: a WAL connection with locking_mode=EXCLUSIVE (its WAL index in its heap: it never
+#: opens -shm) on argv[1]: 20 rows, "ready", then at a line on stdin 20 more; prints "acked N"
+EXCLUSIVE_WAL = r"""
+import sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA locking_mode=EXCLUSIVE")
+assert con.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+for i in range(20):
+    con.execute("INSERT INTO t(src) VALUES (?)", (f"a-{i}",))
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(20, 40):
+    con.execute("INSERT INTO t(src) VALUES (?)", (f"a-{i}",))
+con.close()
+print("acked 40", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_exclusive_mode_wal_connection_owns_the_database_too(mounts):
+    """With locking_mode=EXCLUSIVE SQLite keeps its WAL index in the process's heap and
+    opens -wal only: another mount taking the WAL meanwhile would write frames that
+    index never sees (its later commits were acknowledged and lost)."""
+    a = mounts()
+    b = mounts(store=a.store)
+    new_db(a, "x.db", b)
+    p = a.py(EXCLUSIVE_WAL, str(a / "x.db"), stdin=subprocess.PIPE)
+    assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    assert b.py(WRITE_ROWS, str(b / "x.db"), "10", "b").communicate(timeout=60)[0].strip() == \
+        "error unable to open database file"
+    assert "op=open_wal" in b.log_text(), b.log_tail()
+    out, err = p.communicate("go\n", timeout=60)
+    assert out.split()[-2:] == ["acked", "40"], err
+    for m in (a, b):
+        m.stop()
+    fresh = mounts.remount(b)
+    assert query(fresh / "x.db", "PRAGMA integrity_check") == [("ok",)]
+    assert sorted(src for (src,) in query(fresh / "x.db", "SELECT src FROM t")) == sorted(f"a-{i}" for i in range(40))

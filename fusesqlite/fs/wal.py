@@ -3,12 +3,13 @@
 SQLite's WAL index (``X-shm``) is a transient file, in one daemon's memory: a second
 mount building its own index of the same ``X-wal`` would append frames the first
 one never sees, and commits would be lost (measured: 194 of 499 acknowledged). So a
-mount that opens ``X-shm`` becomes the WAL owner of ``X`` in the store (a lease
-record, coherence.py) until its last ``X-shm`` handle closes. Every commit that
-writes ``X`` or ``X-wal``, or changes their names, reads that record in its own
-store transaction (``Volume._check_wal``): from the owner it must still name the
+mount whose apps open ``X-shm`` or ``X-wal`` (a session) becomes the WAL owner of ``X``
+in the store (a lease record, coherence.py) until their last handle of either closes
+(SQLite with locking_mode=EXCLUSIVE keeps its index in its heap and opens ``X-wal``
+only). Every commit that writes ``X`` or ``X-wal`` (data or attributes), or changes
+their names, reads that record in its own store transaction (``Volume._check_wal``): from the owner it must still name the
 owner, from any other mount it must name no other live one. Opens of ``X-shm`` and
-``X-wal`` are refused early (EBUSY) while another mount owns it, for a clear error.
+``X-wal`` are refused (EBUSY) while another mount owns it, before SQLite reads anything.
 An owner whose index may no longer match the store (its ownership lost, or a commit
 of ``X`` or ``X-wal`` failed) is poisoned: its commits of them fail until its apps
 have closed them. SQLite reports a refused open as "unable to open database file"
@@ -16,7 +17,7 @@ have closed them. SQLite reports a refused open as "unable to open database file
 docs/many-mounts.md, "WAL and several mounts", says why this is correct.
 
 These are the hooks files.py and directories.py call; the ownership itself is
-Coherence's (``shm_opened``, ``shm_closed``, ``wal_usable``, ``wal_poison``).
+Coherence's (``index_opened``, ``index_closed``, ``wal_poison``).
 """
 from __future__ import annotations
 
@@ -52,11 +53,16 @@ def attach(ops: "FileOps") -> None:
     ops.tx.volume.wal_names = ops.names.get
 
 
+def _database(name: bytes) -> bytes | None:
+    """``X`` for ``X-shm`` or ``X-wal``: the files whose handles make a WAL session."""
+    return database_of(name, SHM) or database_of(name, WAL)
+
+
 async def opening(ops: "FileOps", parent: int, name: bytes) -> None:
-    """Before a create of ``name`` in ``parent``: a -shm takes WAL ownership, a -wal checks it."""
+    """Before a create of ``name`` in ``parent``: a -shm or -wal joins, or starts, this
+    mount's WAL session of its database (EBUSY while another live mount has one)."""
     attach(ops)
-    await shm_opening(ops, parent, name)
-    await wal_touched(ops, parent, name, "create_wal")
+    await session_opening(ops, parent, name)
 
 
 async def opening_ino(ops: "FileOps", ino: int) -> None:
@@ -65,28 +71,51 @@ async def opening_ino(ops: "FileOps", ino: int) -> None:
     tf = ops.transient.by_ino.get(ino)
     if tf is not None:
         if tf.linked:  # else the open fails (ENOENT)
-            await shm_opening(ops, tf.parent, tf.name)
+            await session_opening(ops, tf.parent, tf.name)
         return
     known = ops.names.get(ino)
     if known is not None:
-        await wal_touched(ops, known[0], known[1], "open_wal")
+        await session_opening(ops, known[0], known[1])
+
+
+async def open_failed(ops: "FileOps", parent: int, name: bytes) -> None:
+    """A create that ``opening`` let through failed: it made no handle."""
+    if _database(name) is not None:
+        await ops.coherence.index_closed((parent, _database(name)), ops.child_path(parent, _database(name)))
+
+
+async def open_failed_ino(ops: "FileOps", ino: int) -> None:
+    """An open of stored file ``ino`` that ``opening_ino`` let through failed."""
+    known = ops.names.get(ino)
+    if known is not None:
+        await open_failed(ops, known[0], known[1])
 
 
 async def released(ops: "FileOps", file: object) -> None:
-    """After a handle of ``file`` is released: a -shm's last one ends the WAL ownership."""
-    name = getattr(file, "name", None)
-    if isinstance(name, bytes) and name.endswith(SHM):
-        await shm_released(ops, file.parent, name)  # type: ignore[attr-defined]
+    """After an app's handle of ``file`` is released: the session's last one ends this
+    mount's WAL ownership."""
+    name, parent = getattr(file, "name", None), getattr(file, "parent", None)
+    if not isinstance(name, bytes):  # a stored file: named as this mount knows it
+        known = ops.names.get(getattr(file, "ino", 0))
+        if known is None:
+            return
+        parent, name = known
+    await session_released(ops, parent, name)
 
 
-async def shm_opening(ops: "FileOps", parent: int, name: bytes) -> None:
-    """Before a create or open of ``name`` (transient) in ``parent``: a -shm takes WAL ownership."""
-    db = database_of(name, SHM)
+async def session_opening(ops: "FileOps", parent: int, name: bytes) -> None:
+    """Before a create or open of ``name`` in ``parent``: a -shm or -wal takes or shares
+    the WAL ownership of its database. SQLite opens -wal first, then -shm (or, with
+    locking_mode=EXCLUSIVE, keeps its WAL index in its heap and never opens -shm):
+    either way the index is built after the session started."""
+    db = _database(name)
     if db is None:
         return
+    op = "open_shm" if name.endswith(SHM) else "open_wal"
     try:
-        await ops.coherence.shm_opened(
-            (parent, db), ops.child_path(parent, db), partial(_view_current, ops, parent), partial(_reset, ops, parent, db)
+        await ops.coherence.index_opened(
+            (parent, db), ops.child_path(parent, db), op, partial(_view_current, ops, parent),
+            partial(_reset, ops, parent, db),
         )
     except WalHeld as e:
         raise pyfuse3.FUSEError(e.errno) from None
@@ -106,7 +135,7 @@ async def _reset(ops: "FileOps", parent: int, db: bytes) -> None:
 
 def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
     """Whether the database and its -wal, where open here, are as ``grant`` found them
-    in the store (``Coherence.shm_opened`` checks that no change to them is unfollowed)."""
+    in the store (``Coherence.index_opened`` checks that no change to them is unfollowed)."""
     for name, ino, dver in grant.files:
         here = ops.open_file_named(parent, name)
         if here is None:
@@ -129,22 +158,22 @@ async def removing(ops: "FileOps", parent: int, name: bytes, act: Awaitable[T]) 
     return await act
 
 
-async def shm_released(ops: "FileOps", parent: int, name: bytes) -> None:
-    """After a handle of a transient file opened by ``shm_opening`` is released."""
-    db = database_of(name, SHM)
+async def session_released(ops: "FileOps", parent: int, name: bytes) -> None:
+    """After an app's handle of a -shm or -wal is released (``session_opening``)."""
+    db = _database(name)
     if db is None:
         return
     key, path = (parent, db), ops.child_path(parent, db)
     if ops.coherence.wal_opens.get(key) == 1:
         await _publish_before_release(ops, parent, db, path)
-    await ops.coherence.shm_closed(key, path)
+    await ops.coherence.index_closed(key, path)
 
 
 async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: str) -> None:
     """Commit what this mount wrote to ``db`` and its -wal before giving the WAL away.
 
-    With synchronous=OFF SQLite never fsyncs: its last checkpoint's pages and the -wal's
-    frames reach the store only at the files' closes, which come after the -shm's.
+    With synchronous=OFF SQLite never fsyncs: its last checkpoint's pages reach the
+    store only at the database's close, which comes after the session's last handle.
     A mount taking the WAL in between would read the database without them. With
     NORMAL and FULL they were committed already, and this costs one syncfs.
     """
@@ -159,18 +188,6 @@ async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: 
                 await ops.commit_unless_in_transaction(fs, "wal released")
     except pyfuse3.FUSEError as e:  # logged by the commit; the app's own close reports it too
         log.warning("event=wal_publish_failed path=%s errno=%d", path, e.errno)
-
-
-async def wal_touched(ops: "FileOps", parent: int, name: bytes, op: str) -> None:
-    """Before an open or create of stored file ``name``: a -wal of a database another
-    live mount has in WAL mode is refused (EBUSY), before SQLite reads anything."""
-    db = database_of(name, WAL)
-    if db is None:
-        return
-    try:
-        await ops.coherence.wal_usable((parent, db), ops.child_path(parent, db), op)
-    except WalHeld as e:
-        raise pyfuse3.FUSEError(e.errno) from None
 
 
 async def wal_committing(ops: "FileOps", ino: int) -> None:
