@@ -370,6 +370,15 @@ class Coherence:
                 return False
         return True
 
+    async def wal_check(self, key: WalKey, path: str, op: str) -> None:
+        """A read-only mount opens a -wal or -shm of ``key``: it writes nothing, so it takes
+        no ownership, but is refused (WalHeld, logged) while another live mount has one."""
+        holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
+        if holder is not None:
+            e = WalHeld(key[0], key[1], holder)
+            self._wal_refused(e, path, op)
+            raise e
+
     async def index_closed(self, key: WalKey, path: str) -> None:
         """A -shm or -wal handle of ``key`` was released (or never made): the session's
         last one ends this mount's ownership."""

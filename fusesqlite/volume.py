@@ -673,6 +673,12 @@ class Volume:
 
         return self.store.transact(fn)
 
+    def wal_holder(self, parent: int, name: bytes) -> Lease | None:
+        """The live mount other than this one that owns database ``name``'s WAL, if any."""
+        raw = self.store.transact(lambda tr: tr.get(self.ks.wal_owner(parent, name)))
+        held = Lease.unpack(raw) if raw is not None else None
+        return held if held is not None and held.owner != self.author and held.live(time.time()) else None
+
     def release_wal(self, keys: Iterable[tuple[int, bytes]]) -> None:
         """End this mount's WAL ownership of ``keys`` (those still its own)."""
         keys = list(keys)

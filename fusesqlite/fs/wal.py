@@ -80,7 +80,7 @@ async def opening_ino(ops: "FileOps", ino: int) -> None:
 
 async def open_failed(ops: "FileOps", parent: int, name: bytes) -> None:
     """A create that ``opening`` let through failed: it made no handle."""
-    if _database(name) is not None:
+    if _database(name) is not None and not ops.read_only:
         await ops.coherence.index_closed((parent, _database(name)), ops.child_path(parent, _database(name)))
 
 
@@ -94,6 +94,8 @@ async def open_failed_ino(ops: "FileOps", ino: int) -> None:
 async def released(ops: "FileOps", file: object) -> None:
     """After an app's handle of ``file`` is released: the session's last one ends this
     mount's WAL ownership."""
+    if ops.read_only:
+        return
     name, parent = getattr(file, "name", None), getattr(file, "parent", None)
     if not isinstance(name, bytes):  # a stored file: named as this mount knows it
         known = ops.names.get(getattr(file, "ino", 0))
@@ -113,6 +115,9 @@ async def session_opening(ops: "FileOps", parent: int, name: bytes) -> None:
         return
     op = "open_shm" if name.endswith(SHM) else "open_wal"
     try:
+        if ops.read_only:  # it commits nothing: no session, no record written
+            await ops.coherence.wal_check((parent, db), ops.child_path(parent, db), op)
+            return
         await ops.coherence.index_opened(
             (parent, db), ops.child_path(parent, db), op, partial(_view_current, ops, parent),
             partial(_reset, ops, parent, db),
