@@ -65,7 +65,42 @@ class FileOps(FsBase):
     async def commit_unless_in_transaction(self, fs: FileState, reason: str) -> None:
         # an unlinked file's data dies with its last handle: nothing to publish
         if fs.changed and fs.record.nlink > 0 and not self.journal_active(fs.ino):
-            await self.commit(fs, reason)
+            partner = self.wal_partner(fs)
+            if partner is None:
+                await self.commit(fs, reason)
+            else:
+                await self.commit_wal_pair(fs, partner, reason)
+
+    def wal_partner(self, fs: FileState) -> FileState | None:
+        """For a database and its -wal both open here (WAL mode), the other one."""
+        known = self.names.get(fs.ino)
+        if known is None:
+            return None
+        parent, name = known
+        db = wal.database_of(name, wal.WAL)
+        ino = self.open_file_named(parent, db if db is not None else name + wal.WAL)
+        return self.tx.files.get(ino) if ino is not None else None
+
+    async def commit_wal_pair(self, fs: FileState, partner: FileState, reason: str) -> None:
+        """Commit a WAL database and its -wal together, with what the kernel holds of both.
+
+        A checkpoint copies frames of the -wal into the database, and the next writer
+        then starts the -wal over. The store must never hold a database newer than its
+        -wal (pages of frames it lacks: a reader of the -wal would mix versions) nor a
+        -wal started over on a database without the pages checkpointed from it. SQLite
+        orders its fsyncs so that a disk never shows either, except with
+        synchronous=OFF, and the kernel's write-back follows no order at all. So each
+        commit of either takes both, whole, in one store transaction: the store is then
+        always as after a crash of SQLite itself, which its WAL recovery handles.
+        """
+        files = [fs, partner]
+        await self.take_kernel_pages([f.ino for f in files])
+        for f in files:
+            await wal.wal_committing(self, f.ino)
+        try:
+            await self.tx.commit_many([f for f in files if f.changed], reason)
+        except StoreError as e:
+            raise fail(e.errno) from None
 
     async def journal_settled(self, tf: TransientFile, reason: str) -> None:
         """The journal ``tf`` stopped being active: commit its database's transaction
