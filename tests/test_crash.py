@@ -16,18 +16,24 @@ from helpers import ONE_CPU, opendb, run_py, table_digest
 
 pytestmark = pytest.mark.timeout(120)
 
-#: a stream of small autocommit transactions; prints each txn number after COMMIT returned
+#: ``PRAGMA synchronous`` reads back as a number
+SYNC_LEVEL = {"OFF": 0, "NORMAL": 1, "FULL": 2}
+#: a stream of small autocommit transactions (3 rows + a meta update each) at the given
+#: journal mode and synchronous setting; prints each txn number after COMMIT returned.
+#: With a limit (argv[7]) it closes the connection after that many and exits 0.
 STREAM_WRITER = r"""
 import sqlite3, sys
-path, mode, first = sys.argv[1], sys.argv[2], int(sys.argv[3])
-size = int(sys.argv[4]) if len(sys.argv) > 4 else 200
+path, mode, sync, first, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+limit = int(sys.argv[7]) if len(sys.argv) > 7 else None
 c = sqlite3.connect(path, timeout=30, isolation_level=None)
 got = c.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
 assert got.lower() == mode.lower(), got
-c.execute("PRAGMA synchronous=FULL")
+c.execute(f"PRAGMA synchronous={sync}")
+level = c.execute("PRAGMA synchronous").fetchone()[0]
+assert level == int(sys.argv[6]), (sync, level)
 txn = first
 try:
-    while True:
+    while limit is None or txn < first + limit:
         c.execute("BEGIN")
         for k in range(3):
             c.execute("INSERT INTO t(txn, k, data) VALUES (?, ?, randomblob(? + abs(random() % 1500)))", (txn, k, size))
@@ -35,6 +41,7 @@ try:
         c.execute("COMMIT")
         print(txn, flush=True)
         txn += 1
+    c.close()
 except BaseException as e:
     print(f"writer stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -76,7 +83,7 @@ class _Lines:
 def _run_stream_until(mounts, m, db, mode, first, acks_before, action, size=200, writer_box=None):
     """Start the writer, wait for ``acks_before`` acknowledged commits, then run ``action``;
     returns the set of acknowledged txn numbers and the writer's stderr."""
-    w = mounts.py(STREAM_WRITER, str(db), mode, str(first), str(size))
+    w = mounts.py(STREAM_WRITER, str(db), mode, "FULL", str(first), str(size), str(SYNC_LEVEL["FULL"]))
     if writer_box is not None:
         writer_box.append(w)
     out = _Lines(w.stdout)

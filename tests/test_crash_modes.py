@@ -29,14 +29,12 @@ import time
 import pytest
 
 from helpers import opendb
-from test_crash import _Lines, _setup_stream_db
+from test_crash import STREAM_WRITER, SYNC_LEVEL, _Lines, _setup_stream_db
 
 pytestmark = pytest.mark.timeout(120)
 
 JOURNAL_MODES = ["DELETE", "TRUNCATE", "PERSIST", "WAL"]
 SYNCHRONOUS = ["OFF", "NORMAL", "FULL"]
-#: ``PRAGMA synchronous`` reads back as a number
-SYNC_LEVEL = {"OFF": 0, "NORMAL": 1, "FULL": 2}
 ROUNDS = 2
 
 #: the mount's options: the default one, and the kernel's writeback cache off (the
@@ -45,35 +43,6 @@ MOUNT_OPTIONS = [
     pytest.param((), id="default"),
     pytest.param(("--no-writeback-cache",), id="no-writeback-cache", marks=pytest.mark.slow),
 ]
-
-#: a stream of small autocommit transactions (3 rows + a meta update each) at the given
-#: journal mode and synchronous setting; prints each txn number after COMMIT returned.
-#: With a limit (argv[7]) it closes the connection after that many and exits 0.
-SYNC_STREAM_WRITER = r"""
-import sqlite3, sys
-path, mode, sync, first, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-limit = int(sys.argv[7]) if len(sys.argv) > 7 else None
-c = sqlite3.connect(path, timeout=30, isolation_level=None)
-got = c.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
-assert got.lower() == mode.lower(), got
-c.execute(f"PRAGMA synchronous={sync}")
-level = c.execute("PRAGMA synchronous").fetchone()[0]
-assert level == int(sys.argv[6]), (sync, level)
-txn = first
-try:
-    while limit is None or txn < first + limit:
-        c.execute("BEGIN")
-        for k in range(3):
-            c.execute("INSERT INTO t(txn, k, data) VALUES (?, ?, randomblob(? + abs(random() % 1500)))", (txn, k, size))
-        c.execute("UPDATE meta SET last = ?, n = n + 3 WHERE id = 1", (txn,))
-        c.execute("COMMIT")
-        print(txn, flush=True)
-        txn += 1
-    c.close()
-except BaseException as e:
-    print(f"writer stopped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    sys.exit(3)
-"""
 
 
 def _may_lose_last(mode: str, sync: str) -> bool:
@@ -89,7 +58,7 @@ def _log_excerpt(text: str, n: int = 25) -> str:
 
 
 def _writer(mounts, db, mode: str, sync: str, first: int, size: int, *limit: int) -> subprocess.Popen:
-    return mounts.py(SYNC_STREAM_WRITER, str(db), mode, sync, str(first), str(size), str(SYNC_LEVEL[sync]),
+    return mounts.py(STREAM_WRITER, str(db), mode, sync, str(first), str(size), str(SYNC_LEVEL[sync]),
                      *map(str, limit))
 
 
@@ -116,6 +85,19 @@ def _stream_then_kill(mounts, m, db, mode: str, sync: str, first: int, run_for: 
         note = " (still running 30 s after the kill; killed)"
     out.t.join(10)
     return {int(x) for x in out.lines}, w.stderr.read() + note
+
+
+def _remount_and_check(mounts, m, db, acked: set[int], first: int, strict: bool, where: str, err: str):
+    """Remount the killed daemon's store and check the database (``_check``); a failure
+    shows the writer's error and the killed daemon's log. Returns the new mount and the
+    last transaction present."""
+    killed_log = m.log_text()
+    m = mounts.remount(m)
+    try:
+        return m, _check(db, acked, first, strict, where)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nwriter: {err.strip()}\n--- killed daemon's log (errors, commits) ---\n"
+                             f"{_log_excerpt(killed_log)}") from None
 
 
 def _check(db, acked: set[int], first: int, strict: bool, where: str) -> int:
@@ -169,13 +151,7 @@ def test_kill9_daemon_during_stream(mounts, mode, sync, mount_args):
         assert acked, f"{where}: no commit acknowledged"
         assert "writer stopped" in err, f"{where}: the writer did not see the daemon die: {err!r}"
         all_acked |= acked
-        killed_log = m.log_text()
-        m = mounts.remount(m)
-        try:
-            last = _check(db, all_acked, first, strict, where)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\nwriter: {err.strip()}\n--- killed daemon's log (errors, commits) ---\n"
-                                 f"{_log_excerpt(killed_log)}") from None
+        m, last = _remount_and_check(mounts, m, db, all_acked, first, strict, where, err)
         lost = sorted(x for x in acked if x > last)
         print(f"{where}: acked {min(acked)}..{max(acked)}, last present {last}, lost {len(lost)}")
         first = last + 1
@@ -223,13 +199,7 @@ def test_kill9_daemon_while_wal_changes_hands(mounts, sync):
         assert "writer stopped" in err, f"{where}: the writer did not see the daemon die: {err!r}"
         acked |= more
         all_acked |= acked
-        killed_log = m.log_text()
-        m = mounts.remount(m)
-        try:
-            last = _check(db, all_acked, first, strict, where)
-        except AssertionError as e:
-            raise AssertionError(f"{e}\nwriter: {err.strip()}\n--- killed daemon's log (errors, commits) ---\n"
-                                 f"{_log_excerpt(killed_log)}") from None
+        m, last = _remount_and_check(mounts, m, db, all_acked, first, strict, where, err)
         assert last >= first + limit - 1, f"{where}: the first writer's (FULL, closed) transactions lost"
         print(f"{where}: acked {min(acked)}..{max(acked)}, last present {last}")
         first = last + 1
