@@ -229,7 +229,8 @@ class Volume:
         self.ks = Keyspace(name)
         self.block_size = DEFAULT_BLOCK_SIZE
         #: WAL ownership as commits check it, in their own store transaction (``_check_wal``).
-        #: This mount's (parent, name) of an inode (fs/wal.py sets it; read from worker threads)
+        #: This mount's (parent, name) of an inode (set by the file system's operations,
+        #: fs/base.py; read from worker threads)
         self.wal_names: Callable[[int], tuple[int, bytes] | None] = lambda ino: None
         #: databases with a WAL index (-shm) open on this mount (coherence.py)
         self.wal_mine: set[WalKey] = set()

@@ -79,6 +79,8 @@ class FsBase(pyfuse3.Operations):
         self._next_fh = 1
         #: last known (parent, name) of each inode: finds a database's journal, names files in logs
         self.names: dict[int, tuple[int, bytes]] = {}
+        # the commits' WAL check (Volume._check_wal) names this mount's files through it
+        tx.volume.wal_names = self.names.get
 
     # -- handles and names -------------------------------------------------------------
     def new_handle(self, ino: int, file: FileState | TransientFile, proxy: bool = False, cached: bool = False) -> int:

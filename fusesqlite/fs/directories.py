@@ -17,7 +17,6 @@ import time
 import pyfuse3
 
 from fusesqlite import fuse_caps
-from fusesqlite.fs import wal
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.files import FileOps
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, TRANSIENT_BASE, Inode, is_transient_name
@@ -69,7 +68,6 @@ class DirectoryOps(FileOps, FsBase):
 
     async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
         self.writable(ctx)
-        wal.attach(self)  # a -wal's attributes are checked like its data (fs/wal.py)
         if fields.update_size:
             await self.truncate(inode, attr.st_size, open_handle=fh is not None)
         tf = self.transient.by_ino.get(inode)
@@ -245,7 +243,8 @@ class DirectoryOps(FileOps, FsBase):
         changes = ChangeSet(dirents={(parent_inode, name): None}, expect={(parent_inode, name): ino})
         self._drop_link(ino, rec, changes)
         await self.dir_changed(changes, parent_inode)
-        await wal.removing(self, parent_inode, name, self.commit_meta(changes, f"unlink {self.path(ino)}"))
+        # a -wal's unlink is checked in its own store transaction (Volume._check_wal)
+        await self.commit_meta(changes, f"unlink {self.path(ino)}")
         if self.names.get(ino) == (parent_inode, name):
             del self.names[ino]
 

@@ -56,7 +56,6 @@ class FileOps(FsBase):
         return None
 
     async def commit(self, fs: FileState, reason: str) -> None:
-        await wal.wal_committing(self, fs.ino)  # a -wal another mount has in WAL mode: EBUSY
         try:
             await self.tx.commit(fs, reason)
         except StoreError as e:
@@ -72,13 +71,16 @@ class FileOps(FsBase):
                 await self.commit_wal_pair(fs, partner, reason)
 
     def wal_partner(self, fs: FileState) -> FileState | None:
-        """For a database and its -wal both open here (WAL mode), the other one."""
+        """For a database in a WAL session here (fs/wal.py) and its -wal, both open
+        here, the other one. Only the session's files pay for the look-up."""
         known = self.names.get(fs.ino)
         if known is None:
             return None
         parent, name = known
         db = wal.database_of(name, wal.WAL)
-        ino = self.open_file_named(parent, db if db is not None else name + wal.WAL)
+        if (parent, name if db is None else db) not in self.coherence.wal_opens:
+            return None
+        ino = self.open_file_named(parent, name + wal.WAL if db is None else db)
         return self.tx.files.get(ino) if ino is not None else None
 
     async def commit_wal_pair(self, fs: FileState, partner: FileState, reason: str) -> None:
@@ -95,8 +97,6 @@ class FileOps(FsBase):
         """
         files = [fs, partner]
         await self.take_kernel_pages([f.ino for f in files])
-        for f in files:
-            await wal.wal_committing(self, f.ino)
         try:
             await self.tx.commit_many([f for f in files if f.changed], reason)
         except StoreError as e:

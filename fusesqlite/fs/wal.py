@@ -7,8 +7,8 @@ mount whose apps open ``X-shm`` or ``X-wal`` (a session) becomes the WAL owner o
 in the store (a lease record, coherence.py) until their last handle of either closes
 (SQLite with locking_mode=EXCLUSIVE keeps its index in its heap and opens ``X-wal``
 only). Every commit that writes ``X`` or ``X-wal`` (data or attributes), or changes
-their names, reads that record in its own store transaction (``Volume._check_wal``): from the owner it must still name the
-owner, from any other mount it must name no other live one. Opens of ``X-shm`` and
+their names, reads that record in its own store transaction (``Volume._check_wal``):
+from the owner it must still name the owner, from any other mount it must name no other live one. Opens of ``X-shm`` and
 ``X-wal`` are refused (EBUSY) while another mount owns it, before SQLite reads anything.
 An owner whose index may no longer match the store (its ownership lost, or a commit
 of ``X`` or ``X-wal`` failed) is poisoned: its commits of them fail until its apps
@@ -22,9 +22,8 @@ Coherence's (``index_opened``, ``index_closed``, ``wal_poison``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
 from functools import partial
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import pyfuse3
 
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
     from fusesqlite.fs.files import FileOps
 
 log = logging.getLogger("fusesqlite.fs")
-T = TypeVar("T")
 
 SHM = b"-shm"
 WAL = b"-wal"
@@ -45,14 +43,6 @@ def database_of(name: bytes, suffix: bytes) -> bytes | None:
     return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
 
 
-def attach(ops: "FileOps") -> None:
-    """Lets the commits' WAL check (``Volume._check_wal``) name this mount's files. Set
-    by every hook here and by setattr, before the first commit a -wal or WAL database
-    can have on this mount: each is opened, created, removed or set through one of them
-    first (a rename's check needs no names: they are in its entries)."""
-    ops.tx.volume.wal_names = ops.names.get
-
-
 def _database(name: bytes) -> bytes | None:
     """``X`` for ``X-shm`` or ``X-wal``: the files whose handles make a WAL session."""
     return database_of(name, SHM) or database_of(name, WAL)
@@ -61,13 +51,11 @@ def _database(name: bytes) -> bytes | None:
 async def opening(ops: "FileOps", parent: int, name: bytes) -> None:
     """Before a create of ``name`` in ``parent``: a -shm or -wal joins, or starts, this
     mount's WAL session of its database (EBUSY while another live mount has one)."""
-    attach(ops)
     await session_opening(ops, parent, name)
 
 
 async def opening_ino(ops: "FileOps", ino: int) -> None:
     """Before an open of ``ino`` by an app (not by this mount's own lock proxy)."""
-    attach(ops)
     tf = ops.transient.by_ino.get(ino)
     if tf is not None:
         if tf.linked:  # else the open fails (ENOENT)
@@ -155,14 +143,6 @@ def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
     return True
 
 
-async def removing(ops: "FileOps", parent: int, name: bytes, act: Awaitable[T]) -> T:
-    """Run ``act``, the unlink of stored file ``name``. A -wal's is checked in its own
-    store transaction (``Volume._check_wal``): EBUSY while another live mount has its
-    database in WAL mode, EIO from a mount whose WAL index of it is poisoned."""
-    attach(ops)
-    return await act
-
-
 async def session_released(ops: "FileOps", parent: int, name: bytes) -> None:
     """After an app's handle of a -shm or -wal is released (``session_opening``)."""
     db = _database(name)
@@ -193,10 +173,3 @@ async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: 
                 await ops.commit_unless_in_transaction(fs, "wal released")
     except pyfuse3.FUSEError as e:  # logged by the commit; the app's own close reports it too
         log.warning("event=wal_publish_failed path=%s errno=%d", path, e.errno)
-
-
-async def wal_committing(ops: "FileOps", ino: int) -> None:
-    """Before a commit of stored file ``ino`` (its fsync, flush or release). The WAL
-    rules are checked in the commit's own store transaction (``Volume._check_wal``):
-    a refused commit fails there and drops its changes, as any failed commit does."""
-    attach(ops)
