@@ -31,8 +31,21 @@
  * but never puts it in the reply it builds. The module defines fuse_session_mount
  * too (same RTLD_GLOBAL binding) and, after the real one, gives the session custom
  * I/O (fuse_session_custom_io: plain read and writev on the same descriptor) whose
- * writev sets the flag in the one reply that follows the init callback.
+ * writev sets the flag in the one reply that follows the init callback. libfuse 3.17
+ * sends the flag itself when `want` has it, so there the init hook only sets it.
+ *
+ * Fences. All of this leans on how libfuse and pyfuse3 work inside, so it engages
+ * only with what it was written and tested for: the libfuse this process loaded
+ * (found by walking the loaded objects, whatever its soname: libfuse3.so.3 for
+ * 3.14, libfuse3.so.4 for 3.17) must be 3.14 or 3.17 (fuse_version()) and
+ * the version whose headers this module was built against, and every function
+ * it forwards to is taken by its symbol version (3.17 has two fuse_session_custom_io,
+ * and pyfuse3 built against 3.17 calls fuse_session_new_versioned instead of
+ * fuse_session_new). Otherwise each interposed function hands its call to libfuse
+ * unchanged and status() says why; fusesqlite/fuse_caps.py checks pyfuse3's version
+ * before it loads this module at all, and logs the one line that says why.
  */
+#define _GNU_SOURCE 1 /* dlvsym, dl_iterate_phdr */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -40,7 +53,10 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fuse_lowlevel.h>
+#include <link.h>
+#include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -48,8 +64,41 @@
 
 #include "_journal.h"
 
+/* libfuse 3.17's headers make fuse_session_new a macro around fuse_session_new_versioned;
+ * this module defines the function libfuse exports under that name */
+#ifdef fuse_session_new
+#undef fuse_session_new
+#endif
+/* complete in libfuse 3.17's headers; only passed on here */
+struct libfuse_version;
+
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t, void *);
+typedef struct fuse_session *(*session_new_versioned_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t,
+                                                         struct libfuse_version *, void *);
+typedef int (*session_mount_fn)(struct fuse_session *, const char *);
+/* fuse_session_custom_io@FUSE_3.0: three arguments in 3.14 and 3.17 alike (3.17's
+ * default version, @@FUSE_3.17, takes the size of the struct as a fourth) */
+typedef int (*custom_io_fn)(struct fuse_session *, const struct fuse_custom_io *, int);
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
+
+/* the libfuse versions the hooks were written and tested for (fuse_version()) */
+static const int tested_versions[] = {314, 317};
+#define BUILT_FOR FUSE_MAKE_VERSION(FUSE_MAJOR_VERSION, FUSE_MINOR_VERSION)
+
+/* The libfuse this process loaded, found once, at the first call pyfuse3 makes
+ * (it is loaded by then: pyfuse3 links it). */
+static struct {
+    int resolved;
+    int engaged;     /* the hooks are on; else calls go to libfuse unchanged */
+    char why[400];   /* why not engaged */
+    char path[256];  /* the loaded object's file name */
+    int version;     /* its fuse_version(): 314, 317 */
+    char release[32]; /* its fuse_pkgversion(): "3.17.2" */
+    session_new_fn new30;
+    session_new_versioned_fn new_versioned;
+    session_mount_fn mount;
+    custom_io_fn custom_io;
+} lf;
 
 static init_fn app_init;
 static unsigned clear_mask, set_mask;
@@ -160,23 +209,100 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
     return writev(fd, iov, count);
 }
 
+static void refuse(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(lf.why, sizeof lf.why, fmt, ap);
+    va_end(ap);
+    lf.engaged = 0;
+}
+
+static int count_libfuse(struct dl_phdr_info *info, size_t size, void *data)
+{
+    (void)size;
+    const char *base = strrchr(info->dlpi_name, '/');
+    base = base != NULL ? base + 1 : info->dlpi_name;
+    if (strncmp(base, "libfuse3.so.", 12) == 0) {
+        int *found = data;
+        if (*found == 0)
+            snprintf(lf.path, sizeof lf.path, "%s", info->dlpi_name);
+        ++*found;
+    }
+    return 0;
+}
+
+static const char *soname(void)
+{
+    const char *base = strrchr(lf.path, '/');
+    return base != NULL ? base + 1 : lf.path;
+}
+
+/* Find the loaded libfuse, the functions this module forwards to, and whether the
+ * hooks may engage with it. */
+static void resolve(void)
+{
+    if (lf.resolved)
+        return;
+    lf.resolved = 1;
+    int found = 0;
+    dl_iterate_phdr(count_libfuse, &found);
+    if (found == 0) {
+        refuse("no libfuse3 is loaded in this process");
+        return;
+    }
+    /* RTLD_NOLOAD: the copy pyfuse3 loaded, whichever scope it is in; the reference
+     * taken is kept (libfuse stays loaded while pyfuse3 is) */
+    void *lib = dlopen(lf.path, RTLD_NOW | RTLD_NOLOAD);
+    if (lib == NULL) {
+        refuse("%s is loaded but dlopen cannot name it: %s", lf.path, dlerror());
+        return;
+    }
+    lf.new30 = (session_new_fn)dlvsym(lib, "fuse_session_new", "FUSE_3.0");
+    lf.new_versioned = (session_new_versioned_fn)dlvsym(lib, "fuse_session_new_versioned", "FUSE_3.17");
+    lf.mount = (session_mount_fn)dlvsym(lib, "fuse_session_mount", "FUSE_3.0");
+    lf.custom_io = (custom_io_fn)dlvsym(lib, "fuse_session_custom_io", "FUSE_3.0");
+    /* fuse_version(): FUSE_VERSION, 314 or 317 (fuse_lowlevel_version() only prints
+     * the kernel protocol's); fuse_pkgversion(): "3.17.2" */
+    int (*version)(void) = (int (*)(void))dlvsym(lib, "fuse_version", "FUSE_3.0");
+    const char *(*pkgversion)(void) = (const char *(*)(void))dlvsym(lib, "fuse_pkgversion", "FUSE_3.0");
+    snprintf(lf.release, sizeof lf.release, "%s", pkgversion != NULL ? pkgversion() : "?");
+    made_fd = (int (*)(struct fuse_session *))dlvsym(lib, "fuse_session_fd", "FUSE_3.0");
+    reply_write = (int (*)(fuse_req_t, size_t))dlvsym(lib, "fuse_reply_write", "FUSE_3.0");
+    reply_buf = (int (*)(fuse_req_t, const char *, size_t))dlvsym(lib, "fuse_reply_buf", "FUSE_3.0");
+    reply_err = (int (*)(fuse_req_t, int))dlvsym(lib, "fuse_reply_err", "FUSE_3.0");
+    lf.version = version != NULL ? version() : 0;
+    int tested = 0;
+    for (size_t i = 0; i < sizeof tested_versions / sizeof tested_versions[0]; i++)
+        tested |= lf.version == tested_versions[i];
+    if (found > 1)
+        refuse("%d copies of libfuse3 are loaded in this process (one is %s)", found, lf.path);
+    else if (!tested)
+        refuse("libfuse %s (%s) is not a version the hooks were tested with (3.14, 3.17)", lf.release, soname());
+    else if (lf.version != BUILT_FOR)
+        refuse("fusesqlite was built against libfuse %d.%d's headers but runs with libfuse %s (%s): "
+               "reinstall fusesqlite",
+               BUILT_FOR / 100, BUILT_FOR % 100, lf.release, soname());
+    else if (lf.new30 == NULL || lf.mount == NULL || lf.custom_io == NULL || made_fd == NULL || reply_write == NULL
+             || reply_buf == NULL || reply_err == NULL || (lf.version >= 317 && lf.new_versioned == NULL))
+        refuse("%s lacks a function the hooks use at the symbol version they were written for", soname());
+    else
+        lf.engaged = 1;
+}
+
 __attribute__((visibility("default")))
 int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
 {
     static const struct fuse_custom_io io = {.writev = io_writev, .read = io_read};
-    void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
-    int (*real)(struct fuse_session *, const char *) =
-        lib ? (int (*)(struct fuse_session *, const char *))dlsym(lib, "fuse_session_mount") : NULL;
-    int (*custom)(struct fuse_session *, const struct fuse_custom_io *, int) =
-        lib ? (int (*)(struct fuse_session *, const struct fuse_custom_io *, int))dlsym(lib, "fuse_session_custom_io")
-            : NULL;
-    if (lib)
-        dlclose(lib);
-    if (real == NULL || real == fuse_session_mount)
+    resolve();
+    if (lf.mount == NULL) {
+        errno = ENOSYS;
         return -1;
-    int res = real(se, mountpoint);
-    if (res == 0 && killpriv_wanted && custom != NULL && se == made && made_fd != NULL && made_fd(se) >= 0
-        && custom(se, &io, made_fd(se)) == 0)
+    }
+    int res = lf.mount(se, mountpoint);
+    /* libfuse 3.17 sends FUSE_HANDLE_KILLPRIV itself (init_hook) */
+    if (res == 0 && lf.engaged && lf.version < 317 && killpriv_wanted && se == made && made_fd(se) >= 0
+        && lf.custom_io(se, &io, made_fd(se)) == 0)
         killpriv_wanted = 2; /* the INIT reply will go through io_writev */
     return res;
 }
@@ -188,27 +314,29 @@ static void init_hook(void *userdata, struct fuse_conn_info *conn)
     if (killpriv_wanted == 2 && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV))
         patch_init = 1;
     conn->want = (conn->want & ~clear_mask) | (set_mask & conn->capable);
+    if (killpriv_wanted && lf.version >= 317 && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV)) {
+        conn->want |= FUSE_CAP_HANDLE_KILLPRIV; /* 3.17 puts it in the reply then */
+        killpriv_sent = 1;
+    }
     want = conn->want;
     capable = conn->capable;
     negotiated = 1;
 }
 
-__attribute__((visibility("default")))
-struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
-                                      size_t op_size, void *userdata)
+/* The copy of pyfuse3's callbacks handed to libfuse, with the hooks in it; NULL (and
+ * the callbacks handed on unchanged) when the hooks do not engage. */
+static struct fuse_lowlevel_ops *hooked_ops(const struct fuse_lowlevel_ops *op, size_t op_size)
 {
-    void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_NOLOAD);
-    session_new_fn real = lib ? (session_new_fn)dlsym(lib, "fuse_session_new") : NULL;
-    made_fd = lib ? (int (*)(struct fuse_session *))dlsym(lib, "fuse_session_fd") : NULL;
-    reply_write = lib ? (int (*)(fuse_req_t, size_t))dlsym(lib, "fuse_reply_write") : NULL;
-    reply_buf = lib ? (int (*)(fuse_req_t, const char *, size_t))dlsym(lib, "fuse_reply_buf") : NULL;
-    reply_err = lib ? (int (*)(fuse_req_t, int))dlsym(lib, "fuse_reply_err") : NULL;
-    if (lib)
-        dlclose(lib); /* RTLD_NOLOAD took a reference; libfuse stays loaded by its user */
-    if (real == NULL || real == fuse_session_new || op_size < sizeof(init_fn)) {
-        errno = ENOSYS;
+    app_init = NULL;
+    app_write_buf = NULL;
+    app_read = NULL;
+    app_fsync = NULL;
+    app_flush = NULL;
+    app_readdirplus = NULL;
+    made = NULL;
+    resolve();
+    if (!lf.engaged || op_size < sizeof(init_fn))
         return NULL;
-    }
     /* init is the first member of every libfuse 3 version of the struct; the
      * rest is copied as is, whatever its size (libfuse copies it again) */
     struct fuse_lowlevel_ops *ops = malloc(op_size);
@@ -217,14 +345,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     memcpy(ops, op, op_size);
     app_init = ops->init;
     ops->init = init_hook;
-    app_write_buf = NULL;
-    app_read = NULL;
-    app_fsync = NULL;
-    app_flush = NULL;
-    app_readdirplus = NULL;
-    if (op_size >= sizeof(struct fuse_lowlevel_ops) && reply_write != NULL && reply_buf != NULL
-        && reply_err != NULL && ops->write_buf != NULL && ops->read != NULL && ops->fsync != NULL
-        && ops->flush != NULL && ops->readdirplus != NULL) {
+    if (op_size >= sizeof(struct fuse_lowlevel_ops) && ops->write_buf != NULL && ops->read != NULL
+        && ops->fsync != NULL && ops->flush != NULL && ops->readdirplus != NULL) {
         app_write_buf = ops->write_buf;
         ops->write_buf = write_buf_hook;
         app_read = ops->read;
@@ -236,9 +358,42 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         app_readdirplus = ops->readdirplus;
         ops->readdirplus = readdirplus_hook;
     }
-    struct fuse_session *session = real(args, ops, op_size, userdata);
+    return ops;
+}
+
+/* what pyfuse3 built against libfuse 3.14 calls */
+__attribute__((visibility("default")))
+struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                      size_t op_size, void *userdata)
+{
+    struct fuse_lowlevel_ops *ops = hooked_ops(op, op_size);
+    if (lf.new30 == NULL) {
+        free(ops);
+        errno = ENOSYS;
+        return NULL;
+    }
+    struct fuse_session *session = lf.new30(args, ops != NULL ? ops : op, op_size, userdata);
+    if (ops != NULL)
+        made = session;
     free(ops);
-    made = session;
+    return session;
+}
+
+/* what pyfuse3 built against libfuse 3.17 calls (its headers' fuse_session_new) */
+__attribute__((visibility("default")))
+struct fuse_session *fuse_session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                                size_t op_size, struct libfuse_version *version, void *userdata)
+{
+    struct fuse_lowlevel_ops *ops = hooked_ops(op, op_size);
+    if (lf.new_versioned == NULL) {
+        free(ops);
+        errno = ENOSYS;
+        return NULL;
+    }
+    struct fuse_session *session = lf.new_versioned(args, ops != NULL ? ops : op, op_size, version, userdata);
+    if (ops != NULL)
+        made = session;
+    free(ops);
     return session;
 }
 
@@ -293,6 +448,14 @@ static PyObject *hooked(PyObject *self, PyObject *unused)
     return PyBool_FromLong(app_write_buf != NULL);
 }
 
+static PyObject *status(PyObject *self, PyObject *unused)
+{
+    if (!lf.resolved)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(Nssssi)", PyBool_FromLong(lf.engaged), lf.engaged ? "" : lf.why, lf.path, soname(),
+                         lf.release, lf.version);
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(clear, set): capabilities to clear from and set in what the mount asks of the kernel"},
@@ -307,6 +470,9 @@ static PyMethodDef methods[] = {
      "call it only between pyfuse3.init() and pyfuse3.close()"},
     {"fast_path", fast_path, METH_O,
      "fast_path(capsule): answer what fusesqlite._journal.api() can in C (before pyfuse3.init)"},
+    {"status", status, METH_NOARGS,
+     "(engaged, why_not, path, soname, release, version) of the libfuse this process loaded, once pyfuse3 made a "
+     "session through this module; None before"},
     {"hooked", hooked, METH_NOARGS, "whether the session made through this module has the read, write, fsync, flush and readdirplus hooks"},
     {NULL, NULL, 0, NULL},
 };
@@ -320,7 +486,8 @@ PyMODINIT_FUNC PyInit__fuse_init(void)
         return NULL;
     if (PyModule_AddIntConstant(m, "AUTO_INVAL_DATA", FUSE_CAP_AUTO_INVAL_DATA) < 0
         || PyModule_AddIntConstant(m, "WRITEBACK_CACHE", FUSE_CAP_WRITEBACK_CACHE) < 0
-        || PyModule_AddIntConstant(m, "NO_OPENDIR_SUPPORT", FUSE_CAP_NO_OPENDIR_SUPPORT) < 0) {
+        || PyModule_AddIntConstant(m, "NO_OPENDIR_SUPPORT", FUSE_CAP_NO_OPENDIR_SUPPORT) < 0
+        || PyModule_AddIntConstant(m, "BUILT_FOR", BUILT_FOR) < 0) {
         Py_DECREF(m);
         return NULL;
     }

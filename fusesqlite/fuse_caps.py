@@ -10,21 +10,55 @@ the capability off.
 
 The C module ``_fuse_init`` does it by wrapping libfuse's ``fuse_session_new``
 (see its comment). It must be loaded with RTLD_GLOBAL *before* pyfuse3, so
-``fusesqlite/__init__.py`` calls :func:`load` first thing. Without the module
-(not built, or pyfuse3 loaded first) the mount still works, only slower, and
-says so in its log.
+``fusesqlite/__init__.py`` calls :func:`load` first thing.
+
+The native path (that module's hooks, the journal fast path in C, the request
+loop of fs/request_loop.py, the block decoding of ``_blocks``) leans on how
+libfuse and pyfuse3 work inside, so it engages only where it was tested: pyfuse3
+3.5 (checked here, before pyfuse3 is loaded) and libfuse 3.14 or 3.17 (checked
+in C, with the libfuse actually loaded). ``FUSESQLITE_NATIVE=0`` turns it all
+off. Anywhere else, or switched off, the mount runs the pure-Python path: it
+works the same, only slower, and :func:`report` logs one line
+(``event=native_off cause=...``) that says why (docs/portability.md).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from importlib import metadata
 from types import ModuleType
 
 log = logging.getLogger("fusesqlite.mount")
 
+#: the switch: 0 (or off, no, false) forces the pure-Python path
+NATIVE_ENV = "FUSESQLITE_NATIVE"
+#: pyfuse3 releases (major, minor) the hooks and request_loop.py were tested with
+TESTED_PYFUSE3 = frozenset({(3, 5)})
+#: libfuse releases (fuse_version()) _fuse_init.c engages with (its own list decides)
+TESTED_LIBFUSE = frozenset({314, 317})
+
 _module: ModuleType | None = None
 _why_not = "not loaded"
+
+
+def native_wanted() -> bool:
+    """False when ``FUSESQLITE_NATIVE`` turns the native path off."""
+    return os.environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def pyfuse3_tested(version: str) -> bool:
+    """Whether a pyfuse3 version is one the hooks and the request loop were tested with."""
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) in TESTED_PYFUSE3
+
+
+def supported(libfuse_version: int, pyfuse3_version: str) -> bool:
+    """Whether the native path engages with this libfuse (e.g. 317) and pyfuse3 (e.g. "3.5.0")."""
+    return libfuse_version in TESTED_LIBFUSE and pyfuse3_tested(pyfuse3_version)
 
 
 def load() -> None:
@@ -32,8 +66,20 @@ def load() -> None:
     global _module, _why_not
     if _module is not None:
         return
+    if not native_wanted():
+        _why_not = f"{NATIVE_ENV}={os.environ[NATIVE_ENV]}"
+        return
     if "pyfuse3" in sys.modules:
         _why_not = "pyfuse3 was loaded first"
+        return
+    try:
+        version = metadata.version("pyfuse3")
+    except metadata.PackageNotFoundError:
+        _why_not = "pyfuse3 is not installed"
+        return
+    if not pyfuse3_tested(version):
+        tested = ", ".join(f"{a}.{b}" for a, b in sorted(TESTED_PYFUSE3))
+        _why_not = f"pyfuse3 {version} is not a version the hooks were tested with ({tested})"
         return
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
@@ -51,16 +97,43 @@ def load() -> None:
     _module = _fuse_init
 
 
+def why_not_native() -> str | None:
+    """Why the native path is off, or None if it is on (once pyfuse3 made the session)."""
+    if _module is None:
+        return _why_not
+    status = _module.status()
+    if status is None:
+        return "pyfuse3 made no session through fusesqlite._fuse_init"
+    engaged, why = status[0], status[1]
+    return None if engaged else why
+
+
+def libfuse() -> str:
+    """The libfuse the hooks found loaded, as "3.17.2 (libfuse3.so.4)"; "?" before it is known."""
+    status = _module.status() if _module is not None else None
+    if status is None:
+        return "?"
+    return f"{status[4]} ({status[3]})"
+
+
 def report() -> bool:
-    """Log what the kernel handshake settled (call once the mount answers); True if as wanted."""
-    negotiated = _module.negotiated() if _module is not None else None
+    """Log what the kernel handshake settled (call once the mount answers); True if as wanted.
+
+    On the pure-Python path, one line says why (``event=native_off``)."""
+    why = why_not_native()
+    if why is not None:
+        level = logging.INFO if not native_wanted() else logging.WARNING
+        log.log(level, "event=native_off cause=%r libfuse=%r effect=%s", why, libfuse(),
+                "auto_inval_data_on,journal_fast_path_off,pyfuse3_request_loop,python_block_decoding")
+        return False
+    negotiated = _module.negotiated()
     if negotiated is None:
-        why = _why_not if _module is None else "the handshake did not go through it (libfuse API changed?)"
-        log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes", why)
+        log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes",
+                    "the kernel's handshake did not go through the hooks")
         return False
     want, capable = negotiated
-    log.info("event=fuse_caps auto_inval_data=%s writeback_cache=%s journal_fast_path=%s opendir=%s "
-             "handle_killpriv=%s want=%#x capable=%#x",
+    log.info("event=fuse_caps native=on libfuse=%r auto_inval_data=%s writeback_cache=%s journal_fast_path=%s "
+             "opendir=%s handle_killpriv=%s want=%#x capable=%#x", libfuse(),
              "on" if want & _module.AUTO_INVAL_DATA else "off",
              "on" if want & _module.WRITEBACK_CACHE else "off",
              "on" if _module.hooked() else "off",

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING
 import lz4.block
 import xxhash
 
-from fusesqlite import _blocks
+from fusesqlite import fuse_caps
+
+if fuse_caps.native_wanted():
+    from fusesqlite import _blocks
+else:  # FUSESQLITE_NATIVE=0: every block decoded in Python (decode_block)
+    _blocks = None
 
 if TYPE_CHECKING:
     from fusesqlite.volume import BlockRows
@@ -104,12 +109,13 @@ def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block
     call instead of a bytes object and a call per block, in C with the GIL
     released (``_blocks.c``; values with a crc32 checksum take the Python path).
     """
-    try:
-        buf = _blocks.decode_run(values, ino, start, count, block_size)
-    except ValueError as e:
-        raise CorruptBlock(str(e)) from None
-    if buf is not None:
-        return buf
+    if _blocks is not None:
+        try:
+            buf = _blocks.decode_run(values, ino, start, count, block_size)
+        except ValueError as e:
+            raise CorruptBlock(str(e)) from None
+        if buf is not None:
+            return buf
     buf = bytearray(count * block_size)
     view = memoryview(buf)
     for block_no, value in values.items():
@@ -121,6 +127,8 @@ def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block
 def decode_rows(run: BlockRows, ino: int, start: int, count: int, version: int, block_size: int) -> bytearray:
     """``decode_run`` of a run read with ``Volume.read_run``: the choice of each block's
     version and the decoding in one C call (``_blocks.c``), Python where it declines."""
+    if _blocks is None:
+        return decode_run(run.values(version), ino, start, count, block_size)
     settled = min(count, run.settled_end - start)
     try:
         buf = _blocks.decode_rows(run.rows, run.prefix_len, ino, start, settled, version, block_size)

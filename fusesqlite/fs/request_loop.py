@@ -18,8 +18,12 @@ to 1 MiB, kept while the task lives), so the tasks in use are kept few, and one
 that sat idle for a while ends.
 
 pyfuse3's Cython loop looks its ``_wait_fuse_readable`` up by name at every
-request; :func:`install` replaces it. Without /dev/fuse's descriptor (the C
-module ``_fuse_init`` not built) pyfuse3's own loop stays, only slower.
+request; :func:`install` replaces it. That function is private to pyfuse3, so it
+is replaced only in the pyfuse3 releases this was tested with
+(``fuse_caps.TESTED_PYFUSE3``) and only on the native path (it needs /dev/fuse's
+descriptor from the C module ``_fuse_init``); anywhere else pyfuse3's own loop
+stays, only slower, and the log says why (``event=native_off``, or
+``event=request_loop_default`` when only this part is off).
 
 Before it sleeps in epoll, the task that answered looks for the next request
 for a while (``busy_poll_seconds``, 50 µs by default): with two CPUs the app
@@ -199,10 +203,17 @@ _loop: RequestLoop | None = None
 def install(busy_poll_seconds: float = 0.0) -> RequestLoop | None:
     """Replace pyfuse3's wait for /dev/fuse (call after pyfuse3.init); None if it stays."""
     global _loop
+    _loop = None
+    if fuse_caps.why_not_native() is not None:
+        return None  # fuse_caps.report logs the one line that says why
     fd = fuse_caps.session_fd()
-    if fd is None or not hasattr(pyfuse3, "_wait_fuse_readable"):
-        log.warning("event=request_loop_default cause=%r effect=slower_small_requests",
-                    "no /dev/fuse descriptor" if fd is None else "pyfuse3 has no _wait_fuse_readable")
+    version = getattr(pyfuse3, "__version__", "?")
+    why = ("no /dev/fuse descriptor from the hooks" if fd is None
+           else f"pyfuse3 {version} is not a version this was tested with" if not fuse_caps.pyfuse3_tested(version)
+           else f"pyfuse3 {version} has no _wait_fuse_readable" if not hasattr(pyfuse3, "_wait_fuse_readable")
+           else None)
+    if why is not None:
+        log.warning("event=request_loop_default cause=%r effect=slower_small_requests", why)
         return None
     _loop = RequestLoop(fd, busy_poll_seconds)
     pyfuse3._wait_fuse_readable = _loop.wait
