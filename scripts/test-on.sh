@@ -102,9 +102,10 @@ bind() {  # bind SRC [ro]: SRC at the same path inside the root
     return 0
 }
 for d in /dev /dev/pts /dev/shm /proc /sys; do bind "$d"; done
-# local directories pip's configuration names (find-links, file:// indexes)
+# local directories pip's configuration names (find-links; file:// indexes: the
+# directory that holds simple/, whose pages may link to files beside it)
 for dir in $( { cat "${pip_files[@]}" /dev/null; printf '%s\n' "${pip_env[@]}"; } \
-        | grep -oE '(file://)?/[^[:space:]"]+' | sed 's|^file://||' | sort -u); do
+        | grep -oE '(file://)?/[^[:space:]"]+' | sed -e 's|^file://||' -e 's|/simple/\?$||' | sort -u); do
     [ -d "$dir" ] || continue
     case $dir in /etc/*|/usr/*|/dev/*|/proc/*|/sys/*) continue ;; esac
     bind "$dir" ro
