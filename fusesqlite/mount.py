@@ -113,6 +113,12 @@ def kernel_checks_permissions(config: MountConfig) -> bool:
 
 
 def check_mountpoint(path: str) -> None:
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:  # a mount whose daemon died (killed, crashed) stays until unmounted
+            raise MountError(f"{path} is a stale mount (its daemon is gone); unmount it first: "
+                             f"fusermount3 -u {path}") from None
     if not os.path.exists(path):
         raise MountError(f"mountpoint {path} does not exist; create it with: mkdir -p {path}")
     if not os.path.isdir(path):
