@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from importlib import metadata
 from types import ModuleType
 
@@ -42,9 +43,9 @@ _module: ModuleType | None = None
 _why_not = "not loaded"
 
 
-def native_wanted() -> bool:
+def native_wanted(environ: Mapping[str, str] = os.environ) -> bool:
     """False when ``FUSESQLITE_NATIVE`` turns the native path off."""
-    return os.environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+    return environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def pyfuse3_tested(version: str) -> bool:

@@ -1,7 +1,9 @@
 """A journal's requests answered in C (``_journal.c``), end to end: SQLite's own
 rollback of a hot journal written back by the kernel and read in C, big enough to
 spill to a file; small transactions whose journal reaches the daemon in two writes
-through the page cache, and whose journal fsyncs never reach Python."""
+through the page cache, and whose journal fsyncs never reach Python. Where the
+hooks must not engage (tests/native_path.py) the same, with nothing answered in C;
+where they must, a mount without them fails."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ import signal
 import pytest
 
 from helpers import opendb, table_digest
+from native_path import native_on
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,9 +39,9 @@ def _in_c(log: str) -> tuple[int, int, int]:
 
 
 def test_a_hot_journal_written_and_read_in_c_rolls_back(mounts):
+    """On the pure-Python path (native_path.expected) the same rollback, nothing in C."""
     m = mounts()
-    if "journal_fast_path=on" not in m.log_text():
-        pytest.skip("the C session hook is not loaded (see event=fuse_caps in the log)")
+    native = native_on(m)
     db = m / "app.sqlite"
     with opendb(db) as c:  # journal_mode DELETE, synchronous FULL: SQLite's defaults
         c.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, data BLOB)")
@@ -66,6 +69,9 @@ def test_a_hot_journal_written_and_read_in_c_rolls_back(mounts):
 
     m.stop()
     writes, reads, _ = _in_c(m.log_text())
+    if not native:
+        assert (writes, reads) == (0, 0), "journal requests answered in C with the hooks off"
+        return
     # SQLite wrote 3 pieces per journaled page (number, page, checksum), some 2,400
     # writes: the kernel sent them as far fewer large ones, all but the first in C;
     # the rollback (a journal opened again: direct_io) read every piece back in C
@@ -75,8 +81,7 @@ def test_a_hot_journal_written_and_read_in_c_rolls_back(mounts):
 
 def test_small_transactions_journal_reaches_the_daemon_in_two_writes_and_commits_still_land(mounts):
     m = mounts()
-    if "journal_fast_path=on" not in m.log_text():
-        pytest.skip("the C session hook is not loaded (see event=fuse_caps in the log)")
+    native = native_on(m)
     db = m / "app.sqlite"
     n = 50
     with opendb(db) as c:  # journal_mode DELETE, synchronous FULL
@@ -85,12 +90,15 @@ def test_small_transactions_journal_reaches_the_daemon_in_two_writes_and_commits
             c.execute("INSERT INTO t VALUES (?, ?)", (k, f"row {k}"))
     m.stop()
     writes, _, syncs = _in_c(m.log_text())
-    # each autocommit: SQLite writes its new journal 8 times (the header, 3 pieces
-    # for each of 2 pages, the header with its magic) and fsyncs it twice. Through
-    # the page cache that is one write back at each fsync: the first (the transaction's
-    # start) for Python, the second answered in C, as are both fsyncs and the close
-    assert syncs >= 3 * n, syncs
-    assert n <= writes < 2 * n, writes
+    if not native:  # the pure-Python path: every request reaches Python
+        assert (writes, syncs) == (0, 0), "journal requests answered in C with the hooks off"
+    else:
+        # each autocommit: SQLite writes its new journal 8 times (the header, 3 pieces
+        # for each of 2 pages, the header with its magic) and fsyncs it twice. Through
+        # the page cache that is one write back at each fsync: the first (the transaction's
+        # start) for Python, the second answered in C, as are both fsyncs and the close
+        assert syncs >= 3 * n, syncs
+        assert n <= writes < 2 * n, writes
     m = mounts.remount(m, stop=False)
     with opendb(m / "app.sqlite") as c:
         assert c.execute("SELECT count(*), sum(k) FROM t").fetchone() == (n, n * (n - 1) // 2)
