@@ -98,7 +98,8 @@ def decode_block(value: bytes, ino: int, block_no: int, block_size: int) -> byte
     else:
         raise CorruptBlock(f"unknown block kind {kind}")
     if len(data) != block_size:
-        raise CorruptBlock(f"decoded {len(data)} bytes, expected {block_size}")
+        what = "lz4: decoded" if kind == LZ4 else "raw payload of"
+        raise CorruptBlock(f"{what} {len(data)} bytes, expected {block_size}")
     return data
 
 
@@ -119,6 +120,8 @@ def decode_run(values: dict[int, bytes], ino: int, start: int, count: int, block
     buf = bytearray(count * block_size)
     view = memoryview(buf)
     for block_no, value in values.items():
+        if not start <= block_no < start + count or not isinstance(value, bytes):
+            raise CorruptBlock(f"block {block_no}: not a bytes value of this run")
         pos = (block_no - start) * block_size
         view[pos : pos + block_size] = decode_block(value, ino, block_no, block_size)
     return buf
