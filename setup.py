@@ -1,7 +1,9 @@
 """Builds fusesqlite's three C modules; everything else is in pyproject.toml.
 
 ``fusesqlite._fuse_init`` (fuse_caps.py says why) needs libfuse3's headers, as
-pyfuse3 does; it does not link libfuse3 (it finds the copy pyfuse3 loaded).
+pyfuse3 does (3.14 and 3.17 build it; it engages only with the libfuse version
+whose headers it was built with, docs/portability.md); it does not link libfuse3
+(it finds the copy pyfuse3 loaded).
 ``fusesqlite._blocks`` (pages.decode_run says why) needs liblz4 and xxhash's
 header.
 ``fusesqlite._journal`` (its comment says why) needs nothing but Python's headers.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install fusesqlite and the system packages it needs, on Debian 12 / Ubuntu.
+# Install fusesqlite and the system packages it needs, on Debian 12 or 13
+# (README, "Supported systems"; scripts/test-on.sh runs this in a Debian 13 root).
 #
 #   bash scripts/install.sh          # system packages + `pip install .`
 #   bash scripts/install.sh --test   # system packages + `pip install -e '.[test]'`
@@ -11,7 +12,7 @@
 #
 # Which Python: the `python3` on PATH (e.g. pyenv's). If that interpreter is
 # "externally managed" (PEP 668: the distribution's own /usr/bin/python3 on
-# Debian 12 / Ubuntu 23.04+, where plain `pip install` is refused), we do not
+# Debian 12 and 13 / Ubuntu 23.04+, where plain `pip install` is refused), we do not
 # force it with --break-system-packages; instead we create a virtualenv at
 # /opt/fusesqlite-venv (override: FUSESQLITE_VENV), install there, and link
 # its `fusesqlite` into /usr/local/bin (override: FUSESQLITE_BINDIR). To run
