@@ -36,7 +36,8 @@ if [ "$TEST" -eq 1 ]; then
     # tests/test_conformance.py builds SQLite's testfixture from Debian's source package;
     # tests/test_real_programs.py runs fossil and CPython's own test_sqlite3 (which
     # Debian's python3 ships in a package of its own)
-    APT_PACKAGES+=(tcl-dev dpkg-dev make fossil "libpython3.$(python3 -c 'import sys; print(sys.version_info.minor)' 2>/dev/null || echo 11)-testsuite")
+    # scripts/conformance.py records the revision tested (git describe)
+    APT_PACKAGES+=(tcl-dev dpkg-dev make fossil git "libpython3.$(python3 -c 'import sys; print(sys.version_info.minor)' 2>/dev/null || echo 11)-testsuite")
 fi
 
 export DEBIAN_FRONTEND=noninteractive
