@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--staging-timeout", type=float, default=None,
         help="seconds after which another host's unfinished staging counts as abandoned (default: 120)",
     )
+    sub.add_parser(
+        "upgrade", parents=[where],
+        help="move a volume written by an older fusesqlite to this one's format (stop every mount of it first)",
+    )
     return p
 
 
@@ -165,24 +169,47 @@ def run(argv: list[str] | None) -> None:
     elif args.command == "gc":
         setup_logging(False)
         collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store)
+    elif args.command == "upgrade":
+        setup_logging(False)
+        upgrade(store_spec, args.volume, args.allow_shared_store)
 
 
 def collect(store_spec: str, volume_name: str, staging_timeout: float | None, allow_shared_store: bool = False) -> None:
     from fusesqlite import gc
     from fusesqlite.identity import new_mount_id
     from fusesqlite.store import StoreError, StoreNotPrivate, open_store
-    from fusesqlite.volume import Volume
+    from fusesqlite.volume import Volume, VolumeFormatError
 
     try:
         volume = Volume(open_store(store_spec, allow_shared=allow_shared_store), volume_name)
         volume.open()
         timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
         stagings, blocks = gc.reclaim_stagings(volume, new_mount_id(), timeout)
+    except VolumeFormatError as e:
+        raise CliError(str(e)) from None
     except StoreNotPrivate as e:
         raise CliError(str(e)) from None  # it says what to run
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
     print(f"removed {stagings} abandoned staging(s), {blocks} block(s)")
+
+
+def upgrade(store_spec: str, volume_name: str, allow_shared_store: bool = False) -> None:
+    from fusesqlite.store import StoreError, StoreNotPrivate, open_store
+    from fusesqlite.volume import FORMAT, Volume, VolumeFormatError
+
+    log = logging.getLogger("fusesqlite.upgrade")
+    try:
+        volume = Volume(open_store(store_spec, allow_shared=allow_shared_store), volume_name)
+        written = volume.upgrade(lambda read: log.info("event=upgrade_progress entry_versions_read=%d", read))
+    except (VolumeFormatError, StoreNotPrivate) as e:
+        raise CliError(str(e)) from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    if written is None:
+        print(f"volume {volume_name!r} has format {FORMAT} already: nothing to do")
+    else:
+        print(f"volume {volume_name!r} upgraded to format {FORMAT} ({written} directory entries indexed)")
 
 
 def main(argv: list[str] | None = None) -> int:

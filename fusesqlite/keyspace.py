@@ -16,6 +16,9 @@ a tombstone.
                                                 commit of `name` or `name-wal` reads it
     (prefix, 'i', ino, version)              -> inode record (see inodes.py)
     (prefix, 'd', parent, name, version)     -> child inode number
+    (prefix, 'cd', parent, name)             -> child inode number at the head version: the
+                                                directory as it is now (live entries only), so
+                                                listing costs its entries, not its history
     (prefix, 'b', ino, block_no, version)    -> block (see pages.py)
     (prefix, 'staging', ino, version)        -> (mount id, heartbeat time) of a staged transaction
     (prefix, 'stg', ino, version, block_no)  -> b'' : which blocks a staging wrote (for cleanup)
@@ -97,6 +100,9 @@ class Keyspace:
 
     def dirent(self, parent: int, name: bytes, version: int) -> bytes:
         return self.key("d", parent, name, version)
+
+    def current_dirent(self, parent: int, name: bytes) -> bytes:
+        return self.key("cd", parent, name)
 
     def block(self, ino: int, block_no: int, version: int) -> bytes:
         return self.key("b", ino, block_no, version)

@@ -25,7 +25,7 @@ from fusesqlite.own_mount import OwnMount
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import Volume
+from fusesqlite.volume import Volume, VolumeFormatError
 
 log = logging.getLogger("fusesqlite.mount")
 
@@ -223,7 +223,7 @@ def serve(config: MountConfig) -> None:
         volume = Volume(store, config.volume, author=mount_id)
         snapshot = volume.open()
         reclaim_stagings(volume, mount_id)
-    except StoreError as e:
+    except (StoreError, VolumeFormatError) as e:
         raise MountError(str(e)) from None
     ops: Operations | None = None
 

@@ -18,9 +18,18 @@ from fusesqlite.store.base import Store, StoreError, Transaction
 
 log = logging.getLogger("fusesqlite.volume")
 
-FORMAT = 1
+#: the volume layout this code reads and writes (keyspace.py); ``upgrade`` moves an
+#: older volume to it
+FORMAT = 2
+#: the oldest layout ``upgrade`` moves from: format 1 lacks the current directory
+#: entries ('cd' keys)
+UPGRADABLE = 1
 DEFAULT_BLOCK_SIZE = 4096
 INO_BATCH = 1024
+
+
+class VolumeFormatError(ValueError):
+    """The volume's layout is not the one this code reads (``FORMAT``)."""
 
 
 @dataclass
@@ -240,14 +249,15 @@ class Volume:
 
     # -- opening ---------------------------------------------------------------------
     def open(self, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-        """Create the volume on first use; return its head version."""
+        """Create the volume on first use; return its head version (VolumeFormatError,
+        which says what to do, if its layout is not ``FORMAT``)."""
 
         def fn(tr: Transaction) -> tuple[int, int]:
             meta = tr.get(self.ks.meta())
             if meta is not None:
                 fmt, bs = unpack(meta)
                 if fmt != FORMAT:
-                    raise ValueError(f"volume {self.name!r} has format {fmt}, this fusesqlite reads {FORMAT}")
+                    raise VolumeFormatError(self._format_advice(fmt))
                 return bs, unpack(tr.get(self.ks.head()))[0]
             now = time.time_ns()
             root = Inode(mode=0o40755, uid=0, gid=0, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
@@ -260,6 +270,93 @@ class Volume:
 
         self.block_size, head = self.store.transact(fn)
         return head
+
+    def _format_advice(self, fmt: int) -> str:
+        if fmt == UPGRADABLE:
+            return (
+                f"volume {self.name!r} has format {fmt}, this fusesqlite uses format {FORMAT}: stop every mount "
+                f"of it, then run: fusesqlite upgrade --volume {self.name} (with the same --store)"
+            )
+        return f"volume {self.name!r} has format {fmt}, this fusesqlite reads format {FORMAT}: use the fusesqlite that wrote it"
+
+    #: directory-entry versions read per store transaction by ``upgrade``
+    UPGRADE_BATCH = 2000
+
+    def upgrade(self, progress: Callable[[int], None] = lambda read: None) -> int | None:
+        """Move a volume of format ``UPGRADABLE`` to ``FORMAT``: write its current
+        directory entries ('cd' keys) from the entries' history, in batches, then the
+        new format. Returns how many entries it wrote, None if the volume has
+        ``FORMAT`` already; ``progress`` gets the number of entry versions read so far.
+
+        Every mount of the volume must be stopped (older ones do not write 'cd'
+        keys): a commit during the upgrade fails it (VolumeFormatError), and a run
+        that stopped half-way starts over.
+        """
+
+        def start(tr: Transaction) -> int | None:
+            meta = tr.get(self.ks.meta())
+            if meta is None:
+                raise VolumeFormatError(f"volume {self.name!r} does not exist in this store; check --store and --volume")
+            fmt, _ = unpack(meta)
+            if fmt == FORMAT:
+                return None
+            if fmt != UPGRADABLE:
+                raise VolumeFormatError(self._format_advice(fmt))
+            tr.clear_range(*self.ks.children("cd"))
+            return unpack(tr.get(self.ks.head()))[0]
+
+        head = self.store.transact(start)
+        if head is None:
+            return None
+
+        def still(tr: Transaction) -> None:
+            if unpack(tr.get(self.ks.head()))[0] != head:
+                raise VolumeFormatError(
+                    f"a mount committed to volume {self.name!r} during the upgrade; stop every mount of it "
+                    "and run fusesqlite upgrade again"
+                )
+
+        #: the entry being read: (parent, name) and its latest value so far
+        Pending = tuple[tuple[int, bytes], bytes] | None
+
+        def batch(begin: bytes, pending: Pending) -> Callable[[Transaction], tuple[int, bytes, Pending, int]]:
+            def fn(tr: Transaction) -> tuple[int, bytes, Pending, int]:
+                still(tr)
+                rows = tr.get_range(begin, end, limit=self.UPGRADE_BATCH)
+                written, current = 0, pending
+                for key, value in rows:
+                    _, parent, name, _ = self.ks.parts(key)
+                    if current is not None and current[0] != (parent, name):
+                        written += self._index_entry(tr, current)
+                    current = ((parent, name), value)
+                if len(rows) < self.UPGRADE_BATCH:  # the last batch: the last entry, and the format
+                    if current is not None:
+                        written += self._index_entry(tr, current)
+                    tr.set(self.ks.meta(), pack((FORMAT, unpack(tr.get(self.ks.meta()))[1])))
+                    current = None
+                next_begin = rows[-1][0] + b"\x00" if rows else end
+                return len(rows), next_begin, current, written
+
+            return fn
+
+        begin, end = self.ks.children("d")
+        pending: Pending = None
+        read = written = 0
+        while True:
+            n, begin, pending, w = self.store.transact(batch(begin, pending))
+            read += n
+            written += w
+            progress(read)
+            if n < self.UPGRADE_BATCH:
+                return written
+
+    def _index_entry(self, tr: Transaction, entry: tuple[tuple[int, bytes], bytes]) -> int:
+        """Write the current entry ('cd') of an entry whose latest version is ``entry``."""
+        (parent, name), value = entry
+        if not value:
+            return 0  # removed
+        tr.set(self.ks.current_dirent(parent, name), value)
+        return 1
 
     def head(self) -> int:
         return self.store.transact(lambda tr: unpack(tr.get(self.ks.head()))[0])
@@ -308,18 +405,13 @@ class Volume:
     def list_dir(self, parent: int, version: int) -> list[tuple[bytes, int, Inode]]:
         """(name, ino, record) of every entry visible at ``version``, by name.
 
-        The records are read in batches, each its own store transaction: what is
-        visible at one version never changes, so the batches agree, and a big
-        directory stays far inside FoundationDB's 5 seconds per transaction.
+        The names come from the directory as it is at the head version ('cd' keys:
+        its live entries, however many were created and removed before), corrected
+        by the log for a view that lags the head (``_entries_at``). The records are
+        read in batches, each its own store transaction: what is visible at one
+        version never changes, so the batches agree, and a big directory stays far
+        inside FoundationDB's 5 seconds per transaction.
         """
-
-        def entries(tr: Transaction) -> list[tuple[bytes, int]]:
-            latest: dict[bytes, tuple[int, bytes]] = {}
-            for key, value in tr.get_range(*self.ks.children("d", parent)):
-                _, _, name, ver = self.ks.parts(key)
-                if ver <= version:
-                    latest[name] = (ver, value)
-            return [(name, unpack(value)[0]) for name, (_, value) in sorted(latest.items()) if value]
 
         def records(batch: list[tuple[bytes, int]]) -> Callable[[Transaction], list[tuple[bytes, int, Inode]]]:
             def fn(tr: Transaction) -> list[tuple[bytes, int, Inode]]:
@@ -332,11 +424,51 @@ class Volume:
 
             return fn
 
-        listed = self.store.transact(entries)
+        listed = self.store.transact(lambda tr: self._entries_at(tr, parent, version))
         out: list[tuple[bytes, int, Inode]] = []
         for i in range(0, len(listed), self.LIST_BATCH):
             out.extend(self.store.transact(records(listed[i : i + self.LIST_BATCH])))
         return out
+
+    #: a view further behind the head than this many versions lists from the entries'
+    #: history (time travel); nearer, from the current entries and the log between
+    LIST_LAG_LIMIT = 1000
+
+    def _entries_at(self, tr: Transaction, parent: int, version: int) -> list[tuple[bytes, int]]:
+        """(name, ino) of ``parent``'s entries at ``version``, by name.
+
+        The current entries are the directory at the head; the names any commit after
+        ``version`` changed (the log's entries) are read as they were at ``version``.
+        A view far behind the head reads every version of every entry instead.
+        """
+        head = unpack(tr.get(self.ks.head()))[0]
+        if head - version > self.LIST_LAG_LIMIT:
+            return self._entries_from_history(tr, parent, version)
+        entries = {self.ks.parts(key)[-1]: unpack(value)[0] for key, value in tr.get_range(*self.ks.children("cd", parent))}
+        if version < head:
+            changed = {
+                name
+                for _, value in tr.get_range(self.ks.log(version + 1), self.ks.log(head + 1))
+                for p, name in unpack(value)[3]
+                if p == parent
+            }
+            for name in changed:
+                raw = self._latest(tr, self.ks.versions_upto(version, "d", parent, name))
+                ino = unpack(raw)[0] if raw else None
+                if ino:
+                    entries[name] = ino
+                else:
+                    entries.pop(name, None)
+        return sorted(entries.items())
+
+    def _entries_from_history(self, tr: Transaction, parent: int, version: int) -> list[tuple[bytes, int]]:
+        """``_entries_at`` from every version of every entry (it costs the directory's history)."""
+        latest: dict[bytes, tuple[int, bytes]] = {}
+        for key, value in tr.get_range(*self.ks.children("d", parent)):
+            _, _, name, ver = self.ks.parts(key)
+            if ver <= version:
+                latest[name] = (ver, value)
+        return [(name, unpack(value)[0]) for name, (_, value) in sorted(latest.items()) if value]
 
     def read_blocks(self, ino: int, block_nos: Iterable[int], version: int) -> dict[int, bytes]:
         """Encoded values of ``block_nos`` as of ``version`` (absent = hole).
@@ -475,6 +607,10 @@ class Volume:
                     raise EntryChanged(parent, name, expected, current)
             for (parent, name), ino in changes.dirents.items():
                 tr.set(self.ks.dirent(parent, name, version), pack((ino,)) if ino else b"")
+                if ino:
+                    tr.set(self.ks.current_dirent(parent, name), pack((ino,)))
+                else:
+                    tr.clear(self.ks.current_dirent(parent, name))
             for (ino, block_no), value in changes.blocks.items():
                 tr.set(self.ks.block(ino, block_no, version), value)
             released = []
