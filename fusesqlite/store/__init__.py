@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .base import (
     FDB_LIMITS,
+    CommitUnknownResult,
     ConflictError,
     LimitExceeded,
     Limits,
@@ -25,6 +26,7 @@ from .foundationdb import FoundationDBStore
 
 __all__ = [
     "FDB_LIMITS",
+    "CommitUnknownResult",
     "ConflictError",
     "EmbeddedStore",
     "FoundationDBStore",

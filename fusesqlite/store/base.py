@@ -68,6 +68,13 @@ class ConflictError(RetryableError):
     """Another transaction committed something this one read."""
 
 
+class CommitUnknownResult(RetryableError):
+    """The commit may or may not have been applied (FoundationDB's commit_unknown_result,
+    1021, or a timeout during the commit). ``transact`` runs the function again, so
+    every transaction function that writes must find what an earlier attempt of it
+    committed instead of writing again (volume.py, "Idempotent transactions")."""
+
+
 class TransactionTooOld(RetryableError):
     """The transaction outlived the store's time limit."""
 

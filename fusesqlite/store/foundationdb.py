@@ -14,6 +14,7 @@ from typing import Any, Callable, NoReturn, TypeVar
 
 from .base import (
     FDB_LIMITS,
+    CommitUnknownResult,
     ConflictError,
     LimitExceeded,
     Limits,
@@ -38,6 +39,7 @@ LIBFDB_MISSING = (
 # FoundationDB error codes (https://apple.github.io/foundationdb/api-error-codes.html)
 TRANSACTION_TOO_OLD = 1007
 NOT_COMMITTED = 1020
+COMMIT_UNKNOWN_RESULT = 1021
 TRANSACTION_TIMED_OUT = 1031
 _LIMIT_CODES = {2101: "transaction_bytes", 2102: "key_bytes", 2103: "value_bytes"}
 #: timed out, client-side I/O, cluster file missing/unreadable/unwritable, bad connection string
@@ -209,26 +211,44 @@ class FoundationDBStore:
         tr.options.set_timeout(int(self._timeout * 1000))
         tr.options.set_retry_limit(self._retry_limit)
         attempts = 0
+        #: a commit of an earlier attempt (or of this one) may have been applied: 1021,
+        #: or the timeout, out of the commit itself
+        maybe_landed = False
         try:
             while True:
                 attempts += 1
+                committing = False
                 try:
                     result = fn(tr)
+                    committing = True
                     tr.commit().wait()
                     return result
                 except fdb.FDBError as e:
+                    if committing and e.code in (COMMIT_UNKNOWN_RESULT, TRANSACTION_TIMED_OUT):
+                        maybe_landed = True
                     try:
                         tr.on_error(e).wait()  # waits out retryable errors, re-raises the others
                     except fdb.FDBError as final:
-                        raise self._error(final, attempts) from final
+                        raise self._error(final, attempts, maybe_landed) from final
         except BaseException:
             tr.cancel()  # nothing of an abandoned attempt may commit
             raise
 
-    def _error(self, e: Any, attempts: int) -> StoreError:
-        """The store error for FoundationDB error ``e`` that ``on_error`` would not (or no longer) retry."""
+    def _error(self, e: Any, attempts: int, maybe_landed: bool = False) -> StoreError:
+        """The store error for FoundationDB error ``e`` that ``on_error`` would not (or no longer) retry.
+
+        ``maybe_landed``: a commit of this transaction ended in 1021 or in the timeout,
+        so it may have been applied: whatever stopped the retries, the caller gets
+        CommitUnknownResult, which the volume's transactions resolve by running
+        again (they find what an earlier attempt committed: volume.py).
+        """
         code = e.code
         what = f"{self.description}: {e.description} (FoundationDB error {code})"
+        if code == COMMIT_UNKNOWN_RESULT or (maybe_landed and code not in _LIMIT_CODES):
+            return CommitUnknownResult(
+                f"{what}: the commit may or may not have been applied after {attempts} attempts; "
+                "is the cluster up and reachable?"
+            )
         if code in _LIMIT_CODES:
             field = _LIMIT_CODES[code]
             return LimitExceeded(
