@@ -23,6 +23,7 @@ from .base import (
 )
 from .embedded import EmbeddedStore, StoreNotPrivate
 from .foundationdb import FoundationDBStore
+from .simulated import SimulatedStore, SimulateSpec, SimulateSpecError, parse_simulate
 
 __all__ = [
     "FDB_LIMITS",
@@ -34,6 +35,9 @@ __all__ = [
     "Limits",
     "ReadView",
     "RetryableError",
+    "SimulateSpec",
+    "SimulateSpecError",
+    "SimulatedStore",
     "Store",
     "StoreError",
     "StoreFull",
@@ -43,20 +47,33 @@ __all__ = [
     "TransactionTooOld",
     "limit_exceeded",
     "open_store",
+    "parse_simulate",
     "run_with_retries",
 ]
 
 FDB_PREFIX = "fdb:"
 
 
-def open_store(spec: str, limits: Limits | None = None, *, allow_shared: bool = False) -> Store:
+def open_store(
+    spec: str, limits: Limits | None = None, *, allow_shared: bool = False, simulate: str | SimulateSpec | None = None
+) -> Store:
     """Open the store named by ``spec``, as given on the command line.
 
     ``fdb:`` is FoundationDB with its default cluster file, ``fdb:PATH`` with
     the cluster file PATH; anything else is the directory of an embedded store,
     refused if other users can read or write it unless ``allow_shared``
     (FoundationDB's access is the cluster's business: its TLS and network).
+    ``simulate`` (``--simulate``, simulated.py) puts the store behind a simulated
+    FoundationDB cluster.
     """
+    if simulate is None:
+        return _open(spec, limits, allow_shared)
+    if isinstance(simulate, str):
+        simulate = parse_simulate(simulate)
+    return SimulatedStore(_open(spec, limits, allow_shared), simulate)
+
+
+def _open(spec: str, limits: Limits | None, allow_shared: bool) -> Store:
     limits = limits or limits_from_env()
     if spec.startswith(FDB_PREFIX):
         cluster = spec[len(FDB_PREFIX):]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, TypeVar
 
 T = TypeVar("T")
+D = TypeVar("D")
 log = logging.getLogger("fusesqlite.store")
 
 
@@ -36,22 +37,30 @@ FDB_LIMITS = Limits()
 LIMITS_ENV = "FUSESQLITE_STORE_LIMITS"
 
 
-def limits_from_env(environ: Mapping[str, str] = os.environ) -> Limits:
-    spec = environ.get(LIMITS_ENV, "").strip()
-    if not spec:
-        return FDB_LIMITS
-    fields = {f.name: f.type for f in dataclasses.fields(Limits)}
+def parse_settings(spec: str, defaults: D, source: str, floats: frozenset[str] = frozenset()) -> D:
+    """``defaults`` (a dataclass) with the ``name=value,...`` of ``spec`` applied: the
+    settings syntax of ``FUSESQLITE_STORE_LIMITS`` and ``--simulate``. Names in
+    ``floats`` take any number, the others whole numbers. A bad name or number is
+    a one-line StoreError that starts with ``source`` and says what is allowed."""
+    names = [f.name for f in dataclasses.fields(defaults)]  # type: ignore[arg-type]
     changes: dict[str, float | int] = {}
     for item in spec.split(","):
+        if not item.strip():
+            continue
         name, _, value = item.partition("=")
         name = name.strip()
-        if name not in fields:
-            raise StoreError(f"{LIMITS_ENV}: unknown limit {name!r}; known: {', '.join(fields)}")
+        if name not in names:
+            raise StoreError(f"{source}: unknown setting {name!r}; known: {', '.join(names)}")
         try:
-            changes[name] = float(value) if name == "transaction_seconds" else int(value)
+            changes[name] = float(value) if name in floats else int(value)
         except ValueError:
-            raise StoreError(f"{LIMITS_ENV}: {name} needs a number, not {value!r}") from None
-    return dataclasses.replace(FDB_LIMITS, **changes)
+            wanted = "a number" if name in floats else "a whole number"
+            raise StoreError(f"{source}: {name} needs {wanted}, not {value.strip()!r}") from None
+    return dataclasses.replace(defaults, **changes)  # type: ignore[type-var]
+
+
+def limits_from_env(environ: Mapping[str, str] = os.environ) -> Limits:
+    return parse_settings(environ.get(LIMITS_ENV, "").strip(), FDB_LIMITS, LIMITS_ENV, frozenset({"transaction_seconds"}))
 
 
 class StoreError(Exception):

@@ -1,0 +1,214 @@
+"""A FoundationDB cluster imitated in front of another store (``--simulate SPEC``).
+
+No cluster can be installed where fusesqlite is mostly developed and tested, yet
+what a cluster does to a client decides whether the product is correct on one:
+every read is a network round trip, a commit takes longer still, a commit may be
+refused as a conflict, and a commit may end in "result unknown" although it was
+applied (FoundationDB's commit_unknown_result, 1021). ``SimulatedStore`` adds
+those to any store (in practice the embedded one), so tests and benchmarks run
+them on one machine. What it does not imitate: docs/simulated-store.md.
+
+A transaction that wrote nothing has no commit (FoundationDB commits a read-only
+transaction without asking the cluster): it pays its reads only, and is never
+refused nor left unknown.
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from .base import (
+    CommitUnknownResult,
+    ConflictError,
+    ReadView,
+    Store,
+    StoreError,
+    Transaction,
+    log,
+    parse_settings,
+    run_with_retries,
+)
+
+T = TypeVar("T")
+
+#: FoundationDB's own retry limit in the adapter (foundationdb.py): a simulated cluster gives up alike
+RETRY_LIMIT = 100
+SOURCE = "--simulate"
+
+
+class SimulateSpecError(StoreError):
+    """A ``--simulate`` value that names an unknown setting or a bad number."""
+
+
+@dataclass(frozen=True)
+class SimulateSpec:
+    """What the simulated cluster does; every setting defaults to "as the inner store"."""
+
+    #: each read round trip (get, get_range, snapshot or not) waits this long
+    latency_ms: float = 0.0
+    #: each commit of a transaction that wrote waits this long
+    commit_ms: float = 0.0
+    #: fraction of commits applied and then reported as CommitUnknownResult
+    unknown_result: float = 0.0
+    #: fraction of commits refused as a conflict (ConflictError), not applied
+    conflict: float = 0.0
+    #: seed of the faults' random draws (None: from os.urandom, logged so a run can be replayed)
+    seed: int | None = None
+
+    def describe(self) -> str:
+        return (
+            f"latency_ms={self.latency_ms:g} commit_ms={self.commit_ms:g} "
+            f"unknown_result={self.unknown_result:g} conflict={self.conflict:g} seed={self.seed}"
+        )
+
+
+_FLOATS = frozenset({"latency_ms", "commit_ms", "unknown_result", "conflict"})
+_ALLOWED = (
+    "latency_ms=MS,commit_ms=MS,unknown_result=FRACTION,conflict=FRACTION[,seed=N] "
+    "(milliseconds 0 or more, fractions in [0, 1) that add up to less than 1)"
+)
+
+
+def parse_simulate(text: str) -> SimulateSpec:
+    """The ``--simulate`` value ``text`` as a SimulateSpec (SimulateSpecError, one line, if it is not one)."""
+    try:
+        spec = parse_settings(text, SimulateSpec(), SOURCE, _FLOATS)
+    except StoreError as e:
+        raise SimulateSpecError(f"{e}; use {_ALLOWED}") from None
+    for name in ("latency_ms", "commit_ms"):
+        value = getattr(spec, name)
+        if not 0 <= value < float("inf"):
+            raise SimulateSpecError(f"{SOURCE}: {name}={value:g} is not a number of milliseconds, 0 or more; use {_ALLOWED}")
+    for name in ("unknown_result", "conflict"):
+        value = getattr(spec, name)
+        if not 0 <= value < 1:
+            raise SimulateSpecError(f"{SOURCE}: {name}={value:g} is not a fraction in [0, 1); use {_ALLOWED}")
+    if spec.unknown_result + spec.conflict >= 1:
+        raise SimulateSpecError(f"{SOURCE}: unknown_result + conflict must be under 1 (every commit would fail); "
+                                f"use {_ALLOWED}")
+    return spec
+
+
+class _Refused(Exception):
+    """Aborts the inner store's attempt of a commit the simulated cluster refuses. Not a
+    StoreError: the inner store must neither retry it nor translate it."""
+
+
+class _View:
+    """Reads through the inner store, each one a round trip."""
+
+    __slots__ = ("_view", "_delay")
+
+    def __init__(self, view: ReadView, delay: float) -> None:
+        self._view = view
+        self._delay = delay
+
+    def get(self, key: bytes) -> bytes | None:
+        if self._delay:
+            time.sleep(self._delay)
+        return self._view.get(key)
+
+    def get_range(
+        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        if self._delay:
+            time.sleep(self._delay)
+        return self._view.get_range(begin, end, limit=limit, reverse=reverse)
+
+
+class _Transaction(_View):
+    """One attempt's transaction: reads pay the latency, writes are buffered by the
+    client in FoundationDB (no round trip), so they go straight to the inner store."""
+
+    __slots__ = ("_tr", "snapshot", "wrote")
+
+    def __init__(self, tr: Transaction, delay: float) -> None:
+        super().__init__(tr, delay)
+        self._tr = tr
+        self.snapshot = _View(tr.snapshot, delay)
+        self.wrote = False
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self.wrote = True
+        self._tr.set(key, value)
+
+    def clear(self, key: bytes) -> None:
+        self.wrote = True
+        self._tr.clear(key)
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        self.wrote = True
+        self._tr.clear_range(begin, end)
+
+
+class SimulatedStore:
+    """``inner`` behind a simulated FoundationDB cluster (``spec``).
+
+    No ``transact_nowait``: a cluster's commit is a network round trip, never cheap
+    enough for the event loop (mount.py then commits on worker threads).
+    """
+
+    def __init__(self, inner: Store, spec: SimulateSpec) -> None:
+        if spec.seed is None:
+            spec = SimulateSpec(spec.latency_ms, spec.commit_ms, spec.unknown_result, spec.conflict,
+                                int.from_bytes(os.urandom(4), "big"))
+        self.inner = inner
+        self.spec = spec
+        self.limits = inner.limits
+        self.description = f"{inner.description} behind a simulated cluster"
+        self._read_delay = spec.latency_ms / 1000
+        self._commit_delay = spec.commit_ms / 1000
+        self._rng = random.Random(spec.seed)
+        self._rng_lock = threading.Lock()  # one sequence of draws whatever the threads
+        log.info("event=store_simulated %s store=%r", spec.describe(), inner.description)
+
+    # Store protocol
+
+    def transact(self, fn: Callable[[Transaction], T]) -> T:
+        """FoundationDB's retry loop (``on_error``): refusals and unknown results are retried."""
+        return run_with_retries(lambda: self._attempt(fn), retry_limit=RETRY_LIMIT, what=self.description)
+
+    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
+        """The inner store's wait, after one read round trip (FoundationDB reads the key, then watches it)."""
+        if self._read_delay:
+            time.sleep(self._read_delay)
+        return self.inner.wait_for_change(key, old, timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    # one attempt
+
+    def _attempt(self, fn: Callable[[Transaction], T]) -> T:
+        with self._rng_lock:
+            draw = self._rng.random()
+        spec = self.spec
+        refuse = draw < spec.conflict
+        unknown = not refuse and draw < spec.conflict + spec.unknown_result
+        delay = self._read_delay
+
+        def attempt(tr: Transaction) -> tuple[T, bool]:
+            sim = _Transaction(tr, delay)
+            result = fn(sim)
+            if refuse and sim.wrote:
+                raise _Refused()  # the inner store rolls this attempt back
+            return result, sim.wrote
+
+        try:
+            result, wrote = self.inner.transact(attempt)
+        except _Refused:
+            self._commit_wait()
+            raise ConflictError(f"{self.description}: commit refused as a conflict (simulated)") from None
+        if wrote:
+            self._commit_wait()
+            if unknown:
+                raise CommitUnknownResult(f"{self.description}: commit result unknown (simulated; it was applied)")
+        return result
+
+    def _commit_wait(self) -> None:
+        if self._commit_delay:
+            time.sleep(self._commit_delay)
