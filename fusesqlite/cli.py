@@ -53,6 +53,17 @@ def _positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a positive number")
 
 
+def _simulate_spec(text: str) -> str:
+    """A ``--simulate`` value, checked here so a bad one is a usage error at once."""
+    from fusesqlite.store.simulated import SimulateSpecError, parse_simulate
+
+    try:
+        parse_simulate(text)
+    except SimulateSpecError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--simulate: ")) from None
+    return text
+
+
 def default_store() -> str:
     env = os.environ.get("FUSESQLITE_STORE")
     if env:
@@ -77,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-shared-store", action="store_true",
         help="open an embedded store that other users can read or write (refused otherwise: they could read "
         "every file in it); a new store is always private to its owner",
+    )
+    where.add_argument(
+        "--simulate", type=_simulate_spec, default=None, metavar="SPEC",
+        help="put the store behind a simulated FoundationDB cluster, for tests and benchmarks: "
+        "latency_ms=MS,commit_ms=MS,unknown_result=FRACTION,conflict=FRACTION[,seed=N] "
+        "(docs/simulated-store.md)",
     )
     m = sub.add_parser("mount", parents=[where], help="mount a volume and serve it in the foreground")
     m.add_argument("mountpoint", help="an empty directory")
@@ -161,6 +178,7 @@ def run(argv: list[str] | None) -> None:
             default_permissions=args.default_permissions,
             busy_poll_us=args.busy_poll_us,
             allow_shared_store=args.allow_shared_store,
+            simulate=args.simulate,
         )
         try:
             serve(config)
@@ -168,20 +186,23 @@ def run(argv: list[str] | None) -> None:
             raise CliError(str(e)) from None
     elif args.command == "gc":
         setup_logging(False)
-        collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store)
+        collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store, args.simulate)
     elif args.command == "upgrade":
         setup_logging(False)
-        upgrade(store_spec, args.volume, args.allow_shared_store)
+        upgrade(store_spec, args.volume, args.allow_shared_store, args.simulate)
 
 
-def collect(store_spec: str, volume_name: str, staging_timeout: float | None, allow_shared_store: bool = False) -> None:
+def collect(
+    store_spec: str, volume_name: str, staging_timeout: float | None, allow_shared_store: bool = False,
+    simulate: str | None = None,
+) -> None:
     from fusesqlite import gc
     from fusesqlite.identity import new_mount_id
     from fusesqlite.store import StoreError, StoreNotPrivate, open_store
     from fusesqlite.volume import Volume, VolumeFormatError
 
     try:
-        volume = Volume(open_store(store_spec, allow_shared=allow_shared_store), volume_name)
+        volume = Volume(open_store(store_spec, allow_shared=allow_shared_store, simulate=simulate), volume_name)
         volume.open()
         timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
         stagings, blocks = gc.reclaim_stagings(volume, new_mount_id(), timeout)
@@ -194,13 +215,13 @@ def collect(store_spec: str, volume_name: str, staging_timeout: float | None, al
     print(f"removed {stagings} abandoned staging(s), {blocks} block(s)")
 
 
-def upgrade(store_spec: str, volume_name: str, allow_shared_store: bool = False) -> None:
+def upgrade(store_spec: str, volume_name: str, allow_shared_store: bool = False, simulate: str | None = None) -> None:
     from fusesqlite.store import StoreError, StoreNotPrivate, open_store
     from fusesqlite.volume import FORMAT, Volume, VolumeFormatError
 
     log = logging.getLogger("fusesqlite.upgrade")
     try:
-        volume = Volume(open_store(store_spec, allow_shared=allow_shared_store), volume_name)
+        volume = Volume(open_store(store_spec, allow_shared=allow_shared_store, simulate=simulate), volume_name)
         written = volume.upgrade(lambda read: log.info("event=upgrade_progress entry_versions_read=%d", read))
     except (VolumeFormatError, StoreNotPrivate) as e:
         raise CliError(str(e)) from None

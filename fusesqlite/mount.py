@@ -98,6 +98,8 @@ class MountConfig:
     busy_poll_us: int = 50
     #: open an embedded store that other users can read or write (store/embedded.py)
     allow_shared_store: bool = False
+    #: ``--simulate`` SPEC: the store behind a simulated FoundationDB cluster (store/simulated.py)
+    simulate: str | None = None
 
 
 def kernel_checks_permissions(config: MountConfig) -> bool:
@@ -219,7 +221,7 @@ def serve(config: MountConfig) -> None:
     tune_malloc(config.memory_mb)
     mount_id = new_mount_id()
     try:
-        store = open_store(config.store, allow_shared=config.allow_shared_store)
+        store = open_store(config.store, allow_shared=config.allow_shared_store, simulate=config.simulate)
         volume = Volume(store, config.volume, author=mount_id)
         snapshot = volume.open()
         reclaim_stagings(volume, mount_id)
