@@ -589,7 +589,7 @@ class Coherence:
                 # come first, so that the refresh sees them as local changes made on
                 # the old version (their commit fails as stale) rather than taking
                 # them, once the kernel wrote them back, as made on the new one (a
-                # lost update, before session 10)
+                # lost update)
                 await self.own_mount.write_back(p.fd)
                 wrote_back_at = time.monotonic()
             await self.moved(ino, await self.tx.refresh(ino))

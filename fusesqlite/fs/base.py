@@ -115,7 +115,7 @@ class FsBase(pyfuse3.Operations):
         The kernel names the calling thread, not the process: the proxy's opens come
         from a thread of the own-mount helper process (one per request), so the
         thread is looked for there. Refused, the proxy could take no lock, and moves
-        ran under readers' feet (sessions 8-11).
+        would run under readers' feet.
         """
         if self.read_only and not self._own_thread(ctx.pid):
             raise fail(errno.EROFS)

@@ -237,13 +237,13 @@ class FileOps(FsBase):
             cached = self.writeback_cache and journal_target(name) is not None
             if cached:
                 try:
-                    # the write lease now, when a direct_io journal's first write took it:
-                    # the write-back comes only at SQLite's first fsync, or at its close
+                    # the write lease at the create (a direct_io journal takes it at its
+                    # first write): the write-back comes only at SQLite's first fsync, or
+                    # at its close
                     await self.journal_started(tf, 0)
                 except pyfuse3.FUSEError as e:
                     # refused: a direct_io journal, whose first write fails with the
-                    # refusal, as it always did (an error of the transaction, not of
-                    # the journal's open)
+                    # refusal (an error of the transaction, not of the journal's open)
                     cached, tf.refused = False, e.errno
             if cached:
                 tf.cached_opens += 1

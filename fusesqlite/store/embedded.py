@@ -271,11 +271,12 @@ class EmbeddedStore:
         itself, where handing them to a thread costs more: docs/architecture.md).
         Call it from one thread at a time.
 
-        A checkpoint on a thread of its own (session 15) never caught up with an
-        event loop committing without pause: its passive checkpoint left the latest
-        frames, so SQLite never started the WAL over, and the WAL grew by every
+        Why not a checkpoint on a thread of its own: it never catches up with an
+        event loop committing without pause. Its passive checkpoint leaves the latest
+        frames, so SQLite never starts the WAL over, and the WAL grows by every
         commit (208 KB for a small one) without end, each append's fdatasync also
-        writing the new file size (700 µs a commit against 470).
+        writing the new file size (measured: 700 µs a commit against 470;
+        docs/decisions/2026-11-24-commit-on-a-worker-thread.md).
         """
         if self._closed:
             raise StoreUnavailable(f"{self.description} is closed")

@@ -1,12 +1,12 @@
 """Wake-ups between processes sharing one embedded store.
 
-SQLite tells no one when another process commits, so a mount following the
-others polled the store every 10 ms: most of the 9 ms median from one mount's
-commit to another mount seeing it, and a lease hand-over between two writing
-mounts waited as long. Polling faster cost every mount CPU whether anything
-changed or not (1 ms: a lone writing mount lost a quarter of its commits/s).
+SQLite tells no one when another process commits. Polling the store every 10 ms
+makes most of a 9 ms median from one mount's commit to another mount seeing it,
+and a lease hand-over between two writing mounts waits as long; polling faster
+costs every mount CPU whether anything changed or not (every 1 ms: a lone writing
+mount lost a quarter of its commits/s).
 
-Instead, a store that waits for changes binds an abstract UNIX datagram socket
+So a store that waits for changes binds an abstract UNIX datagram socket
 (gone with its process, no path length limit) and lists its name as an empty
 file in the store's ``watchers/`` directory; a store that commits a write sends
 one byte to every other name listed there. A store is never woken by its own
@@ -60,7 +60,7 @@ class Wakeups:
         self._sender: socket.socket | None = None
         self._listing: tuple[int, float, list[str]] = (-1, 0.0, [])
         self._lock = threading.Lock()
-        self._failed = False  # could not listen: waiters poll as before
+        self._failed = False  # could not listen: this store's waiters only poll
         self._listed_at = 0.0
         self._closed = False
 
