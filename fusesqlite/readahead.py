@@ -1,7 +1,7 @@
 """Read-ahead: while a file is read sequentially, load the blocks after it in the background.
 
-The kernel keeps only one to three reads of a file in flight, and each waited
-for a store read and the decoding of its blocks: a cold scan ran at the speed
+The kernel keeps only one to three reads of a file in flight, and each would wait
+for a store read and the decoding of its blocks: a cold scan would run at the speed
 of that round trip. Here a read that continues the previous one starts loads of
 the next blocks (a window that doubles with every sequential read, up to a
 bound) in a worker thread, so the kernel's next read finds them loaded or on

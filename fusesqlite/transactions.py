@@ -196,8 +196,8 @@ class Transactions:
         (coherence.py), so they may be older than the store's record: between another
         mount's commit and this mount's move to it (which waits for SQLite's locks on
         this host), or when a lookup read the record as of this mount's own later
-        commit. A file opened then with the newer record wrote, on the old pages, a
-        commit the store took as based on the new one: a lost update (seen once in
+        commit. A file opened then with the newer record would write, on the old pages,
+        a commit the store takes as based on the new one: a lost update (seen once in
         about 12 runs of three mounts incrementing a counter). So it starts from the
         record of the pages' version, and its writes are refused as stale until the
         move. A file whose view was forgotten (VIEWS_KEPT) starts afresh instead:

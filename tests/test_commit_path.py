@@ -46,9 +46,9 @@ def test_transact_nowait_commits_and_refuses_at_once_while_another_writer_holds_
 def test_transact_nowait_commits_keep_the_wal_short_under_sustained_load(tmp_path):
     """Its connection never checkpoints. Every CHECKPOINT_EVERY commits one attempt is
     refused, so that commit goes through ``transact``, which checkpoints after it, as
-    SQLite's auto-checkpoint would. A background checkpoint (session 15) never caught
-    up with commits that did not pause: the WAL grew by every commit's pages, for
-    ever, and every append cost its fdatasync a file-size update too."""
+    SQLite's auto-checkpoint would. A checkpoint on a background thread never catches
+    up with commits that do not pause: the WAL grows by every commit's pages, for
+    ever, and every append costs its fdatasync a file-size update too."""
     store = EmbeddedStore(tmp_path)
     wal = tmp_path / (FILE_NAME + "-wal")
     value = os.urandom(40_000)

@@ -309,11 +309,11 @@ def test_transaction_over_store_limit(mounts):
 @pytest.mark.timeout(200)
 def test_a_refused_commits_journal_can_be_opened_at_once(mounts):
     """The commit point is the journal's unlink. When the store refuses the commit, the
-    unlink fails and the kernel keeps its entry of the journal. The daemon used to drop
-    the journal all the same: for up to a second the entry led to a gone inode, and
-    SQLite's next transaction, opening the journal with O_CREAT, got ENOENT ("unable to
-    open database file"; 16 of these 40 tries, and test_transaction_over_store_limit
-    about once in 7 runs). The name now stays, emptied."""
+    unlink fails and the kernel keeps its entry of the journal, so the daemon keeps the
+    journal's name, emptied. Dropping the journal, the entry would lead to a gone inode
+    for up to a second, and SQLite's next transaction, opening the journal with O_CREAT,
+    would get ENOENT ("unable to open database file"; measured: 16 of these 40 tries,
+    and test_transaction_over_store_limit about once in 7 runs)."""
     m = mounts(volume=VOLUME, env_extra={"FUSESQLITE_STORE_LIMITS": "value_bytes=2000"})
     db = m / "refused.sqlite"
     journal = str(db) + "-journal"
@@ -345,9 +345,9 @@ def test_a_refused_commits_journal_can_be_opened_at_once(mounts):
 def test_a_failed_commit_is_never_read_back(mounts):
     """A refused commit leaves the pages it wrote in the kernel's cache until the daemon
     drops them, and the same connection reads at once (SQLite rereads everything after
-    an I/O error). The drop used to run on its own thread after the reply: with that
-    thread 50 ms late, this test read "database disk image is malformed" (the
-    uncommitted pages mixed with committed ones). The reply now waits for the drop.
+    an I/O error). So the reply waits for the drop: a drop on its own thread after the
+    reply, that thread 50 ms late, made this test read "database disk image is
+    malformed" (the uncommitted pages mixed with committed ones).
     The database is big, all of it cached, so that a drop still under way shows."""
     # interior pages of this table compress to about 3,800 bytes; a leaf holding a row
     # of random bytes does not compress at all

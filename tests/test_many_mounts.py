@@ -151,11 +151,11 @@ def test_two_mounts_writing_flat_out_both_make_progress(mounts):
     # waits out SQLite's busy timeout (10 s) and fails; a lease hand-over takes
     # milliseconds, a waiter that stopped waiting holds a writer back WANT_SECONDS (2 s)
     assert max(longest_a, longest_b) < 5, f"a statement waited {max(longest_a, longest_b):.1f} s: lock deadlock"
-    # no lease queue (docs/many-mounts.md, limits): the share is statistical. Session
-    # 13 saw 19-23% for one mount in 4 of 20 runs, with either request loop; session
-    # 22 saw 11.9% and 3.8% in about 190 runs (the previous code none under 1/8 in
-    # 85; shares alike otherwise, median 0.41-0.42 in 40 runs each); the failure this
-    # guards against was 0 : 2,246
+    # no lease queue (docs/many-mounts.md, limits): the share is statistical. One mount
+    # got 19-23% in 4 of 20 runs (2026-11-24, with either request loop); with new
+    # journals through the page cache, 11.9% and 3.8% in about 190 runs (2026-11-25;
+    # without, none under 1/8 in 85; shares alike otherwise, median 0.41-0.42 in 40
+    # runs each); the failure this guards against is 0 : 2,246
     assert min(done_a, done_b) >= total / 40, f"unfair: A {done_a}, B {done_b} commits"
     assert errors_a + errors_b < total, f"{errors_a + errors_b} failed attempts for {total} commits"
     assert wait_for(lambda: query(a / "flat.db", "SELECT v FROM counter") == [(total,)]), (
@@ -244,8 +244,8 @@ def test_readers_on_another_mount_see_whole_transfers(mounts, reader_mount):
         assert int(out.split()[-1]) > 1, f"the reader never saw a transfer: {out}"
     final_a = query(a / "bank.db", "SELECT balance FROM accounts ORDER BY id")
     assert wait_for(lambda: query(b / "bank.db", "SELECT balance FROM accounts ORDER BY id") == final_a)
-    # B's lock proxy could open the database, read-only mount or not: refused its open
-    # (sessions 8-11), it took no lock, and B's moves ran under its readers' feet
+    # B's lock proxy must open the database, read-only mount or not: refused its open,
+    # it takes no lock, and B's moves run under its readers' feet
     assert "event=proxy_open_failed" not in b.log_text()
 
 
@@ -377,8 +377,8 @@ def helper_of(m) -> int:
 @pytest.mark.timeout(120)
 def test_a_killed_helper_is_replaced_and_the_proxy_takes_its_locks_again(mounts):
     """The helper holds the lock proxy's files and does the syncfs a commit may need. Killed
-    on its own, it took its locks with it, and until this change every later commit that
-    needed syncfs failed and the proxy stayed down for the life of the mount."""
+    on its own, it takes its locks with it; without a new helper every later commit that
+    needs syncfs would fail and the proxy stay down for the life of the mount."""
     a = mounts()
     b = mounts(store=a.store)
     new_counter(a, "c.db", b)
@@ -424,8 +424,8 @@ except sqlite3.Error as e:
 @pytest.mark.timeout(120)
 def test_a_helper_killed_with_a_request_unread_is_replaced(mounts):
     """A helper that dies with a request of the daemon's still in its socket resets the
-    connection (ECONNRESET, not end of file). That error used to escape the daemon's
-    reader and end the whole mount (seen once in a loop of this file). The helper is
+    connection (ECONNRESET, not end of file). Escaping the daemon's reader, that error
+    would end the whole mount (seen once in a loop of this file). The helper is
     stopped first, so that the request waits unread for the kill."""
     b = mounts()
     helper = helper_of(b)
@@ -473,8 +473,9 @@ def test_read_only_mount_refuses_writes_and_follows_commits(mounts):
 @pytest.mark.timeout(120)
 def test_a_mount_never_keeps_a_view_older_than_what_it_followed(mounts):
     """A lookup that read the store just before this mount applied another mount's
-    commit once put its older record back over the new one; the file then opened, and
-    its blocks were cached, at the old version for good (about 1 in 100 rounds)."""
+    commit must not put its older record back over the new one: the file would then be
+    opened, and its blocks cached, at the old version for good (seen in about 1 in 100
+    rounds)."""
     a = mounts()
     ro = mounts(store=a.store, extra_args=("--read-only",))
     for i in range(300):
@@ -671,11 +672,11 @@ trio.run(main)
 
 
 def test_a_lock_proxy_cancelled_by_a_stopping_mount_lets_it_stop(tmp_path):
-    """A stopping mount cancels its lock proxy. A proxy task cancelled while it still had
-    to take RESERVED used to start a new one on its way out, which was cancelled at once
-    and started the next: the event loop spun and the daemon never exited (seen as 1
-    stop in 5 of two mounts writing flat out; killed with -9 after that, a daemon could
-    hang in its exit). Real store, real lock file; the FUSE side plays no part."""
+    """A stopping mount cancels its lock proxy. A proxy task cancelled while it still has
+    to take RESERVED must not start a new one on its way out: that one would be
+    cancelled at once and start the next, the event loop would spin and the daemon never
+    exit (seen as 1 stop in 5 of two mounts writing flat out; killed with -9 after that,
+    a daemon could hang in its exit). Real store, real lock file; the FUSE side plays no part."""
     db = tmp_path / "x.db"
     db.write_bytes(b"")
     try:
