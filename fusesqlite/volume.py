@@ -6,15 +6,16 @@ that turns file-system state into store keys, so the commit path is in one place
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Generic, Iterable, TypeVar
 
 from fusesqlite.identity import dead_here
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import Keyspace, pack, unpack
-from fusesqlite.store.base import Store, StoreError, Transaction
+from fusesqlite.store.base import CommitUnknownResult, Store, StoreError, Transaction
 
 log = logging.getLogger("fusesqlite.volume")
 
@@ -26,6 +27,12 @@ FORMAT = 2
 UPGRADABLE = 1
 DEFAULT_BLOCK_SIZE = 4096
 INO_BATCH = 1024
+#: full ``transact`` calls a transaction that writes a version gets when the store
+#: gives up with its result unknown (CommitUnknownResult): each call first looks
+#: for what an earlier attempt committed (``Attempts``)
+RESOLVE_CALLS = 3
+
+R = TypeVar("R")
 
 
 class VolumeFormatError(ValueError):
@@ -93,6 +100,8 @@ class LogEntry:
     dirents: tuple[tuple[int, bytes], ...] = ()
     #: (ino, owner, expiry): a write lease taken (owner set) or released (owner "")
     leases: tuple[tuple[int, str, float], ...] = ()
+    #: the writing call's id among its author's (``Attempts``); 0 where none was written
+    commit: int = 0
 
 
 #: prefix of a lease event's owner that means "waiting for it", not "holding it"
@@ -229,6 +238,68 @@ class StagingConflict(StoreError):
         self.ino, self.version, self.owner, self.heartbeat = ino, version, owner, heartbeat
 
 
+class Attempts(Generic[R]):
+    """The versions the attempts of one retried transaction function tried to write,
+    and what each would have returned; the function writes ``id`` in its log entry.
+
+    A store may report a commit that was applied as failed ("result unknown":
+    FoundationDB's 1021, a timeout during the commit, the simulated cluster) and
+    run the function again. A function that writes a new version therefore starts
+    each attempt after the first with ``landed``: it reads the log entry at each
+    version an earlier attempt tried, and if one carries this call's id, that
+    attempt committed and the function returns its result, writing nothing. A
+    first attempt reads nothing more than before. Two attempts cannot both land:
+    each reads the head and writes it, so the second conflicts with the first
+    (on FoundationDB too, where an attempt whose result is unknown may still be in
+    flight: it then conflicts with the retry that read the old head, or the retry
+    conflicts with it and finds it on its next attempt).
+    """
+
+    __slots__ = ("volume", "id", "tried")
+
+    def __init__(self, volume: "Volume") -> None:
+        self.volume = volume
+        self.id = next(volume._call_ids)
+        self.tried: dict[int, R] = {}
+
+    def landed(self, tr: Transaction) -> int | None:
+        """The version an earlier attempt committed, if one did."""
+        vol = self.volume
+        for version in self.tried:
+            raw = tr.get(vol.ks.log(version))
+            if raw is not None:
+                fields = unpack(raw)
+                if fields[1] == vol.author and len(fields) > 5 and fields[5] == self.id:
+                    log.info("event=commit_found version=%d call=%d cause=%r", version, self.id,
+                             "the store reported an attempt's result as unknown; it had committed")
+                    return version
+        return None
+
+    def trying(self, version: int, result: R) -> R:
+        """Record what this attempt returns if its commit (at ``version``) lands."""
+        self.tried[version] = result
+        return result
+
+    def run(self, fn: Callable[[Transaction], R]) -> R:
+        return self.volume._write(fn, f"call {self.id}")
+
+
+def transact_resolved(store: Store, fn: Callable[[Transaction], R], what: str) -> R:
+    """``store.transact(fn)``, called again (RESOLVE_CALLS in all) while the store gives
+    up with the result unknown. ``fn`` must first look for what an earlier attempt
+    committed (``Attempts.landed``), so a call after the commit landed returns its
+    result instead of writing. An attempt still in flight cannot land after the next
+    call's attempt has read the head (it would conflict), so a later call settles it."""
+    for n in range(1, RESOLVE_CALLS + 1):
+        try:
+            return store.transact(fn)
+        except CommitUnknownResult as e:
+            if n == RESOLVE_CALLS:
+                raise
+            log.warning("event=commit_unknown_resolving what=%r cause=%s", what, e)
+    raise AssertionError("unreachable")
+
+
 class Volume:
     def __init__(self, store: Store, name: str, author: str = "") -> None:
         self.store = store
@@ -237,6 +308,9 @@ class Volume:
         self.author = author
         self.ks = Keyspace(name)
         self.block_size = DEFAULT_BLOCK_SIZE
+        #: ids of this Volume's calls that write a version (``Attempts``): with the
+        #: author, unique in the volume
+        self._call_ids = itertools.count(1)
         #: WAL ownership as commits check it, in their own store transaction (``_check_wal``).
         #: This mount's (parent, name) of an inode (set by the file system's operations,
         #: fs/base.py; read from worker threads)
@@ -247,10 +321,18 @@ class Volume:
         #: commit of them or of their -wal from this mount is refused (WalLost)
         self.wal_poisoned: set[WalKey] = set()
 
+    def _write(self, fn: Callable[[Transaction], R], what: str) -> R:
+        """``store.transact`` for a transaction that writes: ``fn`` must be idempotent
+        (each one here says why it is), so a call that ended with its result unknown
+        is settled by calling it again (``transact_resolved``)."""
+        return transact_resolved(self.store, fn, what)
+
     # -- opening ---------------------------------------------------------------------
     def open(self, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
         """Create the volume on first use; return its head version (VolumeFormatError,
-        which says what to do, if its layout is not ``FORMAT``)."""
+        which says what to do, if its layout is not ``FORMAT``).
+
+        Idempotent: an attempt run again after its creation landed finds the volume."""
 
         def fn(tr: Transaction) -> tuple[int, int]:
             meta = tr.get(self.ks.meta())
@@ -268,7 +350,7 @@ class Volume:
             self._log(tr, 1, LogEntry(1, self.author, (ROOT_INO,)))
             return block_size, 1
 
-        self.block_size, head = self.store.transact(fn)
+        self.block_size, head = self._write(fn, "open")
         return head
 
     def _format_advice(self, fmt: int) -> str:
@@ -291,6 +373,9 @@ class Volume:
         Every mount of the volume must be stopped (older ones do not write 'cd'
         keys): a commit during the upgrade fails it (VolumeFormatError), and a run
         that stopped half-way starts over.
+
+        Each transaction is idempotent: run again after it landed it clears or
+        writes the same keys, and the format it sets last is the one it checks.
         """
 
         def start(tr: Transaction) -> int | None:
@@ -305,7 +390,7 @@ class Volume:
             tr.clear_range(*self.ks.children("cd"))
             return unpack(tr.get(self.ks.head()))[0]
 
-        head = self.store.transact(start)
+        head = self._write(start, "upgrade")
         if head is None:
             return None
 
@@ -343,7 +428,7 @@ class Volume:
         pending: Pending = None
         read = written = 0
         while True:
-            n, begin, pending, w = self.store.transact(batch(begin, pending))
+            n, begin, pending, w = self._write(batch(begin, pending), "upgrade")
             read += n
             written += w
             progress(read)
@@ -362,12 +447,16 @@ class Volume:
         return self.store.transact(lambda tr: unpack(tr.get(self.ks.head()))[0])
 
     def allocate_inodes(self, count: int = INO_BATCH) -> range:
+        """A batch of unused inode numbers. Run again after its commit landed (result
+        unknown), it hands out the next batch: the first is never used, a waste of
+        numbers only (63 bits of them)."""
+
         def fn(tr: Transaction) -> int:
             first = unpack(tr.get(self.ks.next_ino()))[0]
             tr.set(self.ks.next_ino(), pack((first + count,)))
             return first
 
-        first = self.store.transact(fn)
+        first = self._write(fn, "inode numbers")
         return range(first, first + count)
 
     # -- reads at a version ----------------------------------------------------------
@@ -569,8 +658,13 @@ class Volume:
         idle_leases = tuple(idle_leases)
 
         wal_keys = self._wal_keys(changes, data)
+        attempts: Attempts[CommitResult] = Attempts(self)
 
         def fn(tr: Transaction) -> CommitResult:
+            if attempts.tried:
+                landed = attempts.landed(tr)
+                if landed is not None:
+                    return attempts.tried[landed]
             version = unpack(tr.get(self.ks.head()))[0] + 1
             if wal_keys:
                 self._check_wal(tr, wal_keys)
@@ -627,14 +721,15 @@ class Volume:
                 if raw is not None and Lease.unpack(raw).owner == self.author:
                     tr.clear(self.ks.lease(ino))
                     released.append((ino, "", 0.0))
-            entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released))
+            entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released),
+                             attempts.id)
             self._log(tr, version, entry)
             tr.set(self.ks.head(), pack((version,)))
-            return CommitResult(version, written)
+            return attempts.trying(version, CommitResult(version, written))
 
         if nowait:
             return self.store.transact_nowait(fn)  # type: ignore[attr-defined]
-        return self.store.transact(fn)
+        return attempts.run(fn)
 
     def _wal_keys(self, changes: ChangeSet, data: dict[int, DataCommit]) -> dict[WalKey, bool]:
         """The databases whose WAL ownership a commit must check: every name whose entry
@@ -683,7 +778,8 @@ class Volume:
                 tr.clear(self.ks.wal_owner(parent, name))
 
     def _log(self, tr: Transaction, version: int, entry: LogEntry) -> None:
-        tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases)))
+        tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases,
+                                           entry.commit)))
 
     def log_range(self, after: int, upto: int) -> list[LogEntry]:
         """Log entries of versions ``after`` < v <= ``upto``, oldest first."""
@@ -691,8 +787,8 @@ class Volume:
         def fn(tr: Transaction) -> list[LogEntry]:
             out = []
             for key, value in tr.get_range(self.ks.log(after + 1), self.ks.log(upto + 1)):
-                _, author, inodes, dirents, leases = unpack(value)
-                out.append(LogEntry(self.ks.parts(key)[-1], author, inodes, dirents, leases))
+                _, author, inodes, dirents, leases, *call = unpack(value)  # no call id: written by Volume.open
+                out.append(LogEntry(self.ks.parts(key)[-1], author, inodes, dirents, leases, *call))
             return out
 
         return self.store.transact(fn)
@@ -705,7 +801,13 @@ class Volume:
         older than the store's (it would write on stale reads).
         """
 
+        attempts: Attempts[float] = Attempts(self)
+
         def fn(tr: Transaction) -> float:
+            if attempts.tried:
+                landed = attempts.landed(tr)
+                if landed is not None:
+                    return attempts.tried[landed]
             now = time.time()
             raw = tr.get(self.ks.lease(ino))
             if raw is not None:
@@ -719,17 +821,21 @@ class Volume:
             expiry = now + ttl
             tr.set(self.ks.lease(ino), Lease(self.author, expiry, busy=True).pack())
             version = unpack(tr.get(self.ks.head()))[0] + 1
-            self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),)))
+            self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),),
+                                            commit=attempts.id))
             tr.set(self.ks.head(), pack((version,)))
-            return expiry
+            return attempts.trying(version, expiry)
 
-        return self.store.transact(fn)
+        return attempts.run(fn)
 
     def renew_leases(
         self, inos: Iterable[int], ttl: float, wal: Iterable[tuple[int, bytes]] = ()
     ) -> tuple[list[int], list[tuple[int, bytes]]]:
         """Extend this mount's write leases on ``inos`` and its WAL ownerships ``wal``
-        (no new version: only their holder's expiry moves); return those lost."""
+        (no new version: only their holder's expiry moves); return those lost.
+
+        Idempotent: run again after it landed, it finds the same records its own
+        and moves their expiry once more."""
         inos, wal = list(inos), list(wal)
 
         def fn(tr: Transaction) -> tuple[list[int], list[tuple[int, bytes]]]:
@@ -750,19 +856,24 @@ class Volume:
                     tr.set(key, Lease(self.author, expiry, True).pack())
             return lost, lost_wal
 
-        return self.store.transact(fn)
+        return self._write(fn, "lease renewal")
 
     def want_lease(self, ino: int, wait: float) -> None:
         """Log that this mount waits for ``ino``'s lease: its holder then holds its own
         writers back once its transaction ends, so the lease changes hands (coherence.py)."""
 
+        attempts: Attempts[None] = Attempts(self)
+
         def fn(tr: Transaction) -> None:
+            if attempts.tried and attempts.landed(tr) is not None:
+                return
             version = unpack(tr.get(self.ks.head()))[0] + 1
             event = (ino, WANT + self.author, time.time() + wait)
-            self._log(tr, version, LogEntry(version, self.author, leases=(event,)))
+            self._log(tr, version, LogEntry(version, self.author, leases=(event,), commit=attempts.id))
             tr.set(self.ks.head(), pack((version,)))
+            attempts.trying(version, None)
 
-        self.store.transact(fn)
+        attempts.run(fn)
 
     def lease(self, ino: int) -> Lease | None:
         """``ino``'s write lease, if a mount is writing it (an idle lease holds nobody back)."""
@@ -778,7 +889,11 @@ class Volume:
     def acquire_wal(self, parent: int, name: bytes, ttl: float) -> WalGrant:
         """Make this mount the WAL owner of database ``name`` in ``parent``. Fails with
         WalHeld while another live mount owns it. The grant says what the database and
-        its -wal are in the store now: the new owner must see exactly that."""
+        its -wal are in the store now: the new owner must see exactly that.
+
+        Idempotent: run again after it landed, it finds the record its own, writes
+        it with a later expiry and reads the same files (the record keeps others'
+        commits of them out)."""
 
         def fn(tr: Transaction) -> WalGrant:
             now = time.time()
@@ -808,7 +923,7 @@ class Volume:
                 files.append((n, ino, dver))
             return WalGrant(expiry, last, tuple(files))
 
-        return self.store.transact(fn)
+        return self._write(fn, "WAL ownership")
 
     def wal_holder(self, parent: int, name: bytes) -> Lease | None:
         """The live mount other than this one that owns database ``name``'s WAL, if any."""
@@ -817,7 +932,8 @@ class Volume:
         return held if held is not None and held.owner != self.author and held.live(time.time()) else None
 
     def release_wal(self, keys: Iterable[tuple[int, bytes]]) -> None:
-        """End this mount's WAL ownership of ``keys`` (those still its own)."""
+        """End this mount's WAL ownership of ``keys`` (those still its own). Idempotent:
+        run again after it landed, it finds them gone."""
         keys = list(keys)
 
         def fn(tr: Transaction) -> None:
@@ -827,22 +943,37 @@ class Volume:
                 if raw is not None and Lease.unpack(raw).owner == self.author:
                     tr.clear(key)
 
-        self.store.transact(fn)
+        self._write(fn, "WAL release")
 
     # -- staging: transactions bigger than one store transaction ------------------------
     def begin_staging(self, ino: int, mount_id: str) -> int:
-        """Reserve a version for a big write of ``ino``; its blocks go there, invisible."""
+        """Reserve a version for a big write of ``ino``; its blocks go there, invisible.
+
+        Run again after its commit landed (result unknown), it must not reserve a
+        second version: the first would block every commit of the file until gc.
+        Its proof of landing is its own record: the only transaction at a version
+        is the one that moved the head there, so a staging of ``ino`` at a version
+        an attempt tried, in ``mount_id``'s name, is that attempt's (a mount stages
+        a file once at a time). A first attempt reads nothing more.
+        """
+        tried: list[int] = []
 
         def fn(tr: Transaction) -> int:
+            for version in tried:
+                raw = tr.get(self.ks.staging(ino, version))
+                if raw is not None and unpack(raw)[0] == mount_id:
+                    return version
             version = unpack(tr.get(self.ks.head()))[0] + 1
             tr.set(self.ks.head(), pack((version,)))
             tr.set(self.ks.staging(ino, version), pack((mount_id, time.time())))
+            tried.append(version)
             return version
 
-        return self.store.transact(fn)
+        return self._write(fn, f"staging of ino {ino}")
 
     def stage_blocks(self, ino: int, version: int, blocks: dict[int, bytes], mount_id: str) -> None:
-        """One store transaction's worth of staged blocks (the caller keeps it under the limits)."""
+        """One store transaction's worth of staged blocks (the caller keeps it under the
+        limits). Idempotent: run again after it landed, it writes the same keys."""
 
         def fn(tr: Transaction) -> None:
             if tr.get(self.ks.staging(ino, version)) is None:
@@ -852,7 +983,7 @@ class Volume:
                 tr.set(self.ks.staged(ino, version, block_no), b"")
             tr.set(self.ks.staging(ino, version), pack((mount_id, time.time())))
 
-        self.store.transact(fn)
+        self._write(fn, f"staging of ino {ino}")
 
     def stagings(self) -> list[tuple[int, int, str, float]]:
         """Every staging in the volume: (ino, version, mount id, last heartbeat)."""
@@ -868,7 +999,10 @@ class Volume:
         return self.store.transact(fn)
 
     def cleanup_staging(self, ino: int, version: int, batch: int = 2000) -> int:
-        """Remove a staging that will never be published; return how many blocks it had."""
+        """Remove a staging that will never be published; return how many blocks it had.
+
+        Idempotent: a batch run again after it landed finds its keys gone and goes
+        on with the rest (the count then misses that batch: it is for log lines)."""
         removed = 0
         begin, end = self.ks.children("stg", ino, version)
 
@@ -882,7 +1016,7 @@ class Volume:
             return len(rows)
 
         while True:
-            n = self.store.transact(fn)
+            n = self._write(fn, f"cleanup of ino {ino}")
             removed += n
             if n < batch:
                 return removed

@@ -25,6 +25,7 @@ from .base import (
     CommitUnknownResult,
     ConflictError,
     ReadView,
+    RetryableError,
     Store,
     StoreError,
     Transaction,
@@ -35,7 +36,7 @@ from .base import (
 
 T = TypeVar("T")
 
-#: FoundationDB's own retry limit in the adapter (foundationdb.py): a simulated cluster gives up alike
+#: retries after the first attempt, as the FoundationDB adapter's option (foundationdb.py)
 RETRY_LIMIT = 100
 SOURCE = "--simulate"
 
@@ -169,8 +170,25 @@ class SimulatedStore:
     # Store protocol
 
     def transact(self, fn: Callable[[Transaction], T]) -> T:
-        """FoundationDB's retry loop (``on_error``): refusals and unknown results are retried."""
-        return run_with_retries(lambda: self._attempt(fn), retry_limit=RETRY_LIMIT, what=self.description)
+        """FoundationDB's retry loop (``on_error``): refusals and unknown results are
+        retried. Given up after an attempt whose result was unknown, the error is
+        CommitUnknownResult whatever the last attempt's was, as the adapter's."""
+        maybe_landed = False
+
+        def attempt() -> T:
+            nonlocal maybe_landed
+            try:
+                return self._attempt(fn)
+            except CommitUnknownResult:
+                maybe_landed = True
+                raise
+
+        try:
+            return run_with_retries(attempt, retry_limit=RETRY_LIMIT + 1, what=self.description)
+        except RetryableError as e:
+            if maybe_landed and not isinstance(e, CommitUnknownResult):
+                raise CommitUnknownResult(f"{e}; an earlier attempt's commit result was unknown") from e
+            raise
 
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
         """The inner store's wait, after one read round trip (FoundationDB reads the key, then watches it)."""
