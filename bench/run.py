@@ -85,7 +85,7 @@ Workload = Callable[[Side, Config], Measure]
 
 #: timed runs of the small-transaction workload per side, median reported: single
 #: 5-second runs of the mount ranged from 588 to 795 commits/s within one hour (where
-#: the kernel placed the app and the daemon decides much, docs/architecture.md)
+#: the kernel placed the app and the daemon decides much, docs/benchmarks.md)
 SMALL_TXN_RUNS = 3
 
 
@@ -520,7 +520,7 @@ def run_workload(name: str, local: Side, mount: Side, daemon: Daemon, cfg: Confi
 #: workloads also run with the application and a mount of its own pinned to one CPU
 #: (`taskset -c N` on both, as README's "Small transactions on one CPU" advises):
 #: this VM pays ~15 us per wake-up of an idle CPU, and there the mount commits
-#: small transactions on its event loop (docs/architecture.md)
+#: small transactions on its event loop (docs/decisions/2026-11-24-commit-on-a-worker-thread.md)
 ONE_CPU_WORKLOADS = {"small_write_txns"}
 
 

@@ -155,7 +155,7 @@ class Transactions:
         self._inos: Iterable[int] = iter(())
         #: small commits run on the event loop's own thread (mount.py decides: when the
         #: mount has a single CPU, a hop to a worker thread and back costs more than
-        #: the commit's wait for the disk; docs/architecture.md)
+        #: the commit's wait for the disk; docs/decisions/2026-11-24-commit-on-a-worker-thread.md)
         self.inline_commits = False
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:

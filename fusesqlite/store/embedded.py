@@ -60,7 +60,7 @@ ALLOW_SHARED_OPTION = "--allow-shared-store"
 #: into overflow pages, so with 4 KiB pages every encoded 4 KiB block cost two page
 #: reads (leaf and overflow) and two preads. From 32 KiB on a block fits in its leaf:
 #: a cold scan reads the store ~40% faster and big transactions write less, at the
-#: price of bigger WAL frames for small commits (figures in docs/architecture.md).
+#: price of bigger WAL frames for small commits (docs/decisions/2026-11-24-store-pages-32k.md).
 PAGE_SIZE = 32768
 
 #: commits by ``transact_nowait`` between two checkpoints of the WAL. Its connection
@@ -268,7 +268,8 @@ class EmbeddedStore:
         since this attempt's snapshot, and once every ``CHECKPOINT_EVERY`` commits
         (the WAL is due for a checkpoint); the caller then uses ``transact``. For a
         caller that must not block (an event loop committing small transactions
-        itself, where handing them to a thread costs more: docs/architecture.md).
+        itself, where handing them to a thread costs more:
+        docs/decisions/2026-11-24-commit-on-a-worker-thread.md).
         Call it from one thread at a time.
 
         Why not a checkpoint on a thread of its own: it never catches up with an
