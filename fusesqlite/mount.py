@@ -59,9 +59,9 @@ def tune_malloc(memory_mb: int) -> None:
     each time (a new mmap, or heap given back by trimming and taken again). On a VM
     that reports free pages to its host, fresh memory costs a host fault per page:
     the cold scan ran at 430-640 MiB/s, with fixed thresholds at 710-820 MiB/s
-    (docs/architecture.md). The heap keeps at most a quarter of the memory budget
-    free before it trims; two arenas at most, since one per thread would keep freed
-    block buffers resident per thread.
+    (docs/decisions/2026-11-24-malloc-thresholds.md). The heap keeps at most a
+    quarter of the memory budget free before it trims; two arenas at most, since one
+    per thread would keep freed block buffers resident per thread.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
