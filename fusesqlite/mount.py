@@ -167,7 +167,8 @@ def _commit_inline(store: object) -> bool:
     A worker thread then runs on that same CPU anyway: it buys no parallelism, and the
     hop to it and back costs more than the commit's own wait for the disk. With more
     CPUs the thread stays: committing on the loop there measured slower, the kernel
-    then placing the daemon and the application apart (docs/architecture.md).
+    then placing the daemon and the application apart
+    (docs/decisions/2026-11-24-commit-on-a-worker-thread.md).
     """
     cpus = _daemon_cpus()
     inline = cpus == 1 and hasattr(store, "transact_nowait")
