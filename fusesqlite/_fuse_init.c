@@ -314,15 +314,22 @@ static void init_hook(void *userdata, struct fuse_conn_info *conn)
     if (killpriv_wanted == 2 && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV))
         patch_init = 1;
     conn->want = (conn->want & ~clear_mask) | (set_mask & conn->capable);
-    if (killpriv_wanted && lf.version >= 317 && (conn->capable & FUSE_CAP_HANDLE_KILLPRIV)) {
-        conn->want |= FUSE_CAP_HANDLE_KILLPRIV; /* 3.17 puts it in the reply then */
-        killpriv_sent = 1;
-    }
-    /* 3.14 asks for parallel directory operations by default, 3.17 no longer does:
-     * the mount was written and tested with them (the kernel then lets lookups and
-     * creates in one directory run at once) */
-    if (lf.version >= 317)
+    /* On 3.17, ask for what the mount gets on 3.14, where it was written and tested
+     * (the same `want`): */
+    if (lf.version >= 317) {
+        /* parallel directory operations: 3.14 asks for them by default, 3.17 no longer
+         * does (the kernel then lets lookups and creates in one directory run at once) */
         conn->want |= FUSE_CAP_PARALLEL_DIROPS & conn->capable;
+        if (killpriv_wanted) {
+            if (conn->capable & FUSE_CAP_HANDLE_KILLPRIV) {
+                conn->want |= FUSE_CAP_HANDLE_KILLPRIV; /* 3.17 puts it in the reply then */
+                killpriv_sent = 1;
+            }
+            /* requests read into memory, not spliced: on 3.14 the custom I/O that sends
+             * the flag has no splice_receive, so libfuse cannot splice there */
+            conn->want &= ~FUSE_CAP_SPLICE_READ;
+        }
+    }
     want = conn->want;
     capable = conn->capable;
     negotiated = 1;
