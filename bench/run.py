@@ -1,6 +1,6 @@
 """Benchmarks: each workload on a fresh fusesqlite mount and on the local disk, same run.
 
-    python3 bench/run.py [--quick] [--only NAME ...] [--json PATH] [--source DIR]
+    python3 bench/run.py [--quick] [--only NAME ...] [--json PATH] [--source DIR] [--simulate SPEC]
 
 Each workload runs first on the local disk (the file system holding the mount's
 store), then on the mount, and the summary compares them. ratio is the mount's
@@ -8,7 +8,9 @@ speed over the local disk's (for speedtest1: local time / mount time), so higher
 is better and 1.0 is parity. The targets are the project's speed goals for the
 embedded store; they are judged here, never in timed tests. The daemon's peak
 RSS and CPU seconds per transaction are reported too. --quick shrinks every
-workload for a smoke test of the harness (well under a minute).
+workload for a smoke test of the harness (well under a minute). --simulate puts
+the mount's store behind a simulated FoundationDB cluster (docs/simulated-store.md),
+e.g. --simulate latency_ms=1,commit_ms=4: the local disk side stays as it is.
 """
 from __future__ import annotations
 
@@ -631,7 +633,11 @@ def main() -> int:
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--mount-args", default="", metavar="ARGS",
                     help="more `fusesqlite mount` options, e.g. --mount-args=--no-writeback-cache")
+    ap.add_argument("--simulate", metavar="SPEC",
+                    help="the mount's store behind a simulated FoundationDB cluster (`fusesqlite mount --simulate`), "
+                    "e.g. latency_ms=1,commit_ms=4")
     args = ap.parse_args()
+    mount_args = shlex.split(args.mount_args) + (["--simulate", args.simulate] if args.simulate else [])
     cfg = QUICK if args.quick else Config()
     overrides = {"seconds": args.seconds, "scan_mb": args.scan_mb, "speedtest_size": args.speedtest_size}
     cfg = Config(**{**asdict(cfg), **{k: v for k, v in overrides.items() if v is not None}})
@@ -641,11 +647,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fusesqlite-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         (work / "local").mkdir()
-        daemon = Daemon(work, args.source.resolve(), tuple(shlex.split(args.mount_args)))
+        daemon = Daemon(work, args.source.resolve(), tuple(mount_args))
         local = Side("local", work / "local", drop_page_cache)
         mount = Side("mount", daemon.mountpoint, daemon.restart)
         try:
-            print(f"{cfg}; local disk: {work / 'local'}; mount options: {args.mount_args or '(defaults)'}", flush=True)
+            print(f"{cfg}; local disk: {work / 'local'}; mount options: {shlex.join(mount_args) or '(defaults)'}",
+                  flush=True)
             round_trip = fuse_round_trips(work, daemon)
             print(f"FUSE round trip (fsync doing no work): {round_trip}", flush=True)
             for name in names:
@@ -665,6 +672,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "config": asdict(cfg),
+            "mount_args": mount_args,
             "fuse_round_trip": round_trip,
             "daemon": {"peak_rss_mib": peak_mib, "cpu_s": cpu_s, "exit_code": code},
             "workloads": [asdict(r) for r in rows],
