@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterable, TypeVar
@@ -308,9 +309,10 @@ class Volume:
         self.author = author
         self.ks = Keyspace(name)
         self.block_size = DEFAULT_BLOCK_SIZE
-        #: ids of this Volume's calls that write a version (``Attempts``): with the
-        #: author, unique in the volume
-        self._call_ids = itertools.count(1)
+        #: ids of this Volume's calls that write a version (``Attempts``): counted from
+        #: a random start, so that two Volumes with one author (gc's and upgrade's have
+        #: none) do not share ids
+        self._call_ids = itertools.count(int.from_bytes(os.urandom(7), "big") + 1)
         #: WAL ownership as commits check it, in their own store transaction (``_check_wal``).
         #: This mount's (parent, name) of an inode (set by the file system's operations,
         #: fs/base.py; read from worker threads)
