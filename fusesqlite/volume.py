@@ -964,6 +964,8 @@ class Volume:
             for version in tried:
                 raw = tr.get(self.ks.staging(ino, version))
                 if raw is not None and unpack(raw)[0] == mount_id:
+                    log.info("event=commit_found what=staging ino=%d version=%d cause=%r", ino, version,
+                             "the store reported an attempt's result as unknown; it had committed")
                     return version
             version = unpack(tr.get(self.ks.head()))[0] + 1
             tr.set(self.ks.head(), pack((version,)))

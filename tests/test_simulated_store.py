@@ -243,8 +243,9 @@ def test_every_volume_write_lands_exactly_once_when_results_are_unknown(tmp_path
         assert rec.size == 3 * vol.block_size
         raw = vol.read_blocks(data_ino, range(3), rec.dver)
         assert [decode_block(raw[b], data_ino, b, vol.block_size) for b in range(3)] == [bytes([13]) * vol.block_size] * 3
-        found = [r for r in caplog.records if "event=commit_found" in r.getMessage()]
+        found = [r.getMessage() for r in caplog.records if "event=commit_found" in r.getMessage()]
         assert len(found) >= 5, "the simulated cluster should have reported several applied commits as unknown"
+        assert any("what=staging" in line for line in found), "no staging's reservation was reported unknown"
     finally:
         store.close()
 
@@ -319,3 +320,28 @@ def test_a_counter_incremented_on_two_mounts_with_unknown_results_and_conflicts_
     logs = first.log_text() + second.log_text()
     assert "event=store_simulated" in first.log_text()
     assert "event=commit_found" in logs  # unknown results did reach the volume's commits
+
+
+@pytest.mark.timeout(180)
+def test_a_big_transaction_commits_once_and_leaves_no_staging_when_results_are_unknown(mounts):
+    """A transaction beyond the memory budget is staged (begin_staging, stage_blocks)
+    and published by a small commit; with a fifth of the commits reported unknown,
+    it commits once, whole, and its staging is gone (a second reservation would stay
+    behind and block the file)."""
+    from test_big_transactions import SMALL, check, count_keys, insert_rows, make_db
+
+    m = mounts(extra_args=(*SMALL, "--simulate", "unknown_result=0.2,seed=29"), debug=True)
+    db = m / "big.db"
+    make_db(db)
+    con = insert_rows(db, 8000)  # ~8 MB in one transaction: staged in 1 MiB chunks
+    con.close()
+    assert check(db) == (8100, "ok")
+    make_db(m / "after.db")  # the file system still commits
+    m.stop()
+    log = m.log_text()
+    assert log.count("event=staged ") >= 4, "the transaction should have been staged in chunks"
+    assert "event=commit_found" in log
+    assert count_keys(m.store, None, "staging") == 0
+    assert count_keys(m.store, None, "stg") == 0
+    again = mounts.remount(m)
+    assert check(again / "big.db") == (8100, "ok")
