@@ -22,7 +22,7 @@ from fusesqlite.store import (
     parse_simulate,
 )
 from fusesqlite.volume import ChangeSet, DataCommit, Volume
-from helpers import run_cli
+from helpers import ONE_CPU, run_cli
 from test_many_mounts import INCREMENT, new_counter, query, wait_for
 
 FILE = Inode(mode=0o100644, uid=0, gid=0, nlink=1)
@@ -165,6 +165,15 @@ def test_given_up_after_an_unknown_result_the_error_says_unknown(tmp_path, monke
         assert ConflictError in errors  # four refusals in a row: nothing was applied
     finally:
         store.close()
+
+
+def test_a_mount_behind_a_simulated_cluster_commits_on_worker_threads(mounts):
+    """On one CPU an embedded store's small commits run on the event loop
+    (transact_nowait); a cluster's commit is a round trip, so they stay on threads."""
+    m = mounts(extra_args=("--simulate", "latency_ms=1"), cpus=ONE_CPU)
+    (m / "x").write_bytes(b"data")
+    assert m.wait_log("event=commit_path inline=no cpus=1"), m.log_tail()
+    assert "event=store_simulated latency_ms=1 commit_ms=0" in m.log_text()
 
 
 # -- the volume's writes under "result unknown" -------------------------------------------
