@@ -800,7 +800,12 @@ class Volume:
         """Take (or renew) this mount's write lease on ``ino``; return its expiry.
 
         Fails if another mount holds it, or if this mount's view of the file is
-        older than the store's (it would write on stale reads).
+        older than the store's (it would write on stale reads). A newer version this
+        mount committed itself is no stale view: it was based on everything before
+        it, and this mount holds what it wrote. The view is older only because the
+        caller read the file's record while that commit was still in flight (a
+        WAL session's last close publishes the database while SQLite, holding its
+        lock, already writes the next transaction's journal).
         """
 
         attempts: Attempts[float] = Attempts(self)
@@ -817,7 +822,7 @@ class Volume:
                 if held.owner != self.author and held.busy and held.live(now):
                     raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
             raw = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
-            if raw and Inode.unpack(raw).dver != view_dver:
+            if raw and Inode.unpack(raw).dver != view_dver and not self._written_here(tr, Inode.unpack(raw).dver):
                 head = unpack(tr.get(self.ks.head()))[0]
                 raise StaleView(f"ino {ino} changed in the store since this mount read it", head)
             expiry = now + ttl
@@ -829,6 +834,11 @@ class Volume:
             return attempts.trying(version, expiry)
 
         return attempts.run(fn)
+
+    def _written_here(self, tr: Transaction, version: int) -> bool:
+        """Whether this mount committed ``version`` (its log entry's author)."""
+        raw = tr.get(self.ks.log(version))
+        return raw is not None and unpack(raw)[1] == self.author
 
     def renew_leases(
         self, inos: Iterable[int], ttl: float, wal: Iterable[tuple[int, bytes]] = ()

@@ -193,3 +193,4 @@ def test_an_upgrade_that_meets_a_commit_fails_and_runs_again(tmp_path):
     for parent in dirs:
         assert _names_at(vol, parent, head) == expected[parent]
     assert vol.upgrade() is None
+
