@@ -317,8 +317,8 @@ static void init_hook(void *userdata, struct fuse_conn_info *conn)
     /* On 3.17, ask for what the mount gets on 3.14, where it was written and tested
      * (the same `want`): */
     if (lf.version >= 317) {
-        /* parallel directory operations: 3.14 asks for them by default, 3.17 no longer
-         * does (the kernel then lets lookups and creates in one directory run at once) */
+        /* parallel directory operations: 3.14 asks for them by default, 3.17 does
+         * not (the kernel then lets lookups and creates in one directory run at once) */
         conn->want |= FUSE_CAP_PARALLEL_DIROPS & conn->capable;
         if (killpriv_wanted) {
             if (conn->capable & FUSE_CAP_HANDLE_KILLPRIV) {

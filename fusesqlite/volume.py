@@ -570,7 +570,7 @@ class Volume:
         one query instead of one per block (plus its key packing) is most of a
         cold scan's cost. Where the limit cuts the range (hot blocks such as
         page 1 change at every commit until garbage collection exists), the
-        blocks it did not cover are read one reverse read each, as before.
+        blocks it did not cover are read one reverse read each.
         """
         wanted = sorted(set(block_nos))
 
