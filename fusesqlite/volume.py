@@ -249,7 +249,7 @@ class Attempts(Generic[R]):
     each attempt after the first with ``landed``: it reads the log entry at each
     version an earlier attempt tried, and if one carries this call's id, that
     attempt committed and the function returns its result, writing nothing. A
-    first attempt reads nothing more than before. Two attempts cannot both land:
+    first attempt reads nothing a commit does not read anyway. Two attempts cannot both land:
     each reads the head and writes it, so the second conflicts with the first
     (on FoundationDB too, where an attempt whose result is unknown may still be in
     flight: it then conflicts with the retry that read the old head, or the retry
