@@ -400,6 +400,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mount-args", default="",
                    help="extra arguments for fusesqlite mount, one string: --mount-args=--no-writeback-cache")
     p.add_argument("--timeout", type=float, default=300, help="seconds per file and place (default 300)")
+    p.add_argument(
+        "--slowdown", type=float, default=20,
+        help="a file on the mount may also take this many times its time on the local disk, if that is "
+        "longer than --timeout (default 20: walcrash3.test takes about 90 s locally, 700-1000 s on a mount)",
+    )
     p.add_argument("--jobs", type=int, default=1,
                    help="files run at once (default 1; daemon log lines are attributed to a file "
                         "only when this is 1)")
@@ -456,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             note = mount.ensure()
             log_start = mount.log_size()
         mrun = run_file(testfixture, test, mount.mountpoint / name, work / "out" / f"{name}.mount.txt",
-                        a.timeout, children)
+                        max(a.timeout, a.slowdown * local.seconds), children)
         with log_lock:
             lines = mount.log_lines(log_start, mount.log_size())
             if not mount.alive():
@@ -512,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             "sqlite_src": str(src),
             "mount_args": shlex.split(a.mount_args),
             "timeout": a.timeout,
+            "slowdown": a.slowdown,
             "interrupted": interrupted,
             "summary": {"files": len(results), "matching": matching,
                         "seconds_local": round(t_local, 1), "seconds_mount": round(t_mount, 1)},
