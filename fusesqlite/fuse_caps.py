@@ -98,6 +98,12 @@ def load() -> None:
     _module = _fuse_init
 
 
+def known_off() -> str | None:
+    """Why the native path is off where that is known before pyfuse3 makes the session
+    (the switch, pyfuse3's version, the module not built), else None."""
+    return _why_not if _module is None else None
+
+
 def why_not_native() -> str | None:
     """Why the native path is off, or None if it is on (once pyfuse3 made the session)."""
     if _module is None:

@@ -155,6 +155,23 @@ def writeback_cache_default() -> bool:
     return _kernel_release() >= WRITEBACK_CORRECT_SINCE
 
 
+def _writeback_cache_possible(ops: Operations, wanted: bool) -> bool:
+    """The writeback cache only where the native path engaged (known once pyfuse3 made
+    the session, before the kernel's handshake asks for it).
+
+    Without the hooks libfuse's auto_inval_data stays on (fuse_caps.py), and the two
+    together lose data: killed during a stream of synchronous=OFF transactions, a
+    mount left a malformed database in about half the runs
+    (tests/test_crash_modes.py with FUSESQLITE_NATIVE=0), none without either.
+    """
+    why = fuse_caps.why_not_native()
+    if not wanted or why is None:
+        return wanted
+    ops.enable_writeback_cache = ops.writeback_cache = False
+    log.warning("event=writeback_cache_off cause=%r", f"the native path is off ({why}): auto_inval_data is on")
+    return False
+
+
 def _daemon_cpus() -> int:
     """CPUs the daemon may run on (taskset, a container's cpuset): with one, a worker
     thread buys no parallelism and a busy poll would take the app's CPU."""
@@ -257,11 +274,19 @@ def serve(config: MountConfig) -> None:
     if root_only:
         options.discard("default_permissions")
     fuse_caps.clear_setuid_in_daemon(root_only)
+    if config.writeback_cache and fuse_caps.known_off() is not None:
+        own_mount.stop()
+        raise MountError(
+            f"--writeback-cache needs the native path, which is off ({fuse_caps.known_off()}): "
+            "libfuse's auto_inval_data then stays on, and with it the cache loses commits at a crash; "
+            "mount without --writeback-cache"
+        )
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as e:
         own_mount.stop()
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
+    writeback_cache = _writeback_cache_possible(ops, writeback_cache)
     log.info(
         "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
         "permissions=%s mount_id=%s",

@@ -202,14 +202,30 @@ def test_without_writeback_cache(mounts):
     assert query(m / "plain.sqlite", "SELECT count(*) FROM t") == [(10,)]
 
 
-def test_the_default_is_the_writeback_cache_only_where_the_kernel_makes_it_correct(mounts):
+def test_the_default_is_the_writeback_cache_only_where_the_kernel_makes_it_correct(mounts, tmp_path):
     """Before Linux 6.16 syncfs(2) of a FUSE mount can return with pages still queued, so
-    a synchronous=OFF commit could miss them: the default there is without the cache."""
+    a synchronous=OFF commit could miss them: the default there is without the cache.
+    Without the native path libfuse's auto_inval_data stays on, and the cache with it
+    left malformed databases after a kill -9 (tests/test_crash_modes.py): off there too,
+    and --writeback-cache is refused in one line."""
     from fusesqlite.mount import WRITEBACK_CORRECT_SINCE, _kernel_release
+    from helpers import run_cli
+    from native_path import expected
 
+    native, _ = expected()
     m = mounts()
-    want = "on" if _kernel_release() >= WRITEBACK_CORRECT_SINCE else "off"
+    kernel_ok = _kernel_release() >= WRITEBACK_CORRECT_SINCE
+    want = "on" if kernel_ok and native else "off"
     assert m.wait_log(_writeback_said(m, want))
+    assert ("event=writeback_cache_off" in m.log_text()) == (kernel_ok and not native), m.log_tail()
+    if not native:
+        refused = tmp_path / "refused"
+        refused.mkdir()
+        done = run_cli("mount", str(refused), "--store", m.store, "--writeback-cache")
+        lines = [line for line in done.stderr.splitlines() if line.startswith("fusesqlite: error:")]
+        assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "--writeback-cache needs the native path" in lines[0], lines[0]
+        return
     forced = mounts(extra_args=("--writeback-cache",))
     assert forced.wait_log(_writeback_said(forced, "on"))
     assert ("event=old_kernel" in forced.log_text()) == (want == "off")
