@@ -18,6 +18,7 @@ from fusesqlite.store.embedded import EmbeddedStore
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import ChangeSet, Volume
 from helpers import page_cache_bytes, run_py
+from native_path import native_on
 
 INCREMENT = r"""
 import sqlite3, sys, time
@@ -512,7 +513,10 @@ def test_kernel_keeps_pages_across_own_commits_and_drops_them_on_others(mounts):
         con.commit()
         assert con.execute("SELECT max(k) FROM t").fetchone() >= (2001,)
         os.stat(db)
-    assert page_cache_bytes(db) >= size * 0.9, f"own commits dropped the cache\n{a.log_tail()}"
+    if native_on(a):
+        assert page_cache_bytes(db) >= size * 0.9, f"own commits dropped the cache\n{a.log_tail()}"
+    else:  # the documented cost of the pure-Python path (docs/portability.md)
+        assert page_cache_bytes(db) < size / 2, f"auto_inval_data is on, yet own commits kept the cache\n{a.log_tail()}"
     # B follows A's commits a moment later; a transaction on an older view would fail
     assert wait_for(lambda: query(b / "cached.db", "SELECT max(k) FROM t") == [(2003,)])
     other = sqlite3.connect(b / "cached.db", timeout=30)
