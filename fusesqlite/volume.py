@@ -16,7 +16,7 @@ from typing import Callable, Generic, Iterable, TypeVar
 from fusesqlite.identity import dead_here
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import Keyspace, pack, unpack
-from fusesqlite.store.base import CommitUnknownResult, Store, StoreError, Transaction
+from fusesqlite.store.base import CommitUnknownResult, RangeRead, Store, StoreError, Transaction
 
 log = logging.getLogger("fusesqlite.volume")
 
@@ -28,12 +28,19 @@ FORMAT = 2
 UPGRADABLE = 1
 DEFAULT_BLOCK_SIZE = 4096
 INO_BATCH = 1024
+#: a version above every version: "the latest version" of a versioned key
+ALL_VERSIONS = 1 << 62
 #: full ``transact`` calls a transaction that writes a version gets when the store
 #: gives up with its result unknown (CommitUnknownResult): each call first looks
 #: for what an earlier attempt committed (``Attempts``)
 RESOLVE_CALLS = 3
 
 R = TypeVar("R")
+
+
+def _value(rows: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The value of a ``RangeRead.key`` or ``RangeRead.last`` read (None: nothing there)."""
+    return rows[0][1] if rows else None
 
 
 class VolumeFormatError(ValueError):
@@ -662,29 +669,50 @@ class Volume:
         wal_keys = self._wal_keys(changes, data)
         attempts: Attempts[CommitResult] = Attempts(self)
 
+        inos = list(changes.inodes)
+        expects = list(changes.expect.items())
+        leases = [*idle_leases, *release_leases]
+        wal_order = sorted(wal_keys)
+        reads = [
+            RangeRead.key(self.ks.head()),
+            *(RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)) for ino in inos),
+            *(RangeRead(*self.ks.children("staging", ino)) for ino in inos if ino in data),
+            *(RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "d", parent, name)) for (parent, name), _ in expects),
+            *(RangeRead.key(self.ks.lease(ino)) for ino in leases),
+            *(RangeRead.key(self.ks.wal_owner(parent, name)) for parent, name in wal_order),
+        ]
+
         def fn(tr: Transaction) -> CommitResult:
             if attempts.tried:
                 landed = attempts.landed(tr)
                 if landed is not None:
                     return attempts.tried[landed]
-            version = unpack(tr.get(self.ks.head()))[0] + 1
+            # everything the commit checks, in one round trip (in this order: ``reads``)
+            answers = iter(tr.get_ranges(reads))
+            version = unpack(next(answers)[0][1])[0] + 1
+            records = {ino: _value(next(answers)) for ino in inos}
+            stagings = {ino: next(answers) for ino in inos if ino in data}
+            entries = {key: _value(next(answers)) for key, _ in expects}
+            held = {ino: _value(next(answers)) for ino in leases}
             if wal_keys:
-                self._check_wal(tr, wal_keys)
+                self._check_wal(tr, wal_keys, {key: _value(next(answers)) for key in wal_order})
             written: dict[int, Inode | None] = {}
             for ino, rec in changes.inodes.items():
-                raw = self._latest(tr, self.ks.versions_upto(version, "i", ino))
+                raw = records[ino]
                 current = Inode.unpack(raw) if raw else None
                 dc = data.get(ino)
                 if dc is not None:
                     if current is not None and current.dver != dc.based_on:
                         raise StaleWrite(f"ino {ino} was committed elsewhere after version {dc.based_on}")
-                    for key, value in tr.get_range(*self.ks.children("staging", ino)):
+                    staged_here = False
+                    for key, value in stagings[ino]:
                         staged = self.ks.parts(key)[-1]
                         if staged != dc.staging:
                             owner, heartbeat = unpack(value)
                             raise StagingConflict(ino, staged, owner, heartbeat)
+                        staged_here = True
                     if dc.staging is not None:
-                        if tr.get(self.ks.staging(ino, dc.staging)) is None:
+                        if not staged_here:
                             raise StaleWrite(f"staging of ino {ino} at version {dc.staging} was reclaimed")
                         tr.clear(self.ks.staging(ino, dc.staging))
                         tr.clear_range(*self.ks.children("stg", ino, dc.staging))  # its blocks are published
@@ -696,8 +724,8 @@ class Volume:
                     rec = rec.with_data_of(current)
                 written[ino] = rec
                 tr.set(self.ks.inode(ino, version), rec.pack() if rec else b"")
-            for (parent, name), expected in changes.expect.items():
-                raw = self._latest(tr, self.ks.versions_upto(version, "d", parent, name))
+            for (parent, name), expected in expects:
+                raw = entries[(parent, name)]
                 current = unpack(raw)[0] if raw else None
                 if current != expected:
                     raise EntryChanged(parent, name, expected, current)
@@ -711,7 +739,7 @@ class Volume:
                 tr.set(self.ks.block(ino, block_no, version), value)
             released = []
             for ino in idle_leases:
-                raw = tr.get(self.ks.lease(ino))
+                raw = held[ino]
                 lease = Lease.unpack(raw) if raw is not None else None
                 if lease is None or lease.owner != self.author:
                     raise LeaseLost(f"ino {ino}: mount {lease.owner if lease else '(none)'} took the write lease")
@@ -719,7 +747,7 @@ class Volume:
                     tr.set(self.ks.lease(ino), Lease(self.author, lease.expiry, busy=False).pack())
                 released.append((ino, "", 0.0))  # other mounts' writers may go: it is theirs for the taking
             for ino in release_leases:
-                raw = tr.get(self.ks.lease(ino))
+                raw = held[ino]
                 if raw is not None and Lease.unpack(raw).owner == self.author:
                     tr.clear(self.ks.lease(ino))
                     released.append((ino, "", 0.0))
@@ -751,8 +779,8 @@ class Volume:
                 keys[(known[0], wal_database(known[1]) or known[1])] = False
         return keys
 
-    def _check_wal(self, tr: Transaction, keys: dict[WalKey, bool]) -> None:
-        """In a commit's store transaction: the WAL records of ``keys`` allow it.
+    def _check_wal(self, tr: Transaction, keys: dict[WalKey, bool], records: dict[WalKey, bytes | None]) -> None:
+        """In a commit's store transaction: the WAL records of ``keys`` (read as ``records``) allow it.
 
         Where this mount has a WAL index of the database, the record must name this
         mount: whoever took it since (only possible once this mount's expired) may
@@ -769,7 +797,7 @@ class Volume:
             if key in self.wal_poisoned and not creates_wal:
                 raise WalLost(parent, name, "a commit of it or of its -wal failed on this mount, or its WAL "
                               "ownership was lost, while its WAL index was open here")
-            raw = tr.get(self.ks.wal_owner(parent, name))
+            raw = records[key]
             held = Lease.unpack(raw) if raw is not None else None
             if key in self.wal_mine:
                 if held is None or held.owner != self.author:
@@ -809,6 +837,8 @@ class Volume:
         """
 
         attempts: Attempts[float] = Attempts(self)
+        reads = [RangeRead.key(self.ks.lease(ino)), RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)),
+                 RangeRead.key(self.ks.head())]
 
         def fn(tr: Transaction) -> float:
             if attempts.tried:
@@ -816,18 +846,16 @@ class Volume:
                 if landed is not None:
                     return attempts.tried[landed]
             now = time.time()
-            raw = tr.get(self.ks.lease(ino))
-            if raw is not None:
-                held = Lease.unpack(raw)
+            lease, record, head = map(_value, tr.get_ranges(reads))
+            if lease is not None:
+                held = Lease.unpack(lease)
                 if held.owner != self.author and held.busy and held.live(now):
                     raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
-            raw = self._latest(tr, self.ks.versions_upto(1 << 62, "i", ino))
-            if raw and Inode.unpack(raw).dver != view_dver and not self._written_here(tr, Inode.unpack(raw).dver):
-                head = unpack(tr.get(self.ks.head()))[0]
-                raise StaleView(f"ino {ino} changed in the store since this mount read it", head)
+            version = unpack(head)[0] + 1
+            if record and Inode.unpack(record).dver != view_dver and not self._written_here(tr, Inode.unpack(record).dver):
+                raise StaleView(f"ino {ino} changed in the store since this mount read it", version - 1)
             expiry = now + ttl
             tr.set(self.ks.lease(ino), Lease(self.author, expiry, busy=True).pack())
-            version = unpack(tr.get(self.ks.head()))[0] + 1
             self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),),
                                             commit=attempts.id))
             tr.set(self.ks.head(), pack((version,)))
@@ -919,7 +947,7 @@ class Volume:
             tr.set(key, Lease(self.author, expiry, True).pack())
             last, files = 0, []
             for n in (name, name + b"-wal"):
-                rows = tr.get_range(*self.ks.versions_upto(1 << 62, "d", parent, n), limit=1, reverse=True)
+                rows = tr.get_range(*self.ks.versions_upto(ALL_VERSIONS, "d", parent, n), limit=1, reverse=True)
                 if not rows:
                     files.append((n, None, 0))
                     continue
@@ -928,7 +956,7 @@ class Volume:
                     files.append((n, None, 0))
                     continue
                 ino = unpack(rows[0][1])[0]
-                recs = tr.get_range(*self.ks.versions_upto(1 << 62, "i", ino), limit=1, reverse=True)
+                recs = tr.get_range(*self.ks.versions_upto(ALL_VERSIONS, "i", ino), limit=1, reverse=True)
                 dver = Inode.unpack(recs[0][1]).dver if recs and recs[0][1] else 0
                 if recs:  # its last change, data or attributes: a move of it still to come
                     last = max(last, self.ks.parts(recs[0][0])[-1])  # would run under the index

@@ -15,6 +15,7 @@ from fusesqlite.store import (
     CommitUnknownResult,
     ConflictError,
     EmbeddedStore,
+    RangeRead,
     SimulatedStore,
     SimulateSpec,
     SimulateSpecError,
@@ -97,6 +98,21 @@ def test_reads_and_commits_wait_their_round_trips(tmp_path):
         store.close()
     assert 0.040 <= read_only < 0.090, read_only  # two reads, no commit: nothing written
     assert 0.070 <= written < 0.160, written  # one read and the commit
+
+
+def test_reads_asked_together_wait_one_round_trip(tmp_path):
+    """``get_ranges`` is FoundationDB's futures issued together: five reads, one round trip."""
+    store = _simulated(tmp_path, latency_ms=40)
+    reads = [RangeRead.key(b"k%d" % i) for i in range(5)]
+    try:
+        store.transact(lambda tr: [tr.set(b"k%d" % i, b"v") for i in range(5)])
+        start = time.monotonic()
+        got = store.transact(lambda tr: tr.get_ranges(reads))
+        together = time.monotonic() - start
+    finally:
+        store.close()
+    assert got == [[(b"k%d" % i, b"v")] for i in range(5)]
+    assert 0.040 <= together < 0.160, together  # one by one: 0.200
 
 
 def test_faults_are_drawn_from_the_seed_and_retried_like_on_error(tmp_path):

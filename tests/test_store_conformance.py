@@ -29,6 +29,7 @@ from fusesqlite.store import (
     FoundationDBStore,
     LimitExceeded,
     Limits,
+    RangeRead,
     Store,
     StoreError,
     StoreFull,
@@ -185,6 +186,30 @@ def test_get_range_order_bounds_limit_reverse(store: Store, backend: Backend) ->
     assert got["reverse limit"] == [pairs[3], pairs[2]]
     assert got["empty"] == []
     assert got["snapshot"] == pairs[1:4]
+
+
+def test_get_ranges_answers_each_read_as_get_range(store: Store, backend: Backend) -> None:
+    """``get_ranges`` (several reads in one round trip) answers each read as ``get_range``
+    would, in the order asked, in the transaction and through its snapshot."""
+    k = backend.key
+    store.transact(lambda tr: [tr.set(k(name), name + b"!") for name in NAMES])
+    reads = [
+        RangeRead(k(b""), k(b"\xff")),
+        RangeRead(k(b"a"), k(b"b"), 2, True),
+        RangeRead.key(k(b"ab")),
+        RangeRead.key(k(b"never-written")),
+        RangeRead.last((k(b"a"), k(b"b"))),
+        RangeRead(k(b"a"), k(b"a")),
+    ]
+
+    def both(tr: Transaction) -> tuple[list, list, list]:
+        one_by_one = [tr.get_range(r.begin, r.end, limit=r.limit, reverse=r.reverse) for r in reads]
+        return tr.get_ranges(reads), tr.snapshot.get_ranges(reads), one_by_one
+
+    at_once, snapshot, one_by_one = store.transact(both)
+    assert at_once == snapshot == one_by_one
+    assert at_once[2] == [(k(b"ab"), b"ab!")] and at_once[3] == [] and at_once[4] == [(k(b"ab"), b"ab!")]
+    assert store.transact(lambda tr: tr.get_ranges([])) == []
 
 
 def test_clear_range(store: Store, backend: Backend) -> None:

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, TypeVar
+from typing import Callable, Mapping, NamedTuple, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -104,8 +104,34 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached or written (permissions, I/O, cluster down)."""
 
 
+class RangeRead(NamedTuple):
+    """One range read of ``ReadView.get_ranges``: pairs with ``begin <= key < end``."""
+
+    begin: bytes
+    end: bytes
+    limit: int = 0
+    reverse: bool = False
+
+    @classmethod
+    def key(cls, key: bytes) -> "RangeRead":
+        """The one pair of ``key``, if present."""
+        return cls(key, key + b"\x00", 1)
+
+    @classmethod
+    def last(cls, begin_end: tuple[bytes, bytes]) -> "RangeRead":
+        """The last pair of a range (e.g. a versioned key's latest version)."""
+        return cls(*begin_end, 1, True)
+
+
 class ReadView(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
+
+    def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
+        """Every read of ``reads``, each as ``get_range`` returns it, all at once: on
+        FoundationDB one network round trip instead of one each, so a commit that must
+        read several keys first pays one round trip (``get_ranges_one_by_one`` where
+        the store has no round trips)."""
+        ...
 
     def get_range(
         self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
@@ -148,6 +174,11 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def get_ranges_one_by_one(view: ReadView, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
+    """``get_ranges`` for a store whose reads are local calls: one after the other."""
+    return [view.get_range(r.begin, r.end, limit=r.limit, reverse=r.reverse) for r in reads]
 
 
 def run_with_retries(

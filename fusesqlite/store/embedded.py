@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, NoReturn, TypeVar
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 from .base import (
     FDB_LIMITS,
@@ -34,6 +34,8 @@ from .base import (
     StoreUnavailable,
     Transaction,
     TransactionTooOld,
+    RangeRead,
+    get_ranges_one_by_one,
     limit_exceeded,
     log,
     run_with_retries,
@@ -156,6 +158,9 @@ class _Transaction:
             ).fetchall()
         except sqlite3.Error as e:
             raise self._store._error(e) from e
+
+    def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
+        return get_ranges_one_by_one(self, reads)
 
     # writes
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from types import ModuleType
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, Callable, NoReturn, Sequence, TypeVar
 
 from .base import (
     FDB_LIMITS,
@@ -18,6 +18,7 @@ from .base import (
     ConflictError,
     LimitExceeded,
     Limits,
+    RangeRead,
     RetryableError,
     StoreError,
     StoreUnavailable,
@@ -93,6 +94,11 @@ class _ReadView:
     ) -> list[tuple[bytes, bytes]]:
         result = self._tr.get_range(begin, end, limit=limit, reverse=reverse)
         return [(kv.key, kv.value) for kv in result.to_list()]
+
+    def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
+        # each range object sends its first request when made: all go out before any is waited for
+        pending = [self._tr.get_range(r.begin, r.end, limit=r.limit, reverse=r.reverse) for r in reads]
+        return [[(kv.key, kv.value) for kv in result.to_list()] for result in pending]
 
 
 class _Transaction(_ReadView):

@@ -19,11 +19,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from .base import (
     CommitUnknownResult,
     ConflictError,
+    RangeRead,
     ReadView,
     RetryableError,
     Store,
@@ -119,6 +120,12 @@ class _View:
         if self._delay:
             time.sleep(self._delay)
         return self._view.get_range(begin, end, limit=limit, reverse=reverse)
+
+    def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
+        """All of them in one round trip, as FoundationDB's futures issued together."""
+        if self._delay and reads:
+            time.sleep(self._delay)
+        return self._view.get_ranges(reads)
 
 
 class _Transaction(_View):
