@@ -206,13 +206,14 @@ def collect(
         volume.open()
         timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
         stagings, blocks = gc.reclaim_stagings(volume, new_mount_id(), timeout)
+        calls = gc.reclaim_calls(volume)
     except VolumeFormatError as e:
         raise CliError(str(e)) from None
     except StoreNotPrivate as e:
         raise CliError(str(e)) from None  # it says what to run
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
-    print(f"removed {stagings} abandoned staging(s), {blocks} block(s)")
+    print(f"removed {stagings} abandoned staging(s), {blocks} block(s), {calls} old call key(s)")
 
 
 def upgrade(store_spec: str, volume_name: str, allow_shared_store: bool = False, simulate: str | None = None) -> None:

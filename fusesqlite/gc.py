@@ -1,6 +1,5 @@
-"""Garbage collection: stagings left by mounts that died before their commit point.
-
-(Old versions will be collected here too once retention exists.)
+"""Garbage collection: stagings left by mounts that died before their commit point, and
+call keys (volume.Attempts) that no retry can need any more.
 """
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import logging
 import time
 
 from fusesqlite.identity import dead_here
-from fusesqlite.volume import Volume
+from fusesqlite.volume import CALL_KEEP_SECONDS, Volume
 
 log = logging.getLogger("fusesqlite.gc")
 
@@ -32,3 +31,12 @@ def reclaim_stagings(volume: Volume, me: str, timeout: float = STAGING_TIMEOUT) 
             stagings += 1
             blocks += removed
     return stagings, blocks
+
+
+def reclaim_calls(volume: Volume, keep: float = CALL_KEEP_SECONDS) -> int:
+    """Remove call keys older than ``keep`` seconds (of dead mounts, or of calls given up
+    with their result unknown); return how many."""
+    removed = volume.clear_calls(time.time() - keep)
+    if removed:
+        log.info("event=calls_reclaimed count=%d", removed)
+    return removed

@@ -20,6 +20,8 @@ a tombstone.
                                                 directory as it is now (live entries only), so
                                                 listing costs its entries, not its history
     (prefix, 'b', ino, block_no, version)    -> block (see pages.py)
+    (prefix, 'call', mount id, call number)  -> (unix time, version) of a call that wrote a
+                                                version, for its retries to find (volume.Attempts)
     (prefix, 'staging', ino, version)        -> (mount id, heartbeat time) of a staged transaction
     (prefix, 'stg', ino, version, block_no)  -> b'' : which blocks a staging wrote (for cleanup)
 
@@ -114,6 +116,9 @@ class Keyspace:
         """Keyed by the database's directory entry, not its inode: a -shm and a -wal name
         their database by name, and both mounts resolve the pair alike without a lookup."""
         return self.key("wal", parent, name)
+
+    def call(self, author: str, number: int) -> bytes:
+        return self.key("call", author, number)
 
     def staging(self, ino: int, version: int) -> bytes:
         return self.key("staging", ino, version)

@@ -19,7 +19,7 @@ from fusesqlite import _journal, fuse_caps
 from fusesqlite.coherence import Coherence
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
-from fusesqlite.gc import reclaim_stagings
+from fusesqlite.gc import reclaim_calls, reclaim_stagings
 from fusesqlite.identity import new_mount_id
 from fusesqlite.own_mount import OwnMount
 from fusesqlite.store import open_store
@@ -243,6 +243,7 @@ def serve(config: MountConfig) -> None:
         volume = Volume(store, config.volume, author=mount_id)
         snapshot = volume.open()
         reclaim_stagings(volume, mount_id)
+        reclaim_calls(volume)
     except (StoreError, VolumeFormatError) as e:
         raise MountError(str(e)) from None
     ops: Operations | None = None

@@ -9,6 +9,7 @@ import errno
 import itertools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterable, TypeVar
@@ -34,6 +35,9 @@ ALL_VERSIONS = 1 << 62
 #: gives up with its result unknown (CommitUnknownResult): each call first looks
 #: for what an earlier attempt committed (``Attempts``)
 RESOLVE_CALLS = 3
+#: a call key (``Attempts``) older than this belongs to a call long settled or given
+#: up (a store call gives up within seconds): gc removes it
+CALL_KEEP_SECONDS = 3600.0
 
 R = TypeVar("R")
 
@@ -108,8 +112,6 @@ class LogEntry:
     dirents: tuple[tuple[int, bytes], ...] = ()
     #: (ino, owner, expiry): a write lease taken (owner set) or released (owner "")
     leases: tuple[tuple[int, str, float], ...] = ()
-    #: the writing call's id among its author's (``Attempts``); 0 where none was written
-    commit: int = 0
 
 
 #: prefix of a lease event's owner that means "waiting for it", not "holding it"
@@ -247,49 +249,65 @@ class StagingConflict(StoreError):
 
 
 class Attempts(Generic[R]):
-    """The versions the attempts of one retried transaction function tried to write,
-    and what each would have returned; the function writes ``id`` in its log entry.
+    """One call of a transaction function that writes a version, retried until its
+    result is known, and what each attempt would return.
 
     A store may report a commit that was applied as failed ("result unknown":
-    FoundationDB's 1021, a timeout during the commit, the simulated cluster) and
-    run the function again. A function that writes a new version therefore starts
-    each attempt after the first with ``landed``: it reads the log entry at each
-    version an earlier attempt tried, and if one carries this call's id, that
-    attempt committed and the function returns its result, writing nothing. A
-    first attempt reads nothing a commit does not read anyway. Two attempts cannot both land:
-    each reads the head and writes it, so the second conflicts with the first
-    (on FoundationDB too, where an attempt whose result is unknown may still be in
-    flight: it then conflicts with the retry that read the old head, or the retry
-    conflicts with it and finds it on its next attempt).
+    FoundationDB's 1021, a timeout during the commit, the simulated cluster) and run
+    the function again. So every attempt reads the call's own key (``key``, which
+    names the mount and a number new for each call) with the rest of what it reads,
+    in the same round trip, and writes it with the version it commits
+    (``trying``). An attempt that finds the key returns what the attempt that wrote
+    it would have returned, writing nothing (``landed``). Two attempts cannot both
+    land: each reads the key that the other writes, so whichever commits second
+    conflicts, whatever else they read; on FoundationDB an attempt still in flight
+    conflicts the same way with the retry that read the key before it landed.
+
+    The keys of calls that returned are cleared by a later call of the same Volume
+    (``Volume._settled``); those of a mount that died, or of a call given up with its
+    result unknown, by gc once they are ``CALL_KEEP_SECONDS`` old.
     """
 
-    __slots__ = ("volume", "id", "tried")
+    __slots__ = ("volume", "what", "key", "tried", "clears")
 
-    def __init__(self, volume: "Volume") -> None:
+    def __init__(self, volume: "Volume", what: str) -> None:
         self.volume = volume
-        self.id = next(volume._call_ids)
+        self.what = what  # for log lines
+        self.key = volume.ks.call(volume.author, next(volume._call_ids))
         self.tried: dict[int, R] = {}
+        #: call keys of this Volume's earlier calls, cleared by each attempt of this one
+        self.clears = volume._take_settled()
 
-    def landed(self, tr: Transaction) -> int | None:
-        """The version an earlier attempt committed, if one did."""
-        vol = self.volume
-        for version in self.tried:
-            raw = tr.get(vol.ks.log(version))
-            if raw is not None:
-                fields = unpack(raw)
-                if fields[1] == vol.author and len(fields) > 5 and fields[5] == self.id:
-                    log.info("event=commit_found version=%d call=%d cause=%r", version, self.id,
-                             "the store reported an attempt's result as unknown; it had committed")
-                    return version
-        return None
+    def read(self) -> RangeRead:
+        """The read every attempt adds to its others: the call's key."""
+        return RangeRead.key(self.key)
 
-    def trying(self, version: int, result: R) -> R:
-        """Record what this attempt returns if its commit (at ``version``) lands."""
+    def landed(self, rows: list[tuple[bytes, bytes]]) -> int | None:
+        """The version an earlier attempt committed, if one did (``rows``: what ``read``
+        read); ``tried`` holds what that attempt returns."""
+        if not rows:
+            return None
+        version = unpack(rows[0][1])[1]
+        log.info("event=commit_found what=%s version=%d call=%r cause=%r", self.what, version, self.key,
+                 "the store reported an attempt's result as unknown; it had committed")
+        return version
+
+    def trying(self, tr: Transaction, version: int, result: R) -> R:
+        """Write the call's key for an attempt that commits ``version`` and would return ``result``."""
+        for key in self.clears:
+            tr.clear(key)
+        tr.set(self.key, pack((time.time(), version)))
         self.tried[version] = result
         return result
 
     def run(self, fn: Callable[[Transaction], R]) -> R:
-        return self.volume._write(fn, f"call {self.id}")
+        try:
+            result = self.volume._write(fn, self.what)
+        except BaseException:
+            self.volume._settle(self.clears)  # perhaps not cleared: by the next call
+            raise
+        self.volume._settle([self.key] if self.tried else [])
+        return result
 
 
 def transact_resolved(store: Store, fn: Callable[[Transaction], R], what: str) -> R:
@@ -320,6 +338,9 @@ class Volume:
         #: a random start, so that two Volumes with one author (gc's and upgrade's have
         #: none) do not share ids
         self._call_ids = itertools.count(int.from_bytes(os.urandom(7), "big") + 1)
+        #: call keys of calls that returned, for the next call to clear (``Attempts``)
+        self._settled: list[bytes] = []
+        self._settled_lock = threading.Lock()
         #: WAL ownership as commits check it, in their own store transaction (``_check_wal``).
         #: This mount's (parent, name) of an inode (set by the file system's operations,
         #: fs/base.py; read from worker threads)
@@ -329,6 +350,16 @@ class Volume:
         #: databases whose WAL index here may not match the store (coherence.py): every
         #: commit of them or of their -wal from this mount is refused (WalLost)
         self.wal_poisoned: set[WalKey] = set()
+
+    def _take_settled(self) -> list[bytes]:
+        with self._settled_lock:
+            keys, self._settled = self._settled, []
+        return keys
+
+    def _settle(self, keys: list[bytes]) -> None:
+        if keys:
+            with self._settled_lock:
+                self._settled.extend(keys)
 
     def _write(self, fn: Callable[[Transaction], R], what: str) -> R:
         """``store.transact`` for a transaction that writes: ``fn`` must be idempotent
@@ -667,13 +698,14 @@ class Volume:
         idle_leases = tuple(idle_leases)
 
         wal_keys = self._wal_keys(changes, data)
-        attempts: Attempts[CommitResult] = Attempts(self)
+        attempts: Attempts[CommitResult] = Attempts(self, "commit")
 
         inos = list(changes.inodes)
         expects = list(changes.expect.items())
         leases = [*idle_leases, *release_leases]
         wal_order = sorted(wal_keys)
         reads = [
+            attempts.read(),
             RangeRead.key(self.ks.head()),
             *(RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)) for ino in inos),
             *(RangeRead(*self.ks.children("staging", ino)) for ino in inos if ino in data),
@@ -683,12 +715,11 @@ class Volume:
         ]
 
         def fn(tr: Transaction) -> CommitResult:
-            if attempts.tried:
-                landed = attempts.landed(tr)
-                if landed is not None:
-                    return attempts.tried[landed]
             # everything the commit checks, in one round trip (in this order: ``reads``)
             answers = iter(tr.get_ranges(reads))
+            landed = attempts.landed(next(answers))
+            if landed is not None:
+                return attempts.tried[landed]
             version = unpack(next(answers)[0][1])[0] + 1
             records = {ino: _value(next(answers)) for ino in inos}
             stagings = {ino: next(answers) for ino in inos if ino in data}
@@ -751,11 +782,10 @@ class Volume:
                 if raw is not None and Lease.unpack(raw).owner == self.author:
                     tr.clear(self.ks.lease(ino))
                     released.append((ino, "", 0.0))
-            entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released),
-                             attempts.id)
+            entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released))
             self._log(tr, version, entry)
             tr.set(self.ks.head(), pack((version,)))
-            return attempts.trying(version, CommitResult(version, written))
+            return attempts.trying(tr, version, CommitResult(version, written))
 
         if nowait:
             return self.store.transact_nowait(fn)  # type: ignore[attr-defined]
@@ -808,8 +838,7 @@ class Volume:
                 tr.clear(self.ks.wal_owner(parent, name))
 
     def _log(self, tr: Transaction, version: int, entry: LogEntry) -> None:
-        tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases,
-                                           entry.commit)))
+        tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases)))
 
     def log_range(self, after: int, upto: int) -> list[LogEntry]:
         """Log entries of versions ``after`` < v <= ``upto``, oldest first."""
@@ -817,8 +846,8 @@ class Volume:
         def fn(tr: Transaction) -> list[LogEntry]:
             out = []
             for key, value in tr.get_range(self.ks.log(after + 1), self.ks.log(upto + 1)):
-                _, author, inodes, dirents, leases, *call = unpack(value)  # no call id: written by Volume.open
-                out.append(LogEntry(self.ks.parts(key)[-1], author, inodes, dirents, leases, *call))
+                _, author, inodes, dirents, leases, *_ = unpack(value)
+                out.append(LogEntry(self.ks.parts(key)[-1], author, inodes, dirents, leases))
             return out
 
         return self.store.transact(fn)
@@ -836,17 +865,17 @@ class Volume:
         lock, already writes the next transaction's journal).
         """
 
-        attempts: Attempts[float] = Attempts(self)
-        reads = [RangeRead.key(self.ks.lease(ino)), RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)),
-                 RangeRead.key(self.ks.head())]
+        attempts: Attempts[float] = Attempts(self, f"lease of ino {ino}")
+        reads = [attempts.read(), RangeRead.key(self.ks.lease(ino)),
+                 RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)), RangeRead.key(self.ks.head())]
 
         def fn(tr: Transaction) -> float:
-            if attempts.tried:
-                landed = attempts.landed(tr)
-                if landed is not None:
-                    return attempts.tried[landed]
+            call, *rest = tr.get_ranges(reads)
+            landed = attempts.landed(call)
+            if landed is not None:
+                return attempts.tried[landed]
             now = time.time()
-            lease, record, head = map(_value, tr.get_ranges(reads))
+            lease, record, head = map(_value, rest)
             if lease is not None:
                 held = Lease.unpack(lease)
                 if held.owner != self.author and held.busy and held.live(now):
@@ -856,10 +885,9 @@ class Volume:
                 raise StaleView(f"ino {ino} changed in the store since this mount read it", version - 1)
             expiry = now + ttl
             tr.set(self.ks.lease(ino), Lease(self.author, expiry, busy=True).pack())
-            self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),),
-                                            commit=attempts.id))
+            self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),)))
             tr.set(self.ks.head(), pack((version,)))
-            return attempts.trying(version, expiry)
+            return attempts.trying(tr, version, expiry)
 
         return attempts.run(fn)
 
@@ -902,16 +930,19 @@ class Volume:
         """Log that this mount waits for ``ino``'s lease: its holder then holds its own
         writers back once its transaction ends, so the lease changes hands (coherence.py)."""
 
-        attempts: Attempts[None] = Attempts(self)
+        attempts: Attempts[None] = Attempts(self, f"lease wanted of ino {ino}")
+
+        reads = [attempts.read(), RangeRead.key(self.ks.head())]
 
         def fn(tr: Transaction) -> None:
-            if attempts.tried and attempts.landed(tr) is not None:
+            call, head = tr.get_ranges(reads)
+            if attempts.landed(call) is not None:
                 return
-            version = unpack(tr.get(self.ks.head()))[0] + 1
+            version = unpack(head[0][1])[0] + 1
             event = (ino, WANT + self.author, time.time() + wait)
-            self._log(tr, version, LogEntry(version, self.author, leases=(event,), commit=attempts.id))
+            self._log(tr, version, LogEntry(version, self.author, leases=(event,)))
             tr.set(self.ks.head(), pack((version,)))
-            attempts.trying(version, None)
+            attempts.trying(tr, version, None)
 
         attempts.run(fn)
 
@@ -990,28 +1021,44 @@ class Volume:
         """Reserve a version for a big write of ``ino``; its blocks go there, invisible.
 
         Run again after its commit landed (result unknown), it must not reserve a
-        second version: the first would block every commit of the file until gc.
-        Its proof of landing is its own record: the only transaction at a version
-        is the one that moved the head there, so a staging of ``ino`` at a version
-        an attempt tried, in ``mount_id``'s name, is that attempt's (a mount stages
-        a file once at a time). A first attempt reads nothing more.
+        second version: the first would block every commit of the file until gc
+        (``Attempts`` finds the one it reserved).
         """
-        tried: list[int] = []
+        attempts: Attempts[int] = Attempts(self, "staging")
+        reads = [attempts.read(), RangeRead.key(self.ks.head())]
 
         def fn(tr: Transaction) -> int:
-            for version in tried:
-                raw = tr.get(self.ks.staging(ino, version))
-                if raw is not None and unpack(raw)[0] == mount_id:
-                    log.info("event=commit_found what=staging ino=%d version=%d cause=%r", ino, version,
-                             "the store reported an attempt's result as unknown; it had committed")
-                    return version
-            version = unpack(tr.get(self.ks.head()))[0] + 1
+            call, head = tr.get_ranges(reads)
+            landed = attempts.landed(call)
+            if landed is not None:
+                return landed
+            version = unpack(head[0][1])[0] + 1
             tr.set(self.ks.head(), pack((version,)))
             tr.set(self.ks.staging(ino, version), pack((mount_id, time.time())))
-            tried.append(version)
-            return version
+            return attempts.trying(tr, version, version)
 
-        return self._write(fn, f"staging of ino {ino}")
+        return attempts.run(fn)
+
+    def clear_calls(self, older_than: float, batch: int = 2000) -> int:
+        """Remove the call keys (``Attempts``) written before unix time ``older_than``;
+        return how many. Idempotent: a batch run again after it landed finds fewer."""
+        begin, end = self.ks.children("call")
+        removed = 0
+
+        def fn(tr: Transaction) -> tuple[int, int, bytes]:
+            rows = tr.get_range(begin, end, limit=batch)
+            old = 0
+            for key, value in rows:
+                if unpack(value)[0] < older_than:
+                    tr.clear(key)
+                    old += 1
+            return len(rows), old, rows[-1][0] + b"\x00" if rows else end
+
+        while True:
+            n, old, begin = self._write(fn, "call keys")
+            removed += old
+            if n < batch:
+                return removed
 
     def stage_blocks(self, ino: int, version: int, blocks: dict[int, bytes], mount_id: str) -> None:
         """One store transaction's worth of staged blocks (the caller keeps it under the

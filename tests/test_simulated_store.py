@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fusesqlite.inodes import ROOT_INO, Inode
-from fusesqlite.keyspace import unpack
+from fusesqlite.keyspace import pack, unpack
 from fusesqlite.pages import decode_block, encode_block
 from fusesqlite.store import (
     CommitUnknownResult,
@@ -298,16 +298,47 @@ def test_a_call_whose_result_stays_unknown_is_resolved_by_the_next_call(tmp_path
         store.close()
 
 
-def test_the_log_entry_of_a_commit_carries_its_call_id(tmp_path):
+def _calls(store, vol) -> list[tuple[bytes, tuple]]:
+    return [(k, unpack(v)) for k, v in store.transact(lambda tr: tr.get_range(*vol.ks.children("call")))]
+
+
+def test_a_call_key_holds_its_version_until_the_next_call_clears_it(tmp_path):
+    """Each call that writes a version writes its call key (what a retry reads), and the
+    next call of the same Volume clears it: one key per mount stays, not one per commit."""
     store = EmbeddedStore(tmp_path / "store")
     vol = Volume(store, "default", author="mount-a")
     try:
         vol.open()
-        ino = vol.allocate_inodes(1)[0]
-        version = vol.commit(ChangeSet(inodes={ino: FILE}, dirents={(ROOT_INO, b"x"): ino})).version
-        raw = store.transact(lambda tr: tr.get(vol.ks.log(version)))
-        assert unpack(raw)[1] == "mount-a" and unpack(raw)[5] > 0
-        assert vol.log_range(version - 1, version)[0].commit == unpack(raw)[5]
+        inos = iter(vol.allocate_inodes(8))
+        versions = []
+        for i in range(3):
+            ino = next(inos)
+            versions.append(vol.commit(ChangeSet(inodes={ino: FILE}, dirents={(ROOT_INO, b"x%d" % i): ino})).version)
+            calls = _calls(store, vol)
+            assert len(calls) == 1 and calls[0][1][1] == versions[-1], calls
+            assert vol.ks.parts(calls[0][0])[1] == "mount-a"
+        assert vol.clear_calls(time.time() - 3600) == 0  # young: a retry might still read it
+        assert vol.clear_calls(time.time() + 1) == 1
+        assert _calls(store, vol) == []
+    finally:
+        store.close()
+
+
+def test_gc_removes_old_call_keys_of_a_mount_that_died(tmp_path):
+    store_dir = tmp_path / "store"
+    store = EmbeddedStore(store_dir)
+    vol = Volume(store, "default", author="mount-dead")
+    vol.open()
+    ino = vol.allocate_inodes(1)[0]
+    vol.commit(ChangeSet(inodes={ino: FILE}, dirents={(ROOT_INO, b"x"): ino}))
+    key = _calls(store, vol)[0][0]
+    store.transact(lambda tr: tr.set(key, pack((time.time() - 7200, 5))))  # as written two hours ago
+    store.close()
+    r = run_cli("gc", "--store", str(store_dir))
+    assert r.returncode == 0 and "1 old call key(s)" in r.stdout, r.stdout + r.stderr
+    store = EmbeddedStore(store_dir)
+    try:
+        assert _calls(store, vol) == []
     finally:
         store.close()
 
