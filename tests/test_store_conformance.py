@@ -29,7 +29,9 @@ from fusesqlite.store import (
     FoundationDBStore,
     LimitExceeded,
     Limits,
+    STAMP_BYTES,
     RangeRead,
+    Stamp,
     Store,
     StoreError,
     StoreFull,
@@ -210,6 +212,48 @@ def test_get_ranges_answers_each_read_as_get_range(store: Store, backend: Backen
     assert at_once == snapshot == one_by_one
     assert at_once[2] == [(k(b"ab"), b"ab!")] and at_once[3] == [] and at_once[4] == [(k(b"ab"), b"ab!")]
     assert store.transact(lambda tr: tr.get_ranges([])) == []
+
+
+# versionstamps
+
+
+def _stamped(tr: Transaction, k: Callable[[bytes], bytes], name: bytes) -> Stamp:
+    """A key ``name`` + stamp + b"/end", and a value with the stamp inside, in one transaction."""
+    placeholder = bytes(STAMP_BYTES)
+    key = k(name) + placeholder + b"/end"
+    tr.set_versionstamped_key(key, len(k(name)), b"v")
+    tr.set_versionstamped_value(k(name + b"-value"), b"<" + placeholder + b">", 1)
+    return tr.versionstamp()
+
+
+def test_versionstamps_fill_keys_and_values_and_grow_with_each_commit(store: Store, backend: Backend) -> None:
+    k = backend.key
+    stamps = [store.transact(lambda tr: _stamped(tr, k, b"s")).known() for _ in range(3)]
+    assert all(len(s) == STAMP_BYTES for s in stamps)
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3  # later commits, greater stamps
+    other = backend.open()  # another client of the same data orders after them too
+    assert store.transact(lambda tr: _stamped(tr, k, b"t")).known() > stamps[-1]
+    rows = other.transact(lambda tr: tr.get_range(k(b"s"), k(b"s") + b"\xff"))
+    assert rows == [(k(b"s") + s + b"/end", b"v") for s in stamps] + [(k(b"s-value"), b"<" + stamps[-1] + b">")]
+
+
+def test_a_versionstamped_key_cannot_be_read_in_its_own_transaction(store: Store, backend: Backend) -> None:
+    k = backend.key
+
+    def read_back(tr: Transaction) -> None:
+        _stamped(tr, k, b"r")
+        tr.get_range(k(b"r"), k(b"r") + b"\xff")
+
+    with pytest.raises(StoreError):
+        store.transact(read_back)
+    assert backend.all_pairs(store) == []
+
+
+def test_a_transaction_that_writes_nothing_has_no_versionstamp(store: Store, backend: Backend) -> None:
+    stamp = store.transact(lambda tr: (tr.get(backend.key(b"x")), tr.versionstamp())[1])
+    assert stamp.value is None
+    with pytest.raises(StoreError):
+        stamp.known()
 
 
 def test_clear_range(store: Store, backend: Backend) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .base import (
     FDB_LIMITS,
+    STAMP_BYTES,
     CommitUnknownResult,
     ConflictError,
     LimitExceeded,
@@ -12,6 +13,7 @@ from .base import (
     RangeRead,
     ReadView,
     RetryableError,
+    Stamp,
     Store,
     StoreError,
     StoreFull,
@@ -28,6 +30,7 @@ from .simulated import SimulatedStore, SimulateSpec, SimulateSpecError, parse_si
 
 __all__ = [
     "FDB_LIMITS",
+    "STAMP_BYTES",
     "CommitUnknownResult",
     "ConflictError",
     "EmbeddedStore",
@@ -40,6 +43,7 @@ __all__ = [
     "SimulateSpec",
     "SimulateSpecError",
     "SimulatedStore",
+    "Stamp",
     "Store",
     "StoreError",
     "StoreFull",

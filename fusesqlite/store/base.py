@@ -81,7 +81,7 @@ class CommitUnknownResult(RetryableError):
     """The commit may or may not have been applied (FoundationDB's commit_unknown_result,
     1021, or a timeout during the commit). ``transact`` runs the function again, so
     every transaction function that writes must find what an earlier attempt of it
-    committed instead of writing again (volume.py, "Idempotent transactions")."""
+    committed instead of writing again (volume.py, ``Attempts``)."""
 
 
 class TransactionTooOld(RetryableError):
@@ -140,6 +140,28 @@ class ReadView(Protocol):
         ...
 
 
+#: bytes of a versionstamp: FoundationDB's commit version (8) and the transaction's
+#: order in its commit batch (2), big-endian, so later commits have greater stamps
+STAMP_BYTES = 10
+
+
+class Stamp:
+    """A transaction attempt's versionstamp: unknown until it commits, then its
+    ``STAMP_BYTES`` bytes (``value``). Unique to the transaction, and greater than the
+    stamp of every transaction that committed before it, whichever keys each wrote:
+    a store-wide order no transaction has to read a key for."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: bytes | None = None
+
+    def known(self) -> bytes:
+        if self.value is None:
+            raise StoreError("the transaction's versionstamp is not known: it has not committed")
+        return self.value
+
+
 class Transaction(ReadView, Protocol):
     #: reads through ``snapshot`` add no read conflict (FoundationDB snapshot reads)
     snapshot: ReadView
@@ -149,6 +171,23 @@ class Transaction(ReadView, Protocol):
     def clear(self, key: bytes) -> None: ...
 
     def clear_range(self, begin: bytes, end: bytes) -> None: ...
+
+    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
+        """Set ``key``, its ``STAMP_BYTES`` bytes from ``offset`` replaced by the commit's
+        versionstamp (FoundationDB's SET_VERSIONSTAMPED_KEY). A blind write: two
+        transactions doing it conflict with nobody. The key cannot be read back in the
+        same transaction (FoundationDB: accessed_unreadable)."""
+        ...
+
+    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
+        """Set ``key`` to ``value`` with its stamp bytes from ``offset`` replaced by the
+        commit's versionstamp (SET_VERSIONSTAMPED_VALUE). Unreadable until committed."""
+        ...
+
+    def versionstamp(self) -> Stamp:
+        """The stamp this attempt's commit will have (``Stamp.value`` once ``transact``
+        returned). Only a transaction that writes has one."""
+        ...
 
 
 class Store(Protocol):

@@ -34,7 +34,9 @@ from .base import (
     StoreUnavailable,
     Transaction,
     TransactionTooOld,
+    STAMP_BYTES,
     RangeRead,
+    Stamp,
     get_ranges_one_by_one,
     limit_exceeded,
     log,
@@ -73,6 +75,10 @@ PAGE_SIZE = 32768
 CHECKPOINT_EVERY = 250
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
+#: the last versionstamp given (one row): a commit that uses one takes the next
+_STAMP_SCHEMA = "CREATE TABLE IF NOT EXISTS stamp(one INTEGER PRIMARY KEY CHECK (one = 0), last INTEGER NOT NULL)"
+_STAMP_GET = "SELECT last FROM stamp WHERE one = 0"
+_STAMP_SET = "INSERT OR REPLACE INTO stamp(one, last) VALUES (0, ?)"
 _GET = "SELECT v FROM kv WHERE k = ?"
 _RANGE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k LIMIT ?"
 _RANGE_REVERSE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k DESC LIMIT ?"
@@ -117,7 +123,7 @@ def _close_quietly(conn: sqlite3.Connection) -> None:
 class _Transaction:
     """One attempt of ``EmbeddedStore.transact``: checks FoundationDB's limits before SQLite sees anything."""
 
-    __slots__ = ("_store", "_conn", "_limits", "_started", "_deadline", "_size", "_failure")
+    __slots__ = ("_store", "_conn", "_limits", "_started", "_deadline", "_size", "_failure", "_stamped", "_stamp")
 
     def __init__(self, store: EmbeddedStore, conn: sqlite3.Connection, started: float) -> None:
         self._store = store
@@ -128,6 +134,10 @@ class _Transaction:
         self._size = 0
         #: a failed mutation fails the commit too, as FoundationDB defers such errors to commit
         self._failure: StoreError | None = None
+        #: versionstamped sets, applied at commit once the stamp is known: (key, key
+        #: offset or -1, value, value offset or -1), in the order made
+        self._stamped: list[tuple[bytes, int, bytes, int]] = []
+        self._stamp: Stamp | None = None
 
     @property
     def snapshot(self) -> ReadView:
@@ -139,6 +149,8 @@ class _Transaction:
     def get(self, key: bytes) -> bytes | None:
         if len(key) > self._limits.key_bytes:
             raise limit_exceeded(self._limits, "key_bytes", len(key))
+        if self._stamped:
+            self._check_readable(key, key + b"\x00")
         if _monotonic() > self._deadline:
             raise self._too_old()
         try:
@@ -150,6 +162,8 @@ class _Transaction:
     def get_range(
         self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
     ) -> list[tuple[bytes, bytes]]:
+        if self._stamped:
+            self._check_readable(begin, end)
         if _monotonic() > self._deadline:
             raise self._too_old()
         try:
@@ -185,6 +199,61 @@ class _Transaction:
         if begin > end:
             self._fail(StoreError(f"clear_range: begin {begin!r} is after end {end!r} (inverted range)"))
         self._write(len(begin) + len(end), _CLEAR_RANGE, (begin, end))
+
+    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
+        self._check_stamp_offset(key, offset)
+        self.set(key, value)  # its checks, and a place in SQLite's write order; replaced at commit
+        self._stamped.append((key, offset, value, -1))
+
+    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
+        self._check_stamp_offset(value, offset)
+        self.set(key, value)
+        self._stamped.append((key, -1, value, offset))
+
+    def versionstamp(self) -> Stamp:
+        if self._stamp is None:
+            self._stamp = Stamp()
+        return self._stamp
+
+    def _check_stamp_offset(self, data: bytes, offset: int) -> None:
+        if not 0 <= offset <= len(data) - STAMP_BYTES:
+            self._fail(StoreError(f"versionstamp offset {offset} outside the {len(data)} bytes it goes into"))
+
+    def _check_readable(self, begin: bytes, end: bytes) -> None:
+        """FoundationDB refuses to read what a versionstamped set of the same transaction
+        may have written (its key or value is not known before the commit): so does this
+        store. A stamped key stands for every key with its bytes before the stamp."""
+        for key, key_offset, _, _ in self._stamped:
+            low, high = (key, key + b"\x00") if key_offset < 0 else (key[:key_offset], key[:key_offset] + b"\xff" * 11)
+            if low < end and begin < high:
+                raise StoreError(
+                    f"read of {begin!r}..{end!r} covers a versionstamped key written in the same transaction "
+                    "(FoundationDB: accessed_unreadable)"
+                )
+
+    def _apply_stamped(self) -> None:
+        """At commit: take the next versionstamp, and put it into the stamped sets."""
+        if not self._stamped and self._stamp is None:
+            return
+        if not self._stamped and not self._size:
+            self._stamp = None  # nothing written: no commit, no stamp (as FoundationDB)
+            return
+        try:
+            row = self._conn.execute(_STAMP_GET).fetchone()
+            last = (row[0] if row else 0) + 1
+            self._conn.execute(_STAMP_SET, (last,))
+            stamp = last.to_bytes(STAMP_BYTES, "big")
+            for key, key_offset, value, value_offset in self._stamped:
+                self._conn.execute(_CLEAR, (key,))  # the placeholder set made at the call
+                if key_offset >= 0:
+                    key = key[:key_offset] + stamp + key[key_offset + STAMP_BYTES :]
+                if value_offset >= 0:
+                    value = value[:value_offset] + stamp + value[value_offset + STAMP_BYTES :]
+                self._conn.execute(_SET, (key, value))
+        except sqlite3.Error as e:
+            raise self._store._error(e) from e
+        if self._stamp is not None:
+            self._stamp.value = stamp
 
     def _write(self, size: int, sql: str, args: tuple[bytes, ...]) -> None:
         self._size += size
@@ -378,6 +447,7 @@ class EmbeddedStore:
         try:
             result = fn(tr)
             tr._check_commit()
+            tr._apply_stamped()
             try:
                 conn.execute("COMMIT")
             except sqlite3.Error as e:
@@ -461,6 +531,7 @@ class EmbeddedStore:
                 )
             conn.execute("PRAGMA synchronous=FULL")  # a committed transaction survives a host crash
             conn.execute(_SCHEMA)
+            conn.execute(_STAMP_SCHEMA)
         except BaseException as e:
             conn.close()
             if isinstance(e, sqlite3.Error):

@@ -7,6 +7,7 @@ into the store's errors, and its futures into plain values. Everything else
 """
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from types import ModuleType
@@ -18,7 +19,9 @@ from .base import (
     ConflictError,
     LimitExceeded,
     Limits,
+    STAMP_BYTES,
     RangeRead,
+    Stamp,
     RetryableError,
     StoreError,
     StoreUnavailable,
@@ -111,12 +114,14 @@ class _Transaction(_ReadView):
     size, which it counts in its own way.
     """
 
-    __slots__ = ("snapshot", "failure")
+    __slots__ = ("snapshot", "failure", "stamp")
 
     def __init__(self, tr: Any, limits: Limits) -> None:
         super().__init__(tr, limits)
         self.snapshot = _ReadView(tr.snapshot, limits)
-        self.failure: LimitExceeded | None = None
+        self.failure: StoreError | None = None
+        #: our Stamp and the bindings' future of it (ready once the commit is)
+        self.stamp: tuple[Stamp, Any] | None = None
 
     def set(self, key: bytes, value: bytes) -> None:
         limits = self._limits
@@ -134,7 +139,30 @@ class _Transaction(_ReadView):
     def clear_range(self, begin: bytes, end: bytes) -> None:
         self._tr.clear_range(begin, end)
 
-    def _fail(self, error: LimitExceeded) -> NoReturn:
+    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
+        self._check_sizes(key, value, offset, len(key))
+        # API >= 520: the stamp's offset follows the key, 4 bytes little-endian
+        self._tr.set_versionstamped_key(key + struct.pack("<I", offset), value)
+
+    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
+        self._check_sizes(key, value, offset, len(value))
+        self._tr.set_versionstamped_value(key, value + struct.pack("<I", offset))
+
+    def versionstamp(self) -> Stamp:
+        if self.stamp is None:
+            self.stamp = (Stamp(), self._tr.get_versionstamp())
+        return self.stamp[0]
+
+    def _check_sizes(self, key: bytes, value: bytes, offset: int, stamped_len: int) -> None:
+        limits = self._limits
+        if len(key) > limits.key_bytes:
+            self._fail(limit_exceeded(limits, "key_bytes", len(key)))
+        if len(value) > limits.value_bytes:
+            self._fail(limit_exceeded(limits, "value_bytes", len(value)))
+        if not 0 <= offset <= stamped_len - STAMP_BYTES:
+            self._fail(StoreError(f"versionstamp offset {offset} outside the {stamped_len} bytes it goes into"))
+
+    def _fail(self, error: StoreError) -> NoReturn:
         self.failure = error
         raise error
 
@@ -172,14 +200,21 @@ class FoundationDBStore:
     def transact(self, fn: Callable[[Transaction], T]) -> T:
         limits = self.limits
 
-        def attempt(tr: Any) -> T:
+        def attempt(tr: Any) -> tuple[T, _Transaction]:
             wrapper = _Transaction(tr, limits)
             result = fn(wrapper)
             if wrapper.failure is not None:
                 raise wrapper.failure
-            return result
+            return result, wrapper
 
-        return self._run(attempt)
+        result, wrapper = self._run(attempt)
+        if wrapper.stamp is not None:
+            stamp, future = wrapper.stamp
+            try:
+                stamp.value = bytes(future.wait())  # ready: the commit is done
+            except self._fdb.FDBError as e:  # a transaction that wrote nothing has no stamp
+                log.debug("event=store_no_versionstamp error=%s", e)
+        return result
 
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
         """Read ``key`` and watch it in the same transaction, so no change can slip in between."""

@@ -27,6 +27,7 @@ from .base import (
     RangeRead,
     ReadView,
     RetryableError,
+    Stamp,
     Store,
     StoreError,
     Transaction,
@@ -151,6 +152,17 @@ class _Transaction(_View):
     def clear_range(self, begin: bytes, end: bytes) -> None:
         self.wrote = True
         self._tr.clear_range(begin, end)
+
+    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
+        self.wrote = True
+        self._tr.set_versionstamped_key(key, offset, value)
+
+    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
+        self.wrote = True
+        self._tr.set_versionstamped_value(key, value, offset)
+
+    def versionstamp(self) -> Stamp:
+        return self._tr.versionstamp()
 
 
 class SimulatedStore:
