@@ -142,18 +142,30 @@ static PyObject *decode_run(PyObject *self, PyObject *args) {
     return decode_items(items, i, ino, start, count, block_size);
 }
 
-/* A non-negative integer of the tuple layer at *p (type code 0x14 + byte count, then
- * big-endian bytes); advances *p, or returns 0 for anything else. */
-static int tuple_uint(const unsigned char **p, const unsigned char *end, unsigned long long *out) {
-    if (*p >= end || **p < 0x14 || **p > 0x1c)
+typedef unsigned __int128 u128;
+
+/* A non-negative integer of the tuple layer at *p: type code 0x14 + byte count, then
+ * big-endian bytes, or a stamped version (keyspace.py: 0x1d, 11, then 11 bytes);
+ * advances *p, or returns 0 for anything else. */
+static int tuple_uint(const unsigned char **p, const unsigned char *end, u128 *out) {
+    if (*p >= end)
         return 0;
-    int n = **p - 0x14;
-    if (end - *p < 1 + n)
+    int n, skip;
+    if (**p >= 0x14 && **p <= 0x1c) {
+        n = **p - 0x14;
+        skip = 1;
+    } else if (**p == 0x1d && end - *p >= 2 && (*p)[1] == 11) {
+        n = 11;
+        skip = 2;
+    } else {
         return 0;
-    unsigned long long v = 0;
-    for (int k = 1; k <= n; k++)
-        v = (v << 8) | (*p)[k];
-    *p += 1 + n;
+    }
+    if (end - *p < skip + n)
+        return 0;
+    u128 v = 0;
+    for (int k = 0; k < n; k++)
+        v = (v << 8) | (*p)[skip + k];
+    *p += skip + n;
     *out = v;
     return 1;
 }
@@ -166,10 +178,11 @@ static int tuple_uint(const unsigned char **p, const unsigned char *end, unsigne
 static PyObject *decode_rows(PyObject *self, PyObject *args) {
     PyObject *rows;
     Py_ssize_t prefix_len, count, block_size;
-    unsigned long long ino, start, version;
-    if (!PyArg_ParseTuple(args, "O!nKKnKn", &PyList_Type, &rows, &prefix_len, &ino, &start, &count, &version,
-                          &block_size))
+    unsigned long long ino, start, version_high, version_low;
+    if (!PyArg_ParseTuple(args, "O!nKKnKKn", &PyList_Type, &rows, &prefix_len, &ino, &start, &count, &version_high,
+                          &version_low, &block_size))
         return NULL;
+    u128 version = ((u128)version_high << 64) | version_low;
     if (bad_run(count, block_size))
         return NULL;
     Py_ssize_t nrows = PyList_GET_SIZE(rows);
@@ -185,12 +198,12 @@ static PyObject *decode_rows(PyObject *self, PyObject *args) {
         PyObject *key = PyTuple_GET_ITEM(row, 0), *value = PyTuple_GET_ITEM(row, 1);
         const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(key) + prefix_len;
         const unsigned char *end = (const unsigned char *)PyBytes_AS_STRING(key) + PyBytes_GET_SIZE(key);
-        unsigned long long b, ver;
+        u128 b, ver;
         if (PyBytes_GET_SIZE(key) < prefix_len || !tuple_uint(&p, end, &b) || !tuple_uint(&p, end, &ver) || p != end)
             goto python;
         if (b < start)
             goto python; /* not this run's rows */
-        if (b - start >= (unsigned long long)count)
+        if (b - start >= (u128)count)
             break; /* past the blocks asked for (rows come in key order) */
         if (ver > version)
             continue;
@@ -200,7 +213,7 @@ static PyObject *decode_rows(PyObject *self, PyObject *args) {
             n--; /* an older version of the same block: the newer one wins */
         else if (n > 0 && items[n - 1].block_no > b)
             goto python; /* not in key order */
-        items[n].block_no = b;
+        items[n].block_no = (unsigned long long)b; /* below start + count */
         items[n].value = (const unsigned char *)PyBytes_AS_STRING(value);
         items[n].len = PyBytes_GET_SIZE(value);
         n++;
@@ -217,8 +230,9 @@ static PyMethodDef methods[] = {
      "decode_run(values, ino, start, count, block_size) -> bytearray, or None if a value has a crc32 checksum.\n"
      "ValueError names the first block that fails its checks."},
     {"decode_rows", decode_rows, METH_VARARGS,
-     "decode_rows(rows, prefix_len, ino, start, count, version, block_size) -> bytearray, or None where\n"
-     "the rows are not what it expects (Python then decodes them). ValueError as decode_run."},
+     "decode_rows(rows, prefix_len, ino, start, count, version_high, version_low, block_size) -> bytearray,\n"
+     "or None where the rows are not what it expects (Python then decodes them). ValueError as decode_run.\n"
+     "The version is given as its high and low 64 bits (stamped versions are 88-bit integers)."},
     {NULL, NULL, 0, NULL},
 };
 

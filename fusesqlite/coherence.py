@@ -430,10 +430,14 @@ class Coherence:
         while True:
             try:
                 head = await self._wait_head()
-                if head > self.seen and self.tx.only_mine(self.seen, head):
-                    self.seen = head  # this mount's own commits: nothing to apply, no log to read
-                elif head > self.seen:
-                    await self._apply(await self.tx.run(self.volume.log_range, self.seen, head), head)
+                if head > self.seen:
+                    # versions are versionstamps, not a count: only the log says whether
+                    # another mount committed between this mount's own commits
+                    others = [e for e in await self.tx.run(self.volume.log_range, self.seen, head) if e.author != self.me]
+                    if others:
+                        await self._apply(others, head)
+                    else:
+                        self.seen = head  # this mount's own commits: nothing to apply
                 self._caught_up()
                 await self._expire_remote_leases()
             except StoreError as e:

@@ -31,6 +31,15 @@ at them (docs/architecture.md, "Transactions beyond the store's limits").
 
 Keys are FoundationDB tuple-layer encodings (pure Python, needs no client library),
 which order integers numerically and keep each tuple's children after it.
+
+Versions come from the store: a commit's version is ``STAMPED`` plus its versionstamp
+(store.Stamp) as an integer, so commits need no counter that every writer of the
+volume would read and conflict on, and versions still grow in commit order. The
+tuple layer encodes an integer in [2**80, 2**88) as ``1d 0b`` and 11 bytes, the
+first of them ``01``: the stamp's 10 bytes end the encoding, at a place the commit
+knows, and the store fills them in (``Keyspace.stamped``). Smaller versions (1, the
+volume's creation, and those of volumes made before versionstamps) sort before every
+stamped one.
 """
 from __future__ import annotations
 
@@ -38,6 +47,18 @@ from fdb import tuple as fdbtuple
 
 pack = fdbtuple.pack
 unpack = fdbtuple.unpack
+
+#: the version of a commit is this plus its versionstamp (store.Stamp) as an integer
+STAMPED = 1 << 80
+#: a version above every version: "the latest version" of a versioned key
+ALL_VERSIONS = (1 << 88) - 1
+_STAMPED_CODE = b"\x1d\x0b"  # the tuple layer's positive integer of 11 bytes
+
+
+def stamped_version(stamp: bytes) -> int:
+    """The version of the commit whose versionstamp is ``stamp``."""
+    return STAMPED + int.from_bytes(stamp, "big")
+
 
 #: the whole project lives under this first tuple element, so a FoundationDB
 #: cluster can hold other data beside it
@@ -48,12 +69,15 @@ _packed_names: dict[str, bytes] = {}  # the few kinds of key ("b", "i", "lease",
 
 def _pack_one(part: object) -> bytes:
     """``pack((part,))``, directly for what keys are made of: non-negative integers
-    (type code 0x14 + byte count, then big-endian bytes) and the kinds of key."""
+    (type code 0x14 + byte count, then big-endian bytes), stamped versions, and the
+    kinds of key."""
     if type(part) is int and 0 <= part < 1 << 63:
         if part == 0:
             return b"\x14"
         n = (part.bit_length() + 7) // 8
         return bytes((0x14 + n,)) + part.to_bytes(n, "big")
+    if type(part) is int and STAMPED <= part <= ALL_VERSIONS:
+        return _STAMPED_CODE + part.to_bytes(11, "big")
     if type(part) is str:
         packed = _packed_names.get(part)
         if packed is None:
@@ -79,6 +103,19 @@ class Keyspace:
         tuple as its elements' encodings one after the other, and its generic
         ``pack`` cost a commit more than a tenth of its time."""
         return self.prefix + b"".join([_pack_one(p) for p in parts])
+
+    def last_version(self, key: bytes) -> int:
+        """The version that ends a versioned key."""
+        if key[-13:-11] == _STAMPED_CODE:
+            return int.from_bytes(key[-11:], "big")
+        return self.parts(key)[-1]
+
+    @staticmethod
+    def stamped(key: bytes) -> int:
+        """The offset of the versionstamp in ``key``, a key built with version ``STAMPED``
+        as its last part (the store puts the commit's stamp there)."""
+        assert key.endswith(_STAMPED_CODE + b"\x01" + bytes(10)), key
+        return len(key) - 10
 
     def parts(self, key: bytes) -> tuple:
         """Inverse of ``key``: the tuple after the volume prefix."""
@@ -158,6 +195,8 @@ class Keyspace:
             m = s[n + 1] - 0x14
             if 0 <= m <= 8 and len(s) == n + m + 2:
                 return int.from_bytes(s[1 : n + 1], "big"), int.from_bytes(s[n + 2 :], "big")
+            if len(s) == n + 14 and s[n + 1 : n + 3] == _STAMPED_CODE:  # then a stamped version
+                return int.from_bytes(s[1 : n + 1], "big"), int.from_bytes(s[n + 3 :], "big")
         a, b = unpack(s)
         return a, b
 

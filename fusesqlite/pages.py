@@ -134,7 +134,8 @@ def decode_rows(run: BlockRows, ino: int, start: int, count: int, version: int, 
         return decode_run(run.values(version), ino, start, count, block_size)
     settled = min(count, run.settled_end - start)
     try:
-        buf = _blocks.decode_rows(run.rows, run.prefix_len, ino, start, settled, version, block_size)
+        buf = _blocks.decode_rows(run.rows, run.prefix_len, ino, start, settled, version >> 64,
+                                  version & 0xFFFF_FFFF_FFFF_FFFF, block_size)
     except ValueError as e:
         raise CorruptBlock(str(e)) from None
     if buf is None:

@@ -145,8 +145,6 @@ class Transactions:
         #: (a block's value is at most a few bytes longer than the block)
         self.stage_chunk = max(self.bs, min(4 << 20, overlay_bytes, volume.store.limits.transaction_bytes // 3))
         self.limiter = trio.CapacityLimiter(store_threads)
-        #: versions this mount committed that coherence.py has not yet followed past
-        self.mine: set[int] = set()
         #: ino -> data version of the pages the kernel may hold of it: its page cache
         #: outlives the file's opens, and moves only with a move (open_record)
         self.views: OrderedDict[int, int] = OrderedDict()
@@ -251,7 +249,6 @@ class Transactions:
 
     def _committed(self, result: CommitResult) -> None:
         self.snapshot = max(self.snapshot, result.version)
-        self.mine.add(result.version)
         for ino, rec in result.records.items():
             self.records.put(ino, rec, result.version)
             fs = self.files.get(ino)
@@ -262,13 +259,6 @@ class Transactions:
                 self._view(ino, rec.dver)
             else:  # attributes only, merged onto the store's data fields: this view keeps its own
                 fs.record = rec.with_data_of(fs.record)
-
-    def only_mine(self, after: int, upto: int) -> bool:
-        """Whether this mount committed every version ``after`` < v <= ``upto`` (forgetting
-        those up to ``upto``): then there is nothing in them to follow."""
-        mine = upto - after <= len(self.mine) and all(v in self.mine for v in range(after + 1, upto + 1))
-        self.mine = {v for v in self.mine if v > upto}
-        return mine
 
     async def refresh(self, ino: int) -> Inode | None:
         """Another mount committed ``ino``: read it again as of the snapshot.

@@ -16,21 +16,32 @@ from typing import Callable, Generic, Iterable, TypeVar
 
 from fusesqlite.identity import dead_here
 from fusesqlite.inodes import ROOT_INO, Inode
-from fusesqlite.keyspace import Keyspace, pack, unpack
-from fusesqlite.store.base import CommitUnknownResult, RangeRead, Store, StoreError, Transaction
+from fusesqlite.keyspace import ALL_VERSIONS, STAMPED, Keyspace, pack, stamped_version, unpack
+from fusesqlite.store.base import (
+    STAMP_BYTES,
+    CommitUnknownResult,
+    RangeRead,
+    Stamp,
+    Store,
+    StoreError,
+    Transaction,
+)
 
 log = logging.getLogger("fusesqlite.volume")
 
 #: the volume layout this code reads and writes (keyspace.py); ``upgrade`` moves an
 #: older volume to it
-FORMAT = 2
-#: the oldest layout ``upgrade`` moves from: format 1 lacks the current directory
-#: entries ('cd' keys)
-UPGRADABLE = 1
+FORMAT = 3
+#: the layouts ``upgrade`` moves from: format 2 numbers versions from a counter every
+#: commit reads (its versions stay valid: every stamped one is greater); format 1
+#: also lacks the current directory entries ('cd' keys)
+UPGRADABLE = (1, 2)
+#: an inode record's data version when it is the version of the record itself: a data
+#: commit's versionstamp goes into the record's key, and a store puts a commit's stamp
+#: into the key or the value of a write, not both (``Volume._record`` resolves it)
+THIS_VERSION = 1 << 79
 DEFAULT_BLOCK_SIZE = 4096
 INO_BATCH = 1024
-#: a version above every version: "the latest version" of a versioned key
-ALL_VERSIONS = 1 << 62
 #: full ``transact`` calls a transaction that writes a version gets when the store
 #: gives up with its result unknown (CommitUnknownResult): each call first looks
 #: for what an earlier attempt committed (``Attempts``)
@@ -248,6 +259,11 @@ class StagingConflict(StoreError):
         self.ino, self.version, self.owner, self.heartbeat = ino, version, owner, heartbeat
 
 
+#: what a transaction function of an ``Attempts`` call returns: the attempt's number and
+#: its version, known (an earlier attempt landed) or to come (the store's Stamp)
+Outcome = tuple[int, "int | Stamp"]
+
+
 class Attempts(Generic[R]):
     """One call of a transaction function that writes a version, retried until its
     result is known, and what each attempt would return.
@@ -256,12 +272,16 @@ class Attempts(Generic[R]):
     FoundationDB's 1021, a timeout during the commit, the simulated cluster) and run
     the function again. So every attempt reads the call's own key (``key``, which
     names the mount and a number new for each call) with the rest of what it reads,
-    in the same round trip, and writes it with the version it commits
+    in the same round trip, and writes it with its number and the version it commits
     (``trying``). An attempt that finds the key returns what the attempt that wrote
     it would have returned, writing nothing (``landed``). Two attempts cannot both
     land: each reads the key that the other writes, so whichever commits second
     conflicts, whatever else they read; on FoundationDB an attempt still in flight
     conflicts the same way with the retry that read the key before it landed.
+
+    A commit's version is its versionstamp, known only once it committed: an attempt
+    hands ``trying`` a function of the version that makes its result, and ``run``
+    calls the one of the attempt that landed.
 
     The keys of calls that returned are cleared by a later call of the same Volume
     (``Volume._settled``); those of a mount that died, or of a call given up with its
@@ -274,7 +294,8 @@ class Attempts(Generic[R]):
         self.volume = volume
         self.what = what  # for log lines
         self.key = volume.ks.call(volume.author, next(volume._call_ids))
-        self.tried: dict[int, R] = {}
+        #: per attempt that wrote, what makes its result from its version
+        self.tried: list[Callable[[int], R]] = []
         #: call keys of this Volume's earlier calls, cleared by each attempt of this one
         self.clears = volume._take_settled()
 
@@ -282,32 +303,40 @@ class Attempts(Generic[R]):
         """The read every attempt adds to its others: the call's key."""
         return RangeRead.key(self.key)
 
-    def landed(self, rows: list[tuple[bytes, bytes]]) -> int | None:
-        """The version an earlier attempt committed, if one did (``rows``: what ``read``
-        read); ``tried`` holds what that attempt returns."""
+    def landed(self, rows: list[tuple[bytes, bytes]]) -> Outcome | None:
+        """The outcome of an earlier attempt that committed, if one did (``rows``: what
+        ``read`` read)."""
         if not rows:
             return None
-        version = unpack(rows[0][1])[1]
+        _, attempt, version = unpack(rows[0][1])
         log.info("event=commit_found what=%s version=%d call=%r cause=%r", self.what, version, self.key,
                  "the store reported an attempt's result as unknown; it had committed")
-        return version
+        return attempt, version
 
-    def trying(self, tr: Transaction, version: int, result: R) -> R:
-        """Write the call's key for an attempt that commits ``version`` and would return ``result``."""
+    def trying(self, tr: Transaction, result: Callable[[int], R]) -> Outcome:
+        """Write the call's key for an attempt whose commit, at the version it gets, returns ``result(version)``."""
         for key in self.clears:
             tr.clear(key)
-        tr.set(self.key, pack((time.time(), version)))
-        self.tried[version] = result
-        return result
+        value = pack((time.time(), len(self.tried), STAMPED))
+        tr.set_versionstamped_value(self.key, value, len(value) - STAMP_BYTES)
+        self.tried.append(result)
+        return len(self.tried) - 1, tr.versionstamp()
 
-    def run(self, fn: Callable[[Transaction], R]) -> R:
+    def run(self, fn: Callable[[Transaction], Outcome], nowait: bool = False) -> R:
+        """``fn``'s call to its end (``nowait``: one attempt, ``transact_nowait``); the
+        result of the attempt that landed."""
         try:
-            result = self.volume._write(fn, self.what)
+            if nowait:
+                attempt, version = self.volume.store.transact_nowait(fn)  # type: ignore[attr-defined]
+            else:
+                attempt, version = self.volume._write(fn, self.what)
         except BaseException:
             self.volume._settle(self.clears)  # perhaps not cleared: by the next call
             raise
-        self.volume._settle([self.key] if self.tried else [])
-        return result
+        self.volume._settle([self.key])
+        if not isinstance(version, int):
+            version = stamped_version(version.known())
+        return self.tried[attempt](version)
 
 
 def transact_resolved(store: Store, fn: Callable[[Transaction], R], what: str) -> R:
@@ -387,14 +416,14 @@ class Volume:
             tr.set(self.ks.inode(ROOT_INO, 1), root.pack())
             tr.set(self.ks.next_ino(), pack((ROOT_INO + 1,)))
             tr.set(self.ks.head(), pack((1,)))
-            self._log(tr, 1, LogEntry(1, self.author, (ROOT_INO,)))
+            tr.set(self.ks.log(1), self._log_value(LogEntry(1, self.author, (ROOT_INO,))))
             return block_size, 1
 
         self.block_size, head = self._write(fn, "open")
         return head
 
     def _format_advice(self, fmt: int) -> str:
-        if fmt == UPGRADABLE:
+        if fmt in UPGRADABLE:
             return (
                 f"volume {self.name!r} has format {fmt}, this fusesqlite uses format {FORMAT}: stop every mount "
                 f"of it, then run: fusesqlite upgrade --volume {self.name} (with the same --store)"
@@ -405,14 +434,15 @@ class Volume:
     UPGRADE_BATCH = 2000
 
     def upgrade(self, progress: Callable[[int], None] = lambda read: None) -> int | None:
-        """Move a volume of format ``UPGRADABLE`` to ``FORMAT``: write its current
-        directory entries ('cd' keys) from the entries' history, in batches, then the
-        new format. Returns how many entries it wrote, None if the volume has
-        ``FORMAT`` already; ``progress`` gets the number of entry versions read so far.
+        """Move a volume of a format in ``UPGRADABLE`` to ``FORMAT``. Format 2 needs the
+        new format only. Format 1 first gets its current directory entries ('cd'
+        keys), written from the entries' history in batches. Returns how many entries
+        it wrote, None if the volume has ``FORMAT`` already; ``progress`` gets the
+        number of entry versions read so far.
 
-        Every mount of the volume must be stopped (older ones do not write 'cd'
-        keys): a commit during the upgrade fails it (VolumeFormatError), and a run
-        that stopped half-way starts over.
+        Every mount of the volume must be stopped (older ones do not write 'cd' keys,
+        and number versions from the head): a commit during the upgrade fails it
+        (VolumeFormatError), and a run that stopped half-way starts over.
 
         Each transaction is idempotent: run again after it landed it clears or
         writes the same keys, and the format it sets last is the one it checks.
@@ -422,17 +452,22 @@ class Volume:
             meta = tr.get(self.ks.meta())
             if meta is None:
                 raise VolumeFormatError(f"volume {self.name!r} does not exist in this store; check --store and --volume")
-            fmt, _ = unpack(meta)
+            fmt, block_size = unpack(meta)
             if fmt == FORMAT:
                 return None
-            if fmt != UPGRADABLE:
+            if fmt not in UPGRADABLE:
                 raise VolumeFormatError(self._format_advice(fmt))
+            if fmt == 2:  # its versions stay as they are: every stamped version is greater
+                tr.set(self.ks.meta(), pack((FORMAT, block_size)))
+                return 0
             tr.clear_range(*self.ks.children("cd"))
             return unpack(tr.get(self.ks.head()))[0]
 
         head = self._write(start, "upgrade")
         if head is None:
             return None
+        if head == 0:
+            return 0
 
         def still(tr: Transaction) -> None:
             if unpack(tr.get(self.ks.head()))[0] != head:
@@ -505,12 +540,21 @@ class Volume:
         rows = tr.get_range(*begin_end, limit=1, reverse=True)
         return rows[0][1] if rows else None
 
-    def read_inode(self, ino: int, version: int) -> Inode | None:
-        def fn(tr: Transaction) -> Inode | None:
-            value = self._latest(tr, self.ks.versions_upto(version, "i", ino))
-            return Inode.unpack(value) if value else None
+    def _inode(self, tr: Transaction, ino: int, version: int) -> Inode | None:
+        """``ino``'s record as of ``version``."""
+        return self._record(tr.get_range(*self.ks.versions_upto(version, "i", ino), limit=1, reverse=True))
 
-        return self.store.transact(fn)
+    def _record(self, rows: list[tuple[bytes, bytes]]) -> Inode | None:
+        """The record of a read of an inode's latest row (None: absent or removed), its
+        data version resolved (``THIS_VERSION``)."""
+        if not rows or not rows[0][1]:
+            return None
+        key, value = rows[0]
+        rec = Inode.unpack(value)
+        return rec._replace(dver=self.ks.last_version(key)) if rec.dver == THIS_VERSION else rec
+
+    def read_inode(self, ino: int, version: int) -> Inode | None:
+        return self.store.transact(lambda tr: self._inode(tr, ino, version))
 
     def lookup(self, parent: int, name: bytes, version: int) -> tuple[int, Inode] | None:
         """The child's inode number and record, in one store transaction."""
@@ -520,11 +564,11 @@ class Volume:
             if not value:
                 return None
             ino = unpack(value)[0]
-            rec = self._latest(tr, self.ks.versions_upto(version, "i", ino))
-            if not rec:
+            rec = self._inode(tr, ino, version)
+            if rec is None:
                 log.error("event=dangling_entry parent=%d name=%r ino=%d version=%d", parent, name, ino, version)
                 return None
-            return ino, Inode.unpack(rec)
+            return ino, rec
 
         return self.store.transact(fn)
 
@@ -546,9 +590,9 @@ class Volume:
             def fn(tr: Transaction) -> list[tuple[bytes, int, Inode]]:
                 out = []
                 for name, ino in batch:
-                    rec = self._latest(tr, self.ks.versions_upto(version, "i", ino))
-                    if rec:
-                        out.append((name, ino, Inode.unpack(rec)))
+                    rec = self._inode(tr, ino, version)
+                    if rec is not None:
+                        out.append((name, ino, rec))
                 return out
 
             return fn
@@ -559,7 +603,7 @@ class Volume:
             out.extend(self.store.transact(records(listed[i : i + self.LIST_BATCH])))
         return out
 
-    #: a view further behind the head than this many versions lists from the entries'
+    #: a view further behind the head than this many log entries lists from the entries'
     #: history (time travel); nearer, from the current entries and the log between
     LIST_LAG_LIMIT = 1000
 
@@ -570,17 +614,15 @@ class Volume:
         ``version`` changed (the log's entries) are read as they were at ``version``.
         A view far behind the head reads every version of every entry instead.
         """
-        head = unpack(tr.get(self.ks.head()))[0]
-        if head - version > self.LIST_LAG_LIMIT:
+        current, later = tr.get_ranges([
+            RangeRead(*self.ks.children("cd", parent)),
+            RangeRead(self.ks.log(version + 1), self.ks.children("log")[1], self.LIST_LAG_LIMIT + 1),
+        ])
+        if len(later) > self.LIST_LAG_LIMIT:
             return self._entries_from_history(tr, parent, version)
-        entries = {self.ks.parts(key)[-1]: unpack(value)[0] for key, value in tr.get_range(*self.ks.children("cd", parent))}
-        if version < head:
-            changed = {
-                name
-                for _, value in tr.get_range(self.ks.log(version + 1), self.ks.log(head + 1))
-                for p, name in unpack(value)[3]
-                if p == parent
-            }
+        entries = {self.ks.parts(key)[-1]: unpack(value)[0] for key, value in current}
+        if later:
+            changed = {name for _, value in later for p, name in unpack(value)[3] if p == parent}
             for name in changed:
                 raw = self._latest(tr, self.ks.versions_upto(version, "d", parent, name))
                 ino = unpack(raw)[0] if raw else None
@@ -706,7 +748,6 @@ class Volume:
         wal_order = sorted(wal_keys)
         reads = [
             attempts.read(),
-            RangeRead.key(self.ks.head()),
             *(RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)) for ino in inos),
             *(RangeRead(*self.ks.children("staging", ino)) for ino in inos if ino in data),
             *(RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "d", parent, name)) for (parent, name), _ in expects),
@@ -714,14 +755,15 @@ class Volume:
             *(RangeRead.key(self.ks.wal_owner(parent, name)) for parent, name in wal_order),
         ]
 
-        def fn(tr: Transaction) -> CommitResult:
-            # everything the commit checks, in one round trip (in this order: ``reads``)
+        def fn(tr: Transaction) -> Outcome:
+            # everything the commit checks, in one round trip (in this order: ``reads``).
+            # It reads no key that every commit writes: commits of other files never
+            # conflict with it, and its version is the store's versionstamp
             answers = iter(tr.get_ranges(reads))
             landed = attempts.landed(next(answers))
             if landed is not None:
-                return attempts.tried[landed]
-            version = unpack(next(answers)[0][1])[0] + 1
-            records = {ino: _value(next(answers)) for ino in inos}
+                return landed
+            records = {ino: self._record(next(answers)) for ino in inos}
             stagings = {ino: next(answers) for ino in inos if ino in data}
             entries = {key: _value(next(answers)) for key, _ in expects}
             held = {ino: _value(next(answers)) for ino in leases}
@@ -729,8 +771,7 @@ class Volume:
                 self._check_wal(tr, wal_keys, {key: _value(next(answers)) for key in wal_order})
             written: dict[int, Inode | None] = {}
             for ino, rec in changes.inodes.items():
-                raw = records[ino]
-                current = Inode.unpack(raw) if raw else None
+                current = records[ino]
                 dc = data.get(ino)
                 if dc is not None:
                     if current is not None and current.dver != dc.based_on:
@@ -748,26 +789,26 @@ class Volume:
                         tr.clear(self.ks.staging(ino, dc.staging))
                         tr.clear_range(*self.ks.children("stg", ino, dc.staging))  # its blocks are published
                     assert rec is not None
-                    rec = rec.with_(dver=version)
+                    rec = rec.with_(dver=THIS_VERSION)
                     if current is not None:
                         rec = current.with_(mtime_ns=rec.mtime_ns, ctime_ns=rec.ctime_ns).with_data_of(rec)
                 elif rec is not None and current is not None:
                     rec = rec.with_data_of(current)
                 written[ino] = rec
-                tr.set(self.ks.inode(ino, version), rec.pack() if rec else b"")
+                self._set_stamped(tr, self.ks.inode(ino, STAMPED), rec.pack() if rec else b"")
             for (parent, name), expected in expects:
                 raw = entries[(parent, name)]
                 current = unpack(raw)[0] if raw else None
                 if current != expected:
                     raise EntryChanged(parent, name, expected, current)
             for (parent, name), ino in changes.dirents.items():
-                tr.set(self.ks.dirent(parent, name, version), pack((ino,)) if ino else b"")
+                self._set_stamped(tr, self.ks.dirent(parent, name, STAMPED), pack((ino,)) if ino else b"")
                 if ino:
                     tr.set(self.ks.current_dirent(parent, name), pack((ino,)))
                 else:
                     tr.clear(self.ks.current_dirent(parent, name))
             for (ino, block_no), value in changes.blocks.items():
-                tr.set(self.ks.block(ino, block_no, version), value)
+                self._set_stamped(tr, self.ks.block(ino, block_no, STAMPED), value)
             released = []
             for ino in idle_leases:
                 raw = held[ino]
@@ -782,14 +823,13 @@ class Volume:
                 if raw is not None and Lease.unpack(raw).owner == self.author:
                     tr.clear(self.ks.lease(ino))
                     released.append((ino, "", 0.0))
-            entry = LogEntry(version, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released))
-            self._log(tr, version, entry)
-            tr.set(self.ks.head(), pack((version,)))
-            return attempts.trying(tr, version, CommitResult(version, written))
+            self._log(tr, LogEntry(0, self.author, tuple(changes.touched()), tuple(changes.dirents), tuple(released)))
+            return attempts.trying(tr, lambda version: CommitResult(version, {
+                ino: rec._replace(dver=version) if rec is not None and rec.dver == THIS_VERSION else rec
+                for ino, rec in written.items()
+            }))
 
-        if nowait:
-            return self.store.transact_nowait(fn)  # type: ignore[attr-defined]
-        return attempts.run(fn)
+        return attempts.run(fn, nowait)
 
     def _wal_keys(self, changes: ChangeSet, data: dict[int, DataCommit]) -> dict[WalKey, bool]:
         """The databases whose WAL ownership a commit must check: every name whose entry
@@ -837,20 +877,45 @@ class Volume:
                     raise WalHeld(parent, name, held)
                 tr.clear(self.ks.wal_owner(parent, name))
 
-    def _log(self, tr: Transaction, version: int, entry: LogEntry) -> None:
-        tr.set(self.ks.log(version), pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases)))
+    @staticmethod
+    def _log_value(entry: LogEntry) -> bytes:
+        return pack((time.time(), entry.author, entry.inodes, entry.dirents, entry.leases))
+
+    def _log(self, tr: Transaction, entry: LogEntry) -> None:
+        """Write ``entry`` at the transaction's version, and move the head there. Every
+        transaction that writes a version writes the head, but none reads it: the
+        writes are blind, so they never conflict (on FoundationDB the last commit's
+        value stays, which is the newest version)."""
+        self._set_stamped(tr, self.ks.log(STAMPED), self._log_value(entry))
+        head = pack((STAMPED,))
+        tr.set_versionstamped_value(self.ks.head(), head, len(head) - STAMP_BYTES)
+
+    def _set_stamped(self, tr: Transaction, key: bytes, value: bytes) -> None:
+        """Set ``key``, built with version ``STAMPED``, at the transaction's own version."""
+        tr.set_versionstamped_key(key, self.ks.stamped(key), value)
+
+    #: log entries read per store transaction (``log_range``)
+    LOG_PAGE = 1000
 
     def log_range(self, after: int, upto: int) -> list[LogEntry]:
-        """Log entries of versions ``after`` < v <= ``upto``, oldest first."""
+        """Log entries of versions ``after`` < v <= ``upto``, oldest first: in pages of
+        ``LOG_PAGE``, each its own store transaction (a mount far behind reads a long
+        log, and one transaction may last 5 seconds). The log never changes below the
+        head, so the pages agree."""
 
-        def fn(tr: Transaction) -> list[LogEntry]:
-            out = []
-            for key, value in tr.get_range(self.ks.log(after + 1), self.ks.log(upto + 1)):
+        def page(begin: bytes) -> Callable[[Transaction], list[tuple[bytes, bytes]]]:
+            return lambda tr: tr.get_range(begin, end, limit=self.LOG_PAGE)
+
+        begin, end = self.ks.log(after + 1), self.ks.log(upto + 1)
+        out = []
+        while True:
+            rows = self.store.transact(page(begin))
+            for key, value in rows:
                 _, author, inodes, dirents, leases, *_ = unpack(value)
-                out.append(LogEntry(self.ks.parts(key)[-1], author, inodes, dirents, leases))
-            return out
-
-        return self.store.transact(fn)
+                out.append(LogEntry(self.ks.last_version(key), author, inodes, dirents, leases))
+            if len(rows) < self.LOG_PAGE:
+                return out
+            begin = rows[-1][0] + b"\x00"
 
     # -- write leases: one writing mount per database ------------------------------------
     def acquire_lease(self, ino: int, ttl: float, view_dver: int) -> float:
@@ -867,27 +932,26 @@ class Volume:
 
         attempts: Attempts[float] = Attempts(self, f"lease of ino {ino}")
         reads = [attempts.read(), RangeRead.key(self.ks.lease(ino)),
-                 RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino)), RangeRead.key(self.ks.head())]
+                 RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "i", ino))]
 
-        def fn(tr: Transaction) -> float:
-            call, *rest = tr.get_ranges(reads)
+        def fn(tr: Transaction) -> Outcome:
+            call, lease, record_rows = tr.get_ranges(reads)
             landed = attempts.landed(call)
             if landed is not None:
-                return attempts.tried[landed]
+                return landed
             now = time.time()
-            lease, record, head = map(_value, rest)
-            if lease is not None:
-                held = Lease.unpack(lease)
+            if lease:
+                held = Lease.unpack(lease[0][1])
                 if held.owner != self.author and held.busy and held.live(now):
                     raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
-            version = unpack(head)[0] + 1
-            if record and Inode.unpack(record).dver != view_dver and not self._written_here(tr, Inode.unpack(record).dver):
-                raise StaleView(f"ino {ino} changed in the store since this mount read it", version - 1)
+            record = self._record(record_rows)
+            if record is not None and record.dver != view_dver and not self._written_here(tr, record.dver):
+                # following up to the commit that made the view stale brings it up to date
+                raise StaleView(f"ino {ino} changed in the store since this mount read it", record.dver)
             expiry = now + ttl
             tr.set(self.ks.lease(ino), Lease(self.author, expiry, busy=True).pack())
-            self._log(tr, version, LogEntry(version, self.author, leases=((ino, self.author, expiry),)))
-            tr.set(self.ks.head(), pack((version,)))
-            return attempts.trying(tr, version, expiry)
+            self._log(tr, LogEntry(0, self.author, leases=((ino, self.author, expiry),)))
+            return attempts.trying(tr, lambda version: expiry)
 
         return attempts.run(fn)
 
@@ -932,17 +996,16 @@ class Volume:
 
         attempts: Attempts[None] = Attempts(self, f"lease wanted of ino {ino}")
 
-        reads = [attempts.read(), RangeRead.key(self.ks.head())]
+        reads = [attempts.read()]
 
-        def fn(tr: Transaction) -> None:
-            call, head = tr.get_ranges(reads)
-            if attempts.landed(call) is not None:
-                return
-            version = unpack(head[0][1])[0] + 1
+        def fn(tr: Transaction) -> Outcome:
+            (call,) = tr.get_ranges(reads)
+            landed = attempts.landed(call)
+            if landed is not None:
+                return landed
             event = (ino, WANT + self.author, time.time() + wait)
-            self._log(tr, version, LogEntry(version, self.author, leases=(event,)))
-            tr.set(self.ks.head(), pack((version,)))
-            attempts.trying(tr, version, None)
+            self._log(tr, LogEntry(0, self.author, leases=(event,)))
+            return attempts.trying(tr, lambda version: None)
 
         attempts.run(fn)
 
@@ -988,7 +1051,8 @@ class Volume:
                     continue
                 ino = unpack(rows[0][1])[0]
                 recs = tr.get_range(*self.ks.versions_upto(ALL_VERSIONS, "i", ino), limit=1, reverse=True)
-                dver = Inode.unpack(recs[0][1]).dver if recs and recs[0][1] else 0
+                rec = self._record(recs)
+                dver = rec.dver if rec is not None else 0
                 if recs:  # its last change, data or attributes: a move of it still to come
                     last = max(last, self.ks.parts(recs[0][0])[-1])  # would run under the index
                 files.append((n, ino, dver))
@@ -1020,22 +1084,24 @@ class Volume:
     def begin_staging(self, ino: int, mount_id: str) -> int:
         """Reserve a version for a big write of ``ino``; its blocks go there, invisible.
 
+        The version is this transaction's versionstamp: later than every commit so
+        far (so the blocks stay unseen at the file's data version), earlier than the
+        commit that will publish them (whose data version then covers them).
+
         Run again after its commit landed (result unknown), it must not reserve a
         second version: the first would block every commit of the file until gc
         (``Attempts`` finds the one it reserved).
         """
         attempts: Attempts[int] = Attempts(self, "staging")
-        reads = [attempts.read(), RangeRead.key(self.ks.head())]
+        reads = [attempts.read()]
 
-        def fn(tr: Transaction) -> int:
-            call, head = tr.get_ranges(reads)
+        def fn(tr: Transaction) -> Outcome:
+            (call,) = tr.get_ranges(reads)
             landed = attempts.landed(call)
             if landed is not None:
                 return landed
-            version = unpack(head[0][1])[0] + 1
-            tr.set(self.ks.head(), pack((version,)))
-            tr.set(self.ks.staging(ino, version), pack((mount_id, time.time())))
-            return attempts.trying(tr, version, version)
+            self._set_stamped(tr, self.ks.staging(ino, STAMPED), pack((mount_id, time.time())))
+            return attempts.trying(tr, lambda version: version)
 
         return attempts.run(fn)
 

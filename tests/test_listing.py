@@ -10,7 +10,8 @@ import pytest
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import pack
 from fusesqlite.store.embedded import EmbeddedStore
-from fusesqlite.volume import FORMAT, UPGRADABLE, ChangeSet, Volume, VolumeFormatError
+from fusesqlite.pages import decode_block, encode_block
+from fusesqlite.volume import FORMAT, ChangeSet, DataCommit, Volume, VolumeFormatError
 from helpers import run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,11 +62,11 @@ def test_a_listing_at_any_version_is_the_directory_as_it_was_then(tmp_path):
     vol.LIST_LAG_LIMIT = 250  # views further back take the history path: both are checked
     for parent in dirs:
         seen_lagging = seen_far = 0
-        for version in versions:
+        for i, version in enumerate(versions):
             expected = _names_from_history(vol, parent, version)
             assert _names_at(vol, parent, version) == expected, (parent, version)
             assert [(n, i) for n, i, _ in vol.list_dir(parent, version)] == expected
-            lag = versions[-1] - version
+            lag = len(versions) - 1 - i  # commits after it
             seen_lagging += 0 < lag <= vol.LIST_LAG_LIMIT
             seen_far += lag > vol.LIST_LAG_LIMIT
         assert seen_lagging and seen_far
@@ -113,8 +114,9 @@ def test_listing_a_directory_reads_its_entries_not_its_history(tmp_path):
     listed = vol.list_dir(ROOT_INO, head)
     assert [name for name, _, _ in listed] == [b"k%d" % i for i in keep]
     assert counting.rows <= 2 * len(keep), f"{counting.rows} rows read to list 3 entries"
+    behind = vol.log_range(0, head)[-11].version
     counting.rows = 0
-    lagging = vol.list_dir(ROOT_INO, head - 10)  # a view 10 versions behind: the log between is read too
+    lagging = vol.list_dir(ROOT_INO, behind)  # a view 10 versions behind: the log between is read too
     assert lagging == listed
     assert counting.rows <= 2 * len(keep) + 10 + 5 * 2
 
@@ -125,7 +127,7 @@ def _downgrade(store_dir) -> None:
 
     def fn(tr):
         tr.clear_range(*vol.ks.children("cd"))
-        tr.set(vol.ks.meta(), pack((UPGRADABLE, 4096)))
+        tr.set(vol.ks.meta(), pack((1, 4096)))
 
     vol.store.transact(fn)
     vol.store.close()
@@ -194,3 +196,41 @@ def test_an_upgrade_that_meets_a_commit_fails_and_runs_again(tmp_path):
         assert _names_at(vol, parent, head) == expected[parent]
     assert vol.upgrade() is None
 
+
+
+def test_a_volume_of_format_2_keeps_its_versions_and_goes_on_after_upgrade(tmp_path):
+    """Format 2 numbered versions 1, 2, 3... from the head: its keys stay as they are, and
+    every stamped version is greater, so the upgrade only sets the format."""
+    vol = Volume(EmbeddedStore(str(tmp_path / "store")), "default", author="test")
+    vol.open()
+    ino = vol.allocate_inodes(1)[0]
+    old = Inode(mode=0o100644, uid=0, gid=0, nlink=1, size=2 * 4096, hwm=2, dver=2)
+    data = [bytes([7]) * 4096, bytes([8]) * 4096]
+
+    def format_2(tr):  # what the format-2 code wrote for a create with data at version 2
+        tr.set(vol.ks.inode(ino, 2), old.pack())
+        tr.set(vol.ks.dirent(ROOT_INO, b"old.db", 2), pack((ino,)))
+        tr.set(vol.ks.current_dirent(ROOT_INO, b"old.db"), pack((ino,)))
+        for b, block in enumerate(data):
+            tr.set(vol.ks.block(ino, b, 2), encode_block(block, ino, b))
+        tr.set(vol.ks.log(2), pack((0.0, "old-mount", (ino,), ((ROOT_INO, b"old.db"),), ())))
+        tr.set(vol.ks.head(), pack((2,)))
+        tr.set(vol.ks.meta(), pack((2, 4096)))
+
+    vol.store.transact(format_2)
+    with pytest.raises(VolumeFormatError, match="has format 2.*fusesqlite upgrade"):
+        vol.open()
+    assert vol.upgrade() == 0 and vol.upgrade() is None
+    assert vol.open() == 2
+    assert vol.read_inode(ino, 2) == old
+    raw = vol.read_blocks(ino, range(2), 2)
+    assert [decode_block(raw[b], ino, b, 4096) for b in range(2)] == data
+    new_block = bytes([9]) * 4096
+    result = vol.commit(ChangeSet(inodes={ino: old}, blocks={(ino, 1): encode_block(new_block, ino, 1)}),
+                        {ino: DataCommit(based_on=2)})
+    assert result.version > 2 and result.records[ino].dver == result.version
+    raw = vol.read_blocks(ino, range(2), result.version)
+    assert [decode_block(raw[b], ino, b, 4096) for b in range(2)] == [data[0], new_block]
+    assert [e.version for e in vol.log_range(1, result.version)] == [2, result.version]
+    assert [n for n, _, _ in vol.list_dir(ROOT_INO, 2)] == [b"old.db"]
+    vol.store.close()

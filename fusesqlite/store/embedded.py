@@ -179,6 +179,11 @@ class _Transaction:
     # writes
 
     def set(self, key: bytes, value: bytes) -> None:
+        key, value = self._checked(key, value)
+        self._write(len(key) + len(value), _SET, (key, value))
+
+    def _checked(self, key: bytes, value: bytes) -> tuple[bytes, bytes]:
+        """``key`` and ``value`` as bytes, within the key and value limits."""
         if type(key) is not bytes:
             key = _as_bytes(key)
         if type(value) is not bytes:
@@ -188,7 +193,7 @@ class _Transaction:
             self._fail(limit_exceeded(limits, "key_bytes", len(key)))
         if len(value) > limits.value_bytes:
             self._fail(limit_exceeded(limits, "value_bytes", len(value)))
-        self._write(len(key) + len(value), _SET, (key, value))
+        return key, value
 
     def clear(self, key: bytes) -> None:
         if len(key) > self._limits.key_bytes:
@@ -201,14 +206,17 @@ class _Transaction:
         self._write(len(begin) + len(end), _CLEAR_RANGE, (begin, end))
 
     def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
-        self._check_stamp_offset(key, offset)
-        self.set(key, value)  # its checks, and a place in SQLite's write order; replaced at commit
-        self._stamped.append((key, offset, value, -1))
+        self._stamped_set(key, offset, value, -1)
 
     def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
-        self._check_stamp_offset(value, offset)
-        self.set(key, value)
-        self._stamped.append((key, -1, value, offset))
+        self._stamped_set(key, -1, value, offset)
+
+    def _stamped_set(self, key: bytes, key_offset: int, value: bytes, value_offset: int) -> None:
+        """Checked and counted now, written at commit (``_apply_stamped``)."""
+        key, value = self._checked(key, value)
+        self._check_stamp_offset(key if key_offset >= 0 else value, max(key_offset, value_offset))
+        self._count(len(key) + len(value))
+        self._stamped.append((key, key_offset, value, value_offset))
 
     def versionstamp(self) -> Stamp:
         if self._stamp is None:
@@ -243,24 +251,26 @@ class _Transaction:
             last = (row[0] if row else 0) + 1
             self._conn.execute(_STAMP_SET, (last,))
             stamp = last.to_bytes(STAMP_BYTES, "big")
-            for key, key_offset, value, value_offset in self._stamped:
-                self._conn.execute(_CLEAR, (key,))  # the placeholder set made at the call
-                if key_offset >= 0:
-                    key = key[:key_offset] + stamp + key[key_offset + STAMP_BYTES :]
-                if value_offset >= 0:
-                    value = value[:value_offset] + stamp + value[value_offset + STAMP_BYTES :]
-                self._conn.execute(_SET, (key, value))
+            self._conn.executemany(_SET, [
+                (key if k < 0 else key[:k] + stamp + key[k + STAMP_BYTES :],
+                 value if v < 0 else value[:v] + stamp + value[v + STAMP_BYTES :])
+                for key, k, value, v in self._stamped
+            ])
         except sqlite3.Error as e:
             raise self._store._error(e) from e
         if self._stamp is not None:
             self._stamp.value = stamp
 
-    def _write(self, size: int, sql: str, args: tuple[bytes, ...]) -> None:
+    def _count(self, size: int) -> None:
+        """Add ``size`` bytes to the transaction, within its size and age limits."""
         self._size += size
         if self._size > self._limits.transaction_bytes:
             self._fail(limit_exceeded(self._limits, "transaction_bytes", self._size))
         if _monotonic() > self._deadline:
             raise self._too_old()
+
+    def _write(self, size: int, sql: str, args: tuple[bytes, ...]) -> None:
+        self._count(size)
         try:
             self._conn.execute(sql, args)
         except sqlite3.Error as e:
