@@ -473,6 +473,53 @@ def test_processes_incrementing_one_counter(tmp_path: Path) -> None:
         store.close()
 
 
+def _stamped_increment(tr: Transaction, key: bytes) -> None:
+    """Increment ``key`` and log its new value under a key ending in the commit's stamp."""
+    n = int(tr.get(key) or b"0") + 1
+    tr.set(key, str(n).encode())
+    tr.set_versionstamped_key(b"log/" + bytes(STAMP_BYTES), 4, str(n).encode())
+
+
+def _stamp_in_process(directory: str, count: int, threads: int, start: multiprocessing.synchronize.Barrier) -> None:
+    store = EmbeddedStore(directory)
+    start.wait(30)
+
+    def run() -> None:
+        for _ in range(count):
+            store.transact(lambda tr: _stamped_increment(tr, b"counter"))
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    store.close()
+
+
+def test_versionstamps_follow_commit_order_across_processes_and_threads(tmp_path: Path) -> None:
+    """Each transaction increments one counter (so commits are serial) and logs the value
+    at its stamp: in stamp order the values must be 1, 2, 3... The embedded store hands
+    stamps out from blocks it reserves; two processes with two threads each, one of
+    them restarted (a fresh block), must not break the order."""
+    directory, count = str(tmp_path / "store"), 60
+    EmbeddedStore(directory).close()
+    spawn = multiprocessing.get_context("spawn")
+    for _ in range(2):
+        start = spawn.Barrier(2)
+        workers = [spawn.Process(target=_stamp_in_process, args=(directory, count, 2, start)) for _ in range(2)]
+        for p in workers:
+            p.start()
+        for p in workers:
+            p.join(120)
+        assert [p.exitcode for p in workers] == [0, 0]
+    store = EmbeddedStore(directory)
+    try:
+        rows = store.transact(lambda tr: tr.get_range(b"log/", b"log0"))
+    finally:
+        store.close()
+    assert [int(v) for _, v in rows] == list(range(1, 2 * 2 * 2 * count + 1))
+
+
 def test_wait_for_change(store: Store, backend: Backend) -> None:
     k = backend.key(b"watched")
     store.transact(lambda tr: tr.set(k, b"old"))

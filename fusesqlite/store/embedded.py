@@ -75,10 +75,14 @@ PAGE_SIZE = 32768
 CHECKPOINT_EVERY = 250
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
-#: the last versionstamp given (one row): a commit that uses one takes the next
+#: the last versionstamp reserved (one row; ``EmbeddedStore._next_stamp``)
 _STAMP_SCHEMA = "CREATE TABLE IF NOT EXISTS stamp(one INTEGER PRIMARY KEY CHECK (one = 0), last INTEGER NOT NULL)"
 _STAMP_GET = "SELECT last FROM stamp WHERE one = 0"
 _STAMP_SET = "INSERT OR REPLACE INTO stamp(one, last) VALUES (0, ?)"
+#: versionstamps a store reserves at once: written to the stamp row once per this many
+#: commits, not at every one (a 32 KiB page more in the WAL of each small commit:
+#: measured 55 us of a 520 us commit)
+STAMP_BLOCK = 1024
 _GET = "SELECT v FROM kv WHERE k = ?"
 _RANGE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k LIMIT ?"
 _RANGE_REVERSE = "SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k DESC LIMIT ?"
@@ -241,16 +245,10 @@ class _Transaction:
 
     def _apply_stamped(self) -> None:
         """At commit: take the next versionstamp, and put it into the stamped sets."""
-        if not self._stamped and self._stamp is None:
-            return
-        if not self._stamped and not self._size:
-            self._stamp = None  # nothing written: no commit, no stamp (as FoundationDB)
-            return
+        if not self._stamped and (self._stamp is None or not self._size):
+            return  # nothing stamped, and no stamp asked for or nothing written (no commit: no stamp)
         try:
-            row = self._conn.execute(_STAMP_GET).fetchone()
-            last = (row[0] if row else 0) + 1
-            self._conn.execute(_STAMP_SET, (last,))
-            stamp = last.to_bytes(STAMP_BYTES, "big")
+            stamp = self._store._next_stamp(self._conn).to_bytes(STAMP_BYTES, "big")
             self._conn.executemany(_SET, [
                 (key if k < 0 else key[:k] + stamp + key[k + STAMP_BYTES :],
                  value if v < 0 else value[:v] + stamp + value[v + STAMP_BYTES :])
@@ -316,6 +314,8 @@ class EmbeddedStore:
         # a blind write waits this long for the write lock; longer would outlive the transaction anyway
         self._busy_timeout = limits.transaction_seconds
         self._lock = threading.Lock()
+        #: this store's block of versionstamps: the next to give, the last reserved (``_next_stamp``)
+        self._stamp_next = self._stamp_reserved = 0
         self._local = threading.local()
         self._conns: dict[threading.Thread, sqlite3.Connection] = {}
         self._busy: set[sqlite3.Connection] = set()  # inside a transaction attempt right now
@@ -431,6 +431,33 @@ class EmbeddedStore:
             _close_quietly(conn)
         self._wakeups.close()
         _open_stores.discard(self)
+
+    # versionstamps
+
+    def _next_stamp(self, conn: sqlite3.Connection) -> int:
+        """The versionstamp of the transaction on ``conn``, which is about to commit.
+
+        Stamps are handed out from a block this store reserved in the stamp row, as long
+        as that row still holds this store's reservation: then no other process has
+        committed a stamp since the block began, so every stamp of the block is greater
+        than every stamp committed before. Otherwise (another process reserved a block,
+        or this one's is used up) the transaction reserves the next block, writing the
+        row. The row is read here, so the transaction's snapshot is older than the
+        stamp it takes: a transaction that commits before it (with a smaller stamp from
+        this block, or any from another) makes SQLite refuse its write
+        (SQLITE_BUSY_SNAPSHOT), and its retry takes a greater one. A reservation rolled
+        back with its transaction leaves the row as it was: the next commit reserves again.
+        """
+        row = conn.execute(_STAMP_GET).fetchone()
+        persisted = row[0] if row else 0
+        with self._lock:
+            if persisted == self._stamp_reserved and self._stamp_next <= persisted:
+                stamp, self._stamp_next = self._stamp_next, self._stamp_next + 1
+                return stamp
+            stamp = persisted + 1
+            self._stamp_next, self._stamp_reserved = stamp + 1, persisted + STAMP_BLOCK
+        conn.execute(_STAMP_SET, (persisted + STAMP_BLOCK,))
+        return stamp
 
     # transactions
 
@@ -645,6 +672,7 @@ class EmbeddedStore:
     def _after_fork(self) -> None:
         """A child must not use its parent's SQLite connections (SQLite forbids it): start afresh."""
         self._lock = threading.Lock()
+        self._stamp_next = self._stamp_reserved = 0  # the parent's block is the parent's
         self._local = threading.local()
         self._conns = {}
         self._busy = set()
