@@ -76,6 +76,11 @@ class FileState:
         return self.record.with_(size=self.size, mtime_ns=self.mtime_ns)
 
 
+#: raw bytes of blocks per staging transaction at most: FoundationDB advises keeping
+#: transactions under 1 MB (its limit is 10 MB), and a smaller chunk costs the embedded
+#: store little (docs/benchmarks.md, bulk copy)
+STAGE_CHUNK_MAX = 1 << 20
+
 #: files whose pages' version this mount remembers (Transactions.views): an int each
 VIEWS_KEPT = 100_000
 
@@ -143,7 +148,7 @@ class Transactions:
         self.overlay_bytes = overlay_bytes
         #: raw bytes per staging transaction: well inside the store's transaction limit
         #: (a block's value is at most a few bytes longer than the block)
-        self.stage_chunk = max(self.bs, min(4 << 20, overlay_bytes, volume.store.limits.transaction_bytes // 3))
+        self.stage_chunk = max(self.bs, min(STAGE_CHUNK_MAX, overlay_bytes, volume.store.limits.transaction_bytes // 3))
         self.limiter = trio.CapacityLimiter(store_threads)
         #: ino -> data version of the pages the kernel may hold of it: its page cache
         #: outlives the file's opens, and moves only with a move (open_record)

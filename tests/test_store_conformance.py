@@ -390,7 +390,8 @@ def test_transaction_size_limit(store: Store, backend: Backend) -> None:
 def test_transaction_age_limit(backend: Backend) -> None:
     """A transaction older than transaction_seconds is retried, and fails when it always is."""
     limits = backend.slow_limits
-    store = backend.open(limits, retry_limit=2)
+    # FoundationDB's store bounds a whole call with its timeout: long enough for three slow attempts
+    store = backend.open(limits, retry_limit=2, **({"timeout": 40.0} if backend.name == "foundationdb" else {}))
     k = backend.key(b"k")
     too_long = limits.transaction_seconds * 1.3 + 0.05
     attempts: list[int] = []
@@ -418,6 +419,25 @@ def test_transaction_age_limit(backend: Backend) -> None:
         store.transact(always_slow)
     assert len(attempts) == 3  # the first attempt and retry_limit=2 retries
     assert backend.get(store, b"k") == b"done"
+
+
+def test_a_timeout_that_cuts_short_the_retries_of_a_too_old_transaction_says_too_old(backend: Backend) -> None:
+    """FoundationDB's store bounds a call with a timeout (10 s) that the 5 s transaction
+    limit runs into: an always-too-slow transaction must be reported as too old, not as
+    a cluster out of reach (error 1031), nor as a commit whose result is unknown."""
+    if backend.name != "foundationdb":
+        pytest.skip("the embedded store has no timeout beyond transaction_seconds")
+    store = backend.open(FDB_LIMITS, timeout=8.0)
+    k = backend.key(b"k")
+
+    def always_slow(tr: Transaction) -> None:
+        tr.get(k)
+        time.sleep(FDB_LIMITS.transaction_seconds + 1.5)
+        tr.set(k, b"late")
+
+    with pytest.raises(TransactionTooOld, match="transaction_seconds"):
+        store.transact(always_slow)
+    assert backend.get(store, b"k") is None
 
 
 # concurrency

@@ -110,6 +110,14 @@ class StoreNotPrivate(StoreUnavailable):
     """An existing store that users other than its owner can read or write."""
 
 
+def _conflict_range(key: bytes) -> int:
+    """Bytes FoundationDB adds to a transaction's size for the write conflict range of a
+    write to ``key`` (``key`` .. ``key + b"\\x00"``): its size counts mutations and conflict
+    ranges alike. Read conflict ranges are not counted here (a snapshot read has none,
+    and this store cannot tell them apart)."""
+    return 2 * len(key) + 1
+
+
 def _as_bytes(data: object) -> bytes:
     """Keys and values must be bytes: a ``str`` would be stored as TEXT and sort apart from BLOBs."""
     if isinstance(data, (bytearray, memoryview)):
@@ -184,7 +192,7 @@ class _Transaction:
 
     def set(self, key: bytes, value: bytes) -> None:
         key, value = self._checked(key, value)
-        self._write(len(key) + len(value), _SET, (key, value))
+        self._write(len(key) + len(value) + _conflict_range(key), _SET, (key, value))
 
     def _checked(self, key: bytes, value: bytes) -> tuple[bytes, bytes]:
         """``key`` and ``value`` as bytes, within the key and value limits."""
@@ -202,12 +210,12 @@ class _Transaction:
     def clear(self, key: bytes) -> None:
         if len(key) > self._limits.key_bytes:
             self._fail(limit_exceeded(self._limits, "key_bytes", len(key)))
-        self._write(len(key), _CLEAR, (key,))
+        self._write(len(key) + _conflict_range(key), _CLEAR, (key,))
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
         if begin > end:
             self._fail(StoreError(f"clear_range: begin {begin!r} is after end {end!r} (inverted range)"))
-        self._write(len(begin) + len(end), _CLEAR_RANGE, (begin, end))
+        self._write(2 * (len(begin) + len(end)), _CLEAR_RANGE, (begin, end))
 
     def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
         self._stamped_set(key, offset, value, -1)
@@ -219,7 +227,7 @@ class _Transaction:
         """Checked and counted now, written at commit (``_apply_stamped``)."""
         key, value = self._checked(key, value)
         self._check_stamp_offset(key if key_offset >= 0 else value, max(key_offset, value_offset))
-        self._count(len(key) + len(value))
+        self._count(len(key) + len(value) + _conflict_range(key))
         self._stamped.append((key, key_offset, value, value_offset))
 
     def versionstamp(self) -> Stamp:

@@ -45,6 +45,9 @@ TRANSACTION_TOO_OLD = 1007
 NOT_COMMITTED = 1020
 COMMIT_UNKNOWN_RESULT = 1021
 TRANSACTION_TIMED_OUT = 1031
+#: an attempt older than limits.transaction_seconds by this much had a read version too
+#: old to commit (FoundationDB counts the limit in versions, about a million a second)
+TOO_OLD_MARGIN = 1.0
 _LIMIT_CODES = {2101: "transaction_bytes", 2102: "key_bytes", 2103: "value_bytes"}
 #: timed out, client-side I/O, cluster file missing/unreadable/unwritable, bad connection string
 _UNAVAILABLE_CODES = {TRANSACTION_TIMED_OUT, 1510, 1511, 1513, 1514, 1515, 2104}
@@ -251,25 +254,40 @@ class FoundationDBStore:
         # both options survive on_error (API >= 610): the timeout covers all attempts together
         tr.options.set_timeout(int(self._timeout * 1000))
         tr.options.set_retry_limit(self._retry_limit)
+        # the cluster refuses a transaction over limits.transaction_bytes as the embedded
+        # store does (FoundationDB's default is its 10 MB maximum)
+        tr.options.set_size_limit(self.limits.transaction_bytes)
         attempts = 0
         #: a commit of an earlier attempt (or of this one) may have been applied: 1021,
         #: or the timeout, out of the commit itself
         maybe_landed = False
+        #: the error that made the last attempt retry (what the timeout cut short)
+        retried: int | None = None
         try:
             while True:
                 attempts += 1
                 committing = False
+                started = time.monotonic()
                 try:
                     result = fn(tr)
                     committing = True
                     tr.commit().wait()
                     return result
                 except fdb.FDBError as e:
-                    if committing and e.code in (COMMIT_UNKNOWN_RESULT, TRANSACTION_TIMED_OUT):
+                    too_old = time.monotonic() - started > self.limits.transaction_seconds + TOO_OLD_MARGIN
+                    if committing and e.code == COMMIT_UNKNOWN_RESULT:
                         maybe_landed = True
+                    elif committing and e.code == TRANSACTION_TIMED_OUT:
+                        if too_old:  # its read version was too old to commit: it cannot have landed
+                            e = fdb.FDBError(TRANSACTION_TOO_OLD)
+                        else:
+                            maybe_landed = True
                     try:
                         tr.on_error(e).wait()  # waits out retryable errors, re-raises the others
+                        retried = e.code
                     except fdb.FDBError as final:
+                        if final.code == TRANSACTION_TIMED_OUT and (too_old or retried == TRANSACTION_TOO_OLD):
+                            final = fdb.FDBError(TRANSACTION_TOO_OLD)  # the cause, not the timeout it led to
                         raise self._error(final, attempts, maybe_landed) from final
         except BaseException:
             tr.cancel()  # nothing of an abandoned attempt may commit
@@ -300,7 +318,8 @@ class FoundationDBStore:
         if code == TRANSACTION_TOO_OLD:
             return TransactionTooOld(
                 f"{what} after {attempts} attempts: over limits.transaction_seconds = "
-                f"{self.limits.transaction_seconds} s (FoundationDB's limit)"
+                f"{self.limits.transaction_seconds} s (FoundationDB's limit), retried until the store's "
+                f"timeout of {self._timeout} s or its retry limit"
             )
         if code == TRANSACTION_TIMED_OUT:
             return StoreUnavailable(
