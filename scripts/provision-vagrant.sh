@@ -12,7 +12,9 @@
 # Idempotent: a second run skips what is already installed and re-runs the tests.
 set -euo pipefail
 
-FDB_VERSION=${FDB_VERSION:-7.3.69}
+# 7.3.62: the newest 7.3 release built for any x86-64; the release packages from
+# 7.3.63 on need AVX2, which many VMs' virtual CPUs lack (kvm64, some clouds)
+FDB_VERSION=${FDB_VERSION:-7.3.62}
 FDB_CLUSTER_FILE=/etc/foundationdb/fdb.cluster
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DEBIAN_FRONTEND=noninteractive
@@ -28,6 +30,12 @@ if [ "$arch" != amd64 ]; then
 fi
 
 # --- 1. FoundationDB -----------------------------------------------------------
+version_at_least() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -1)" = "$2" ]; }
+if version_at_least "$FDB_VERSION" 7.3.63 && ! grep -qw avx2 /proc/cpuinfo; then
+    echo "provision-vagrant.sh: error: FoundationDB $FDB_VERSION needs a CPU with AVX2, which this one lacks;" \
+         "run with FDB_VERSION=7.3.62" >&2
+    exit 1
+fi
 installed_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 have_fdb=1
 for pkg in foundationdb-clients foundationdb-server; do
