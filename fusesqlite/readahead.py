@@ -1,11 +1,14 @@
-"""Read-ahead: while a file is read sequentially, load the blocks after it in the background.
+"""Read-ahead: while a file is read forwards, load the blocks after it in the background.
 
 The kernel keeps only one to three reads of a file in flight, and each would wait
 for a store read and the decoding of its blocks: a cold scan would run at the speed
 of that round trip. Here a read that continues the previous one starts loads of
 the next blocks (a window that doubles with every sequential read, up to a
 bound) in a worker thread, so the kernel's next read finds them loaded or on
-the way while the store read after it is already running.
+the way while the store read after it is already running. A read a few blocks
+past the last one continues it too (``GAP_BLOCKS``): SQLite reading a b-tree whose
+rows overflow reads its pages in order with the overflow pages between them
+unread, and without read-ahead each of its reads is a store round trip.
 
 A load (``Run``) decodes its blocks into one buffer, and reads are served from
 it with a slice: per block, the event loop does no work at all. Runs stay out
@@ -73,6 +76,8 @@ class ReadAhead:
     STREAMS = 256
     #: reads elsewhere in a file that leave its sequential stream (and runs) as they are
     MISSES = 3
+    #: blocks a read may skip past the last one and still continue its stream
+    GAP_BLOCKS = 16
 
     def __init__(self, volume: Volume, cache: BlockCache, max_bytes: int = 4 << 20,
                  chunk_bytes: int = 1 << 20) -> None:
@@ -142,7 +147,10 @@ class ReadAhead:
             return
         self._streams.move_to_end(fs.ino)
         count = last - first + 1
-        sequential = stream.next_block - count <= first <= stream.next_block + count
+        # a read a little ahead of the last one goes on with it: a b-tree's pages read in
+        # order between pages nobody reads (the rows' overflow pages, for a count(*) of
+        # big rows) are a scan too, and loading the pages between costs bandwidth only
+        sequential = stream.next_block - count <= first <= stream.next_block + max(count, self.GAP_BLOCKS)
         if not sequential and stream.misses < self.MISSES:
             stream.misses += 1  # e.g. SQLite reading a B-tree interior page mid-scan
             return

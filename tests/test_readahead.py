@@ -1,4 +1,4 @@
-"""Read-ahead (readahead.py): sequential reads served from blocks loaded ahead are
+"""Read-ahead (readahead.py): forward reads served from blocks loaded ahead are
 exactly the file's bytes, and never older than the file's last change, whether
 another mount or this one made it."""
 from __future__ import annotations
@@ -133,6 +133,26 @@ def test_local_overwrite_is_never_hidden_by_read_ahead(mounts):
     finally:
         os.close(reader)
     assert "event=readahead " in m.log_text(), "the reads never loaded ahead"
+
+
+def test_a_forward_scan_that_skips_blocks_is_read_ahead_and_exact(mounts):
+    """SQLite counting the rows of a table whose rows overflow reads its b-tree leaves in
+    order, skipping the overflow pages between them: the reads continue a stream, so the
+    daemon loads ahead (one store round trip per chunk, not per page)."""
+    m = mounts(debug=True)
+    data = random.Random(9).randbytes(8 * MB)
+    with open(m / "f.bin", "wb") as f:
+        f.write(data)
+    m = m.factory.remount(m)
+    fd = os.open(m / "f.bin", os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        for block in range(0, len(data) // 4096, 5):  # one block in five, front to back
+            assert os.preadv(fd, [buf], block * 4096) == 4096
+            assert buf[:] == data[block * 4096 : (block + 1) * 4096], block
+    finally:
+        os.close(fd)
+    assert "event=readahead " in m.log_text(), "the strided reads never loaded ahead"
 
 
 def test_block_cache_refuses_fills_older_than_a_change():
