@@ -109,9 +109,15 @@ fdbcli -C "$FDB_CLUSTER_FILE" --exec 'status minimal' --timeout 5
 # .ci/run = scripts/install.sh --test (apt: fuse3, libfuse3-dev, ...; pip
 # install -e '.[test]', in /opt/fusesqlite-venv on Debian's PEP 668 python3)
 # followed by `python3 -m pytest -q`.
-echo "==> running the test suite against FoundationDB ($FDB_CLUSTER_FILE)"
+echo "==> running the test suite (the store tests against FoundationDB: $FDB_CLUSTER_FILE)"
 export FDB_CLUSTER_FILE
 export CI=${CI:-true}
 cd "$REPO"
 bash .ci/run </dev/null
+# again with every mount on the cluster: mounts, many mounts, crashes, big
+# transactions (tests/conftest.py, FUSESQLITE_TEST_STORE)
+echo "==> running the test suite with every mount on FoundationDB"
+python=$(command -v python3)
+[ -x /opt/fusesqlite-venv/bin/python3 ] && python=/opt/fusesqlite-venv/bin/python3
+FUSESQLITE_TEST_STORE="fdb:$FDB_CLUSTER_FILE" "$python" -m pytest -q </dev/null
 echo "==> provisioning done: FoundationDB $FDB_VERSION, fusesqlite installed, tests passed"

@@ -10,6 +10,12 @@ started (by pid: SIGTERM, then SIGKILL) and unmounts whatever is left mounted.
 A watchdog kills the daemons if a test overruns its timeout, so a test stuck in
 an uninterruptible FUSE request is released (and then fails) instead of hanging
 the run.
+
+``FUSESQLITE_TEST_STORE=fdb:[CLUSTER_FILE]`` runs the mounts of every test that does
+not name a store of its own on that FoundationDB cluster, each test in a volume of
+its own (cleared afterwards): the Vagrant VM runs the product's tests against a
+cluster, not only the store's. Tests that read the embedded store's files are
+marked ``embedded`` and skipped then.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import REPO, child_env, force_unmount, fusesqlite_cmd, is_mounted  # noqa: E402
 
+#: where mounts go when a test names no store (module docstring)
+TEST_STORE = os.environ.get("FUSESQLITE_TEST_STORE", "")
 MOUNT_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
 
@@ -59,6 +67,11 @@ class Mount:
     @property
     def store_dir(self) -> Path:
         return Path(self.store)
+
+    @property
+    def where(self) -> list[str]:
+        """The command-line options that name this mount's store and volume."""
+        return ["--store", self.store, *(["--volume", self.volume] if self.volume else [])]
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)
@@ -148,6 +161,9 @@ class Mount:
 
 class MountFactory:
     def __init__(self, tmp_path: Path):
+        #: this test's volumes on TEST_STORE: its own names, cleared at teardown
+        self.test_id = f"test-{os.urandom(6).hex()}"
+        self.volumes: set[str] = set()
         self.tmp_path = tmp_path
         self.mounts: list[Mount] = []
         self.children: list[subprocess.Popen] = []
@@ -190,8 +206,14 @@ class MountFactory:
             mountpoint = self.tmp_path / f"mnt{n}"
             mountpoint.mkdir()
         if store is None:
-            store = self.tmp_path / "store"
+            store = TEST_STORE or self.tmp_path / "store"
         store = os.fspath(store)
+        if TEST_STORE and store == TEST_STORE:
+            if volume is None:
+                volume = self.test_id
+            elif not volume.startswith(self.test_id):  # a name of the test's own (not another mount's)
+                volume = f"{self.test_id}.{volume}"
+            self.volumes.add(volume)
         if pass_store and not store.startswith("fdb:"):
             os.makedirs(store, exist_ok=True)
         args = ["mount", os.fspath(mountpoint)]
@@ -295,7 +317,39 @@ class MountFactory:
             note = m.cleanup()
             if note:
                 notes.append(f"{m.mountpoint}: {note}")
+        for volume in sorted(self.volumes):
+            notes.extend(_clear_volume(TEST_STORE, volume))
         return notes
+
+
+def _clear_volume(store_spec: str, volume: str) -> list[str]:
+    """Remove a test's volume from a shared FoundationDB cluster."""
+    from fusesqlite.keyspace import Keyspace
+    from fusesqlite.store import StoreError, open_store
+
+    try:
+        store = open_store(store_spec)
+        try:
+            store.transact(lambda tr: tr.clear_range(*Keyspace(volume).volume_range()))
+        finally:
+            store.close()
+    except StoreError as e:
+        return [f"volume {volume} left in {store_spec}: {e}"]
+    return []
+
+
+def pytest_configure(config) -> None:
+    if TEST_STORE and not TEST_STORE.startswith("fdb:"):
+        raise pytest.UsageError(f"FUSESQLITE_TEST_STORE={TEST_STORE!r}: use fdb: or fdb:/path/to/fdb.cluster")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if not TEST_STORE:
+        return
+    skip = pytest.mark.skip(reason=f"reads the embedded store's files; FUSESQLITE_TEST_STORE is {TEST_STORE}")
+    for item in items:
+        if item.get_closest_marker("embedded"):
+            item.add_marker(skip)
 
 
 def _test_timeout(request) -> float:

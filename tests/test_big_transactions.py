@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fusesqlite.keyspace import Keyspace
+from fusesqlite.store import open_store
 from helpers import run_cli
 
 SMALL = ("--memory-mb", "16")
@@ -24,13 +25,13 @@ ROW = 1000  # bytes of random payload per row: incompressible, so blocks stay bi
 
 
 def count_keys(store: str | Path, volume: str | None, *parts: object) -> int:
-    """Keys under ``parts`` in an embedded store (read while no daemon writes it)."""
+    """Keys under ``parts`` in a store (an embedded store's directory, or ``fdb:...``)."""
     begin, end = Keyspace(volume or "default").children(*parts)
-    con = sqlite3.connect(f"file:{Path(store) / 'store.sqlite'}?mode=ro", uri=True)
+    opened = open_store(os.fspath(store))
     try:
-        return con.execute("SELECT count(*) FROM kv WHERE k >= ? AND k < ?", (begin, end)).fetchone()[0]
+        return len(opened.transact(lambda tr: tr.get_range(begin, end)))
     finally:
-        con.close()
+        opened.close()
 
 
 def make_db(path: Path, rows: int = 100) -> None:
@@ -162,7 +163,7 @@ def test_gc_command_removes_an_abandoned_staging(mounts):
 
     force_unmount(a.mountpoint)
     assert count_keys(a.store, a.volume, "staging") == 1
-    r = run_cli("gc", "--store", a.store)
+    r = run_cli("gc", *a.where)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("removed 1 abandoned staging(s)"), r.stdout
     assert count_keys(a.store, a.volume, "staging") == 0

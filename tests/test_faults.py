@@ -100,6 +100,7 @@ def _assert_pages_eio_or_exact(path, original: bytes, page: int = 4096) -> int:
     return eio
 
 
+@pytest.mark.embedded
 @pytest.mark.parametrize("which", ["all_blocks", "one_block"])
 def test_corrupt_block_gives_eio(mounts, which):
     m = mounts(volume=VOLUME)
@@ -144,8 +145,7 @@ def test_corrupt_block_gives_eio(mounts, which):
         with opendb(db) as c:
             c.execute("SELECT * FROM t").fetchall()
     _assert_eio(ei, m)
-
-
+@pytest.mark.embedded
 def test_corrupt_block_plain_file(mounts):
     m = mounts(volume=VOLUME)
     data = os.urandom(400_000)
@@ -170,8 +170,7 @@ def test_corrupt_block_plain_file(mounts):
     os.unlink(m / "plain.bin")
     (m / "plain.bin").write_bytes(b"replaced")
     assert (m / "plain.bin").read_bytes() == b"replaced"
-
-
+@pytest.mark.embedded
 def test_corrupt_middle_block_plain_file(mounts):
     """One bad block in the middle: EIO there only; the blocks around it read exactly."""
     m = mounts(volume=VOLUME)

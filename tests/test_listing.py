@@ -131,8 +131,7 @@ def _downgrade(store_dir) -> None:
 
     vol.store.transact(fn)
     vol.store.close()
-
-
+@pytest.mark.embedded
 def test_a_volume_of_the_older_format_is_refused_until_upgraded(mounts, tmp_path):
     m = mounts()
     for i in range(3):

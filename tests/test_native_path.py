@@ -95,7 +95,7 @@ def test_a_stale_mount_point_is_refused_with_the_command_that_clears_it(mounts):
     with pytest.raises(OSError) as stale:
         os.stat(m.mountpoint)
     assert stale.value.errno == errno.ENOTCONN
-    again = subprocess.run(fusesqlite_cmd("mount", m.mountpoint, "--store", m.store), env=child_env(),
+    again = subprocess.run(fusesqlite_cmd("mount", m.mountpoint, *m.where), env=child_env(),
                            cwd=REPO, capture_output=True, text=True, timeout=60, start_new_session=True)
     assert again.returncode != 0, f"mounting on a stale mount point succeeded:\n{again.stderr}"
     lines = again.stderr.strip().splitlines()

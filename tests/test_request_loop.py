@@ -26,6 +26,7 @@ os.close(fd)
 """
 
 
+@pytest.mark.embedded
 def test_a_request_waiting_for_the_store_does_not_stop_the_others(mount):
     """A commit waits while another process holds the store's write lock; meanwhile
     the mount answers lookups, stats and reads at once. Done after some hundred

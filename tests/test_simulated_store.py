@@ -397,7 +397,7 @@ def test_a_big_transaction_commits_once_and_leaves_no_staging_when_results_are_u
     log = m.log_text()
     assert log.count("event=staged ") >= 4, "the transaction should have been staged in chunks"
     assert "event=commit_found" in log
-    assert count_keys(m.store, None, "staging") == 0
-    assert count_keys(m.store, None, "stg") == 0
+    assert count_keys(m.store, m.volume, "staging") == 0
+    assert count_keys(m.store, m.volume, "stg") == 0
     again = mounts.remount(m)
     assert check(again / "big.db") == (8100, "ok")

@@ -221,7 +221,7 @@ def test_the_default_is_the_writeback_cache_only_where_the_kernel_makes_it_corre
     if not native:
         refused = tmp_path / "refused"
         refused.mkdir()
-        done = run_cli("mount", str(refused), "--store", m.store, "--writeback-cache")
+        done = run_cli("mount", str(refused), *m.where, "--writeback-cache")
         lines = [line for line in done.stderr.splitlines() if line.startswith("fusesqlite: error:")]
         assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
         assert "--writeback-cache needs the native path" in lines[0], lines[0]
