@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 from bench_util import install_signal_handlers, start_daemon, start_watchdog, stop_daemons  # noqa: E402
-from run import CACHE, MiB, REPO, Measure, Side, build_scan_db, cached_file, fmt, print_summary  # noqa: E402
+from run import CACHE, REPO, Measure, MiB, Side, build_scan_db, cached_file, fmt, print_summary  # noqa: E402
 
 
 @dataclass(frozen=True)

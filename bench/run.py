@@ -29,9 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path("/var/tmp/fusesqlite-bench-cache")  # inputs worth keeping between runs
@@ -340,7 +340,7 @@ def c_mount(command: list[str], mnt: Path) -> Iterator[tuple[Path, int]]:
             subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
 
 
-def fuse_round_trips(work: Path, daemon: "Daemon") -> str:
+def fuse_round_trips(work: Path, daemon: Daemon) -> str:
     """The cost of one FUSE request: an fsync that does no work, answered by a C file
     system on libfuse's own loop (bench/fuse_floor.c: the floor any FUSE file system
     pays here) and by the mount (a journal's fsync: in memory, no store call)."""

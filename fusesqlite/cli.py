@@ -9,7 +9,8 @@ import faulthandler
 import logging
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from fusesqlite import __version__
 

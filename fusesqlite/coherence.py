@@ -28,7 +28,18 @@ from fusesqlite.keyspace import pack, unpack
 from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import WANT, Lease, LeaseHeld, LogEntry, StaleView, Volume, WalGrant, WalHeld, WalKey, wal_database
+from fusesqlite.volume import (
+    WANT,
+    Lease,
+    LeaseHeld,
+    LogEntry,
+    StaleView,
+    Volume,
+    WalGrant,
+    WalHeld,
+    WalKey,
+    wal_database,
+)
 
 log = logging.getLogger("fusesqlite.coherence")
 
@@ -580,7 +591,7 @@ class Coherence:
         both mounts' writers stalled 10 s). With it, the proxy waits for the writer's
         transaction to end first.
         """
-        ranges = EXCLUSIVE if p.reserved else RESERVED + EXCLUSIVE
+        ranges = EXCLUSIVE if p.reserved else (*RESERVED, *EXCLUSIVE)
         started = time.monotonic()
         locked = await self._lock(ino, p, ranges)  # one helper round trip for all three
         locked_at = wrote_back_at = time.monotonic()

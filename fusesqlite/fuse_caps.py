@@ -23,6 +23,7 @@ works the same, only slower, and :func:`report` logs one line
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -85,7 +86,7 @@ def load() -> None:
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
-        from fusesqlite import _fuse_init
+        _fuse_init = importlib.import_module("fusesqlite._fuse_init")
     except ImportError as e:
         _why_not = f"extension module not built ({e}); reinstall fusesqlite with gcc and libfuse3-dev present"
         return
@@ -133,6 +134,7 @@ def report() -> bool:
         log.log(level, "event=native_off cause=%r libfuse=%r effect=%s", why, libfuse(),
                 "auto_inval_data_on,journal_fast_path_off,pyfuse3_request_loop,python_block_decoding")
         return False
+    assert _module is not None  # why_not_native() said it is loaded
     negotiated = _module.negotiated()
     if negotiated is None:
         log.warning("event=fuse_caps_default auto_inval_data=on cause=%r effect=slower_reads_after_writes",
@@ -167,8 +169,11 @@ def dirs_without_open() -> bool:
     or releasedir again, which saves a round trip each time SQLite syncs a new
     journal's directory, and lists every directory with handle 0, which the
     readdirplus hook turns into the directory's inode (Linux 5.1 and later)."""
-    negotiated = _module.negotiated() if _module is not None else None
-    return negotiated is not None and _module.hooked() and bool(negotiated[1] & _module.NO_OPENDIR_SUPPORT)
+    module = _module
+    if module is None:
+        return False
+    negotiated = module.negotiated()
+    return negotiated is not None and module.hooked() and bool(negotiated[1] & module.NO_OPENDIR_SUPPORT)
 
 
 def session_fd() -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 import stat
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fusesqlite.keyspace import pack, unpack
 
@@ -60,14 +60,14 @@ class Inode(NamedTuple):
         return pack((1, *self))
 
     @classmethod
-    def unpack(cls, value: bytes) -> "Inode":
+    def unpack(cls, value: bytes) -> Inode:
         t = unpack(value)
         if t[0] != 1:
             raise ValueError(f"unknown inode record format {t[0]}")
         return cls(*t[1:])
 
     @classmethod
-    def new(cls, kind: int, mode: int, uid: int, gid: int, nlink: int = 1, target: bytes = b"") -> "Inode":
+    def new(cls, kind: int, mode: int, uid: int, gid: int, nlink: int = 1, target: bytes = b"") -> Inode:
         now = time.time_ns()
         return cls(mode=kind | (mode & 0o7777), uid=uid, gid=gid, nlink=nlink, size=len(target),
                    atime_ns=now, mtime_ns=now, ctime_ns=now, target=target)
@@ -80,7 +80,7 @@ class Inode(NamedTuple):
     def is_reg(self) -> bool:
         return stat.S_ISREG(self.mode)
 
-    def with_data_of(self, other: "Inode") -> "Inode":
+    def with_data_of(self, other: Inode) -> Inode:
         """This record's attributes with ``other``'s data fields (size, blocks, data version).
 
         Commits merge onto the record in the store instead of overwriting it, so a
@@ -88,5 +88,5 @@ class Inode(NamedTuple):
         """
         return self._replace(size=other.size, hwm=other.hwm, dver=other.dver)
 
-    def with_(self, **changes: int | bytes) -> "Inode":
+    def with_(self, **changes: Any) -> Inode:
         return self._replace(**changes)

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import trio
 
@@ -77,7 +77,7 @@ class OwnMount:
         self._started = time.monotonic()
 
     @classmethod
-    def spawn(cls) -> "OwnMount":
+    def spawn(cls) -> OwnMount:
         """Start the helper. Before the mount exists, so it cannot inherit /dev/fuse."""
         return cls(*_start_helper())
 
@@ -147,7 +147,7 @@ class OwnMount:
             raise OSError(errno.EIO, self._gone)
         self._next_id += 1
         rid = self._next_id
-        event, out = trio.Event(), []
+        event, out = trio.Event(), cast(list[Any], [])
         self._waiting[rid] = (event, out)
         try:
             data = memoryview(json.dumps({"id": rid, "op": op, "args": args}).encode() + b"\n")
@@ -272,7 +272,7 @@ def _write_back(fd: int) -> None:
     os.fsync(fd)
 
 
-_OPS = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs, "write_back": _write_back}
+_OPS: dict[str, Callable[..., Any]] = {"open": _open, "lock": _lock, "unlock": _unlock, "close": os.close, "syncfs": _syncfs, "write_back": _write_back}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

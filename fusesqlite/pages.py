@@ -10,9 +10,11 @@ the loading thread's time.
 """
 from __future__ import annotations
 
+import importlib
 import struct
 import zlib
 from collections import OrderedDict
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import lz4.block
@@ -20,10 +22,9 @@ import xxhash
 
 from fusesqlite import fuse_caps
 
+_blocks: ModuleType | None = None  # FUSESQLITE_NATIVE=0: every block decoded in Python (decode_block)
 if fuse_caps.native_wanted():
-    from fusesqlite import _blocks
-else:  # FUSESQLITE_NATIVE=0: every block decoded in Python (decode_block)
-    _blocks = None
+    _blocks = importlib.import_module("fusesqlite._blocks")
 
 if TYPE_CHECKING:
     from fusesqlite.volume import BlockRows

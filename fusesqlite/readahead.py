@@ -27,7 +27,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -119,7 +120,8 @@ class ReadAhead:
         for run in covering:
             base = run.start * block_size
             lo, hi = max(offset, base) - base, min(end, run.end * block_size) - base
-            pieces.append(memoryview(run.data)[lo:hi])  # type: ignore[index]
+            assert run.data is not None  # _usable
+            pieces.append(memoryview(run.data)[lo:hi])
         # one run: a view of it, which pyfuse3 replies from without a copy (a run's
         # buffer never changes once loaded)
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
 from functools import partial
-from typing import Awaitable, Callable, Iterable, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -155,7 +156,7 @@ class Transactions:
         self.views: OrderedDict[int, int] = OrderedDict()
         #: files a move found with local changes, so their record stayed behind the store's
         self.behind: set[int] = set()
-        self._inos: Iterable[int] = iter(())
+        self._inos: Iterator[int] = iter(())
         #: small commits run on the event loop's own thread (mount.py decides: when the
         #: mount has a single CPU, a hop to a worker thread and back costs more than
         #: the commit's wait for the disk; docs/decisions/2026-11-24-commit-on-a-worker-thread.md)
@@ -171,10 +172,10 @@ class Transactions:
         self.zero_block = bytes(self.bs)
 
     async def new_ino(self) -> int:
-        ino = next(self._inos, None)  # type: ignore[call-overload]
+        ino = next(self._inos, None)
         if ino is None:
             self._inos = iter(await self.run(self.volume.allocate_inodes))
-            ino = next(self._inos)  # type: ignore[call-overload]
+            ino = next(self._inos)
         return ino
 
     # -- records -----------------------------------------------------------------------
@@ -541,7 +542,9 @@ class Transactions:
         keep: tuple[int, ...],
         nowait: bool = False,
     ) -> CommitResult:
-        blocks = {(ino, b): encode_block(bytes(block), ino, b) for (ino, b), block in changes.blocks.items()}
+        blocks: dict[tuple[int, int], bytes | bytearray] = {
+            (ino, b): encode_block(bytes(block), ino, b) for (ino, b), block in changes.blocks.items()
+        }
         return self.volume.commit(
             ChangeSet(inodes=changes.inodes, dirents=changes.dirents, blocks=blocks), data, release, keep, nowait=nowait
         )

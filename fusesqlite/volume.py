@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Generic, TypeVar
 
 from fusesqlite.identity import dead_here
 from fusesqlite.inodes import ROOT_INO, Inode
@@ -101,7 +102,7 @@ class ChangeSet:
     inodes: dict[int, Inode | None] = field(default_factory=dict)
     dirents: dict[tuple[int, bytes], int | None] = field(default_factory=dict)
     #: (ino, block_no) -> encoded block value (pages.encode_block)
-    blocks: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    blocks: dict[tuple[int, int], bytes | bytearray] = field(default_factory=dict)
     #: what each changed entry must still be in the store (another mount may have
     #: changed it since this mount looked): its inode number, or None for "absent"
     expect: dict[tuple[int, bytes], int | None] = field(default_factory=dict)
@@ -152,7 +153,7 @@ class Lease:
     busy: bool
 
     @classmethod
-    def unpack(cls, value: bytes) -> "Lease":
+    def unpack(cls, value: bytes) -> Lease:
         owner, expiry, *busy = unpack(value)
         return cls(owner, expiry, bool(busy[0]) if busy else True)
 
@@ -290,7 +291,7 @@ class Attempts(Generic[R]):
 
     __slots__ = ("volume", "what", "key", "tried", "clears")
 
-    def __init__(self, volume: "Volume", what: str) -> None:
+    def __init__(self, volume: Volume, what: str) -> None:
         self.volume = volume
         self.what = what  # for log lines
         self.key = volume.ks.call(volume.author, next(volume._call_ids))
@@ -724,7 +725,7 @@ class Volume:
         idle_leases: Iterable[int] = (),
         *,
         nowait: bool = False,
-    ) -> "CommitResult":
+    ) -> CommitResult:
         """Write ``changes`` as the next version of the volume.
 
         Files in ``data`` get their data version moved to it, after checking that
@@ -801,14 +802,14 @@ class Volume:
                 current = unpack(raw)[0] if raw else None
                 if current != expected:
                     raise EntryChanged(parent, name, expected, current)
-            for (parent, name), ino in changes.dirents.items():
-                self._set_stamped(tr, self.ks.dirent(parent, name, STAMPED), pack((ino,)) if ino else b"")
-                if ino:
-                    tr.set(self.ks.current_dirent(parent, name), pack((ino,)))
+            for (parent, name), child in changes.dirents.items():
+                self._set_stamped(tr, self.ks.dirent(parent, name, STAMPED), pack((child,)) if child else b"")
+                if child:
+                    tr.set(self.ks.current_dirent(parent, name), pack((child,)))
                 else:
                     tr.clear(self.ks.current_dirent(parent, name))
-            for (ino, block_no), value in changes.blocks.items():
-                self._set_stamped(tr, self.ks.block(ino, block_no, STAMPED), value)
+            for (ino, block_no), block in changes.blocks.items():
+                self._set_stamped(tr, self.ks.block(ino, block_no, STAMPED), bytes(block))
             released = []
             for ino in idle_leases:
                 raw = held[ino]

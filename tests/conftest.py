@@ -46,7 +46,7 @@ def _fail(msg: str) -> None:
 class Mount:
     """One running ``fusesqlite mount`` process."""
 
-    def __init__(self, factory: "MountFactory", mountpoint: Path, store: str, volume: str | None,
+    def __init__(self, factory: MountFactory, mountpoint: Path, store: str, volume: str | None,
                  args: list[str], log_path: Path, proc: subprocess.Popen, env_extra: dict | None,
                  cpus: frozenset[int] | None = None):
         self.factory = factory
@@ -344,11 +344,16 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    if not TEST_STORE:
-        return
+    """Mark the tests that mount (``e2e``: they need /dev/fuse) and those of the
+    FoundationDB backend (``fdb``), so ``-m "not e2e and not slow"`` is the tier that
+    needs no FUSE; skip the ``embedded`` ones when mounts go to FoundationDB."""
     skip = pytest.mark.skip(reason=f"reads the embedded store's files; FUSESQLITE_TEST_STORE is {TEST_STORE}")
     for item in items:
-        if item.get_closest_marker("embedded"):
+        if {"mounts", "mount"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+        if "[foundationdb" in item.nodeid:
+            item.add_marker(pytest.mark.fdb)
+        if TEST_STORE and item.get_closest_marker("embedded"):
             item.add_marker(skip)
 
 

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from fusesqlite.keyspace import Keyspace
 from fusesqlite.store import open_store
-from helpers import run_cli
 
 SMALL = ("--memory-mb", "16")
 ROW = 1000  # bytes of random payload per row: incompressible, so blocks stay big

@@ -13,8 +13,8 @@ import lz4.block
 import pytest
 
 from fusesqlite import _blocks
-from fusesqlite.pages import LZ4, RAW, XXH3, ZERO, CorruptBlock, _checksum, decode_block, decode_run, encode_block
 from fusesqlite.keyspace import STAMPED
+from fusesqlite.pages import LZ4, RAW, XXH3, ZERO, CorruptBlock, _checksum, decode_block, decode_run, encode_block
 
 BS = 4096
 BLOCKS = {

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import PY, REPO, child_env, force_unmount, fusesqlite_cmd, is_mounted, opendb, run_cli
 
 pytestmark = pytest.mark.timeout(60)

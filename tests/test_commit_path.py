@@ -8,10 +8,10 @@ import threading
 import time
 
 import pytest
+from helpers import ONE_CPU, opendb
 
 from fusesqlite.store.base import ConflictError
 from fusesqlite.store.embedded import CHECKPOINT_EVERY, FILE_NAME, EmbeddedStore
-from helpers import ONE_CPU, opendb
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,8 +9,9 @@ not meet, one database's two commits must.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
 
@@ -35,7 +36,7 @@ class Footprint:
     reads: Ranges = field(default_factory=list)
     writes: Ranges = field(default_factory=list)
 
-    def conflicts_with(self, earlier: "Footprint") -> bool:
+    def conflicts_with(self, earlier: Footprint) -> bool:
         """Whether FoundationDB would refuse this transaction had ``earlier`` committed after its read version."""
         return any(rb < we and wb < re for rb, re in self.reads for wb, we in earlier.writes)
 

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 CACHE = Path(os.environ.get("FUSESQLITE_BENCH_CACHE", "/var/tmp/fusesqlite-bench-cache"))
@@ -36,8 +35,7 @@ def built_testfixture() -> Path:
         if missing:
             pytest.skip(f"testfixture cannot be built: {' '.join(missing)} missing "
                         "(bash scripts/install.sh --test installs them)")
-    r = subprocess.run(["sh", str(BUILD), str(CACHE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, timeout=3600)
+    r = subprocess.run(["sh", str(BUILD), str(CACHE)], capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         if not any(CACHE.glob("sqlite3-[0-9]*/test/tester.tcl")):
             pytest.skip("testfixture cannot be built: Debian's sqlite3 source could not be fetched "

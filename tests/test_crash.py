@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-
 from helpers import ONE_CPU, opendb, run_py, table_digest
 
 pytestmark = pytest.mark.timeout(120)

@@ -27,7 +27,6 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import opendb
 from test_crash import STREAM_WRITER, SYNC_LEVEL, _Lines, _setup_stream_db
 

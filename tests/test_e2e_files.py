@@ -8,7 +8,6 @@ import stat
 import time
 
 import pytest
-
 from helpers import MB, run, sha256_file
 from native_path import native_on
 

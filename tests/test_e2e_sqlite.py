@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 
 import pytest
-
 from helpers import PY, child_env, integrity, opendb, table_digest
 
 pytestmark = pytest.mark.timeout(120)

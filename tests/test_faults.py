@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import MB, fill_until_enospc, integrity, opendb, table_digest
 
 from fusesqlite.keyspace import Keyspace

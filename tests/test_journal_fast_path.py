@@ -11,7 +11,6 @@ import re
 import signal
 
 import pytest
-
 from helpers import opendb, table_digest
 from native_path import native_on
 

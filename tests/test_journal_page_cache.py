@@ -20,7 +20,6 @@ import sqlite3
 import subprocess
 
 import pytest
-
 from helpers import table_digest
 from test_many_mounts import new_counter, query, wait_for
 

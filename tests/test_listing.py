@@ -6,13 +6,13 @@ import random
 import sqlite3
 
 import pytest
+from helpers import run_cli
 
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import pack
-from fusesqlite.store.embedded import EmbeddedStore
 from fusesqlite.pages import decode_block, encode_block
+from fusesqlite.store.embedded import EmbeddedStore
 from fusesqlite.volume import FORMAT, ChangeSet, DataCommit, Volume, VolumeFormatError
-from helpers import run_cli
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,6 @@ import signal
 import subprocess
 
 import pytest
-
 from helpers import REPO, child_env, fusesqlite_cmd, opendb
 from native_path import expected, native_on
 

@@ -9,10 +9,10 @@ import os
 import random
 
 import pytest
-
-from fusesqlite.pages import BlockCache
 from helpers import MB
 from test_many_mounts import wait_for
+
+from fusesqlite.pages import BlockCache
 
 pytestmark = pytest.mark.timeout(120)
 

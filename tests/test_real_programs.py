@@ -39,7 +39,6 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-
 from helpers import child_env
 
 FOSSIL = shutil.which("fossil")

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import ONE_CPU, opendb
 from native_path import native_on
 

@@ -7,6 +7,8 @@ import logging
 import time
 
 import pytest
+from helpers import ONE_CPU, run_cli
+from test_many_mounts import INCREMENT, new_counter, query, wait_for
 
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import pack, unpack
@@ -23,8 +25,6 @@ from fusesqlite.store import (
     parse_simulate,
 )
 from fusesqlite.volume import ChangeSet, DataCommit, Volume
-from helpers import ONE_CPU, run_cli
-from test_many_mounts import INCREMENT, new_counter, query, wait_for
 
 FILE = Inode(mode=0o100644, uid=0, gid=0, nlink=1)
 

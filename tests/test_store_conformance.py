@@ -17,19 +17,19 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from fusesqlite.store import (
     FDB_LIMITS,
+    STAMP_BYTES,
     EmbeddedStore,
     FoundationDBStore,
     LimitExceeded,
     Limits,
-    STAMP_BYTES,
     RangeRead,
     Stamp,
     Store,

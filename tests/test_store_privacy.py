@@ -15,16 +15,16 @@ import sqlite3
 import stat
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from fusesqlite._journal import Contents
+from helpers import force_unmount, is_mounted, opendb, run_cli
+
 from fusesqlite.fs.transient import SPOOL_BYTES
 from fusesqlite.store import EmbeddedStore, StoreNotPrivate
 from fusesqlite.store.embedded import FILE_NAME
-from helpers import force_unmount, is_mounted, opendb, run_cli
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -16,7 +16,6 @@ import subprocess
 import time
 
 import pytest
-
 from test_many_mounts import query, wait_for
 
 #: a WAL connection on argv[1] that writes a row every argv[2] seconds until stdin closes

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 
 import pytest
-
 from native_path import native_on
 from test_many_mounts import query, wait_for
 
@@ -208,9 +207,10 @@ def test_the_default_is_the_writeback_cache_only_where_the_kernel_makes_it_corre
     Without the native path libfuse's auto_inval_data stays on, and the cache with it
     left malformed databases after a kill -9 (tests/test_crash_modes.py): off there too,
     and --writeback-cache is refused in one line."""
-    from fusesqlite.mount import WRITEBACK_CORRECT_SINCE, _kernel_release
     from helpers import run_cli
     from native_path import expected
+
+    from fusesqlite.mount import WRITEBACK_CORRECT_SINCE, _kernel_release
 
     native, _ = expected()
     m = mounts()

@@ -100,7 +100,7 @@ class FsBase(pyfuse3.Operations):
 
     def abs_path(self, ino: int) -> bytes | None:
         """Where ``ino`` is on this host, if this mount knows it."""
-        parts = []
+        parts: list[bytes] = []
         while ino != ROOT_INO and len(parts) < 64:
             known = self.names.get(ino)
             if known is None:
@@ -130,7 +130,7 @@ class FsBase(pyfuse3.Operations):
 
     def path(self, ino: int) -> str:
         """Best-effort path inside the volume, for log lines."""
-        parts = []
+        parts: list[str] = []
         while ino != ROOT_INO and len(parts) < 64:
             known = self.names.get(ino)
             if known is None:
@@ -254,8 +254,8 @@ class FsBase(pyfuse3.Operations):
                 log.warning("event=tail_read_failed ino=%d cause=%s", ino, e)
         await trio.to_thread.run_sync(_moved_in_kernel, ino, at, tail)
         if self.writeback_cache:
-            fs = self.tx.files.get(ino)
-            if fs is not None and fs.opens:
+            open_here = self.tx.files.get(ino)
+            if open_here is not None and open_here.opens:
                 self.stale_in_kernel.add(ino)
             else:
                 self.forget_in_kernel(ino)

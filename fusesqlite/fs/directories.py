@@ -52,7 +52,10 @@ class DirectoryOps(FileOps, FsBase):
             # other mounts' changes arrived while it was being computed.
             return self.negative_entry(name, cacheable=epoch == self.coherence.epoch)
         ino, rec, tf = found
-        return self.entry(ino, tf.record() if tf else rec)
+        if tf is not None:
+            return self.entry(ino, tf.record())
+        assert rec is not None  # a stored child comes with its record
+        return self.entry(ino, rec)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self.entry(inode, await self.record(inode))
@@ -374,7 +377,10 @@ class DirectoryOps(FileOps, FsBase):
         s = pyfuse3.StatvfsData()
         bs = self.tx.bs
         path = getattr(self.tx.volume.store, "path", None)
-        total, free = (shutil.disk_usage(path)[0::2]) if path and os.path.isdir(path) else (1 << 50, 1 << 50)
+        total, free = 1 << 50, 1 << 50
+        # a stat of the embedded store's local directory: too quick to hand to a thread
+        if path and os.path.isdir(path):  # noqa: ASYNC240
+            total, free = shutil.disk_usage(path)[0::2]
         s.f_bsize = s.f_frsize = bs
         s.f_blocks = total // bs
         s.f_bfree = s.f_bavail = free // bs

@@ -109,20 +109,21 @@ class FileOps(FsBase):
         For a super-journal, that is every database whose journal it lists, in one
         store transaction: a multi-database transaction is atomic in the store too.
         """
+        found_inos: list[int | None]
         if is_super_journal(tf.name):
             targets = [journal_target(path) for path in tf.read(0, tf.size).split(b"\0")]
-            inos = [await self.resolve(t) for t in targets if t]
+            found_inos = [await self.resolve(t) for t in targets if t]
         else:
             target = journal_target(tf.name)
             writing, tf.writing = tf.writing, None
             if writing is not None and self.names.get(writing) == (tf.parent, target):
                 # the database journal_started found for this transaction, still under
                 # that name: one store lookup fewer per commit
-                inos = [writing]
+                found_inos = [writing]
             else:
                 found = await self.child(tf.parent, target) if target else None
-                inos = [found[0]] if found is not None and found[2] is None else []
-        inos = [ino for ino in inos if ino is not None]
+                found_inos = [found[0]] if found is not None and found[2] is None else []
+        inos = [ino for ino in found_inos if ino is not None]
         synced, tf.db_synced = tf.db_synced, False
         tf.unsettled = False
         tf.kept_open = tf.cached_opens > 0
@@ -299,6 +300,7 @@ class FileOps(FsBase):
         # goes through the page cache.
         fi.direct_io = journal and not cached_journal
         if journal:
+            assert isinstance(file, TransientFile)
             _journal.register(fh, file.data, cached_journal)
         return fi
 
@@ -340,7 +342,8 @@ class FileOps(FsBase):
         return self.file_info(inode, fs, keep_cache, proxy)
 
     # -- data ----------------------------------------------------------------------------
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    # a memoryview too: pyfuse3 replies from any buffer, though its stub says bytes
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         f = self.handle(fh).file
         if isinstance(f, TransientFile):
             return f.read(off, size)

@@ -23,7 +23,7 @@ log = logging.getLogger("fusesqlite.fs")
 
 def _guarded(name: str, fn):
     @functools.wraps(fn)
-    async def wrapper(self: "Operations", *args, **kwargs):
+    async def wrapper(self: Operations, *args, **kwargs):
         if self.first_request is not None:
             first, self.first_request = self.first_request, None
             first()

@@ -215,8 +215,9 @@ def install(busy_poll_seconds: float = 0.0) -> RequestLoop | None:
     if why is not None:
         log.warning("event=request_loop_default cause=%r effect=slower_small_requests", why)
         return None
+    assert fd is not None  # else ``why`` said so
     _loop = RequestLoop(fd, busy_poll_seconds)
-    pyfuse3._wait_fuse_readable = _loop.wait
+    setattr(pyfuse3, "_wait_fuse_readable", _loop.wait)  # checked above: hasattr, the tested version
     log.info("event=request_loop_installed fd=%d busy_poll_us=%d", fd, round(busy_poll_seconds * 1e6))
     return _loop
 

@@ -48,13 +48,13 @@ def _database(name: bytes) -> bytes | None:
     return database_of(name, SHM) or database_of(name, WAL)
 
 
-async def opening(ops: "FileOps", parent: int, name: bytes) -> None:
+async def opening(ops: FileOps, parent: int, name: bytes) -> None:
     """Before a create of ``name`` in ``parent``: a -shm or -wal joins, or starts, this
     mount's WAL session of its database (EBUSY while another live mount has one)."""
     await session_opening(ops, parent, name)
 
 
-async def opening_ino(ops: "FileOps", ino: int) -> None:
+async def opening_ino(ops: FileOps, ino: int) -> None:
     """Before an open of ``ino`` by an app (not by this mount's own lock proxy)."""
     tf = ops.transient.by_ino.get(ino)
     if tf is not None:
@@ -66,20 +66,21 @@ async def opening_ino(ops: "FileOps", ino: int) -> None:
         await session_opening(ops, known[0], known[1])
 
 
-async def open_failed(ops: "FileOps", parent: int, name: bytes) -> None:
+async def open_failed(ops: FileOps, parent: int, name: bytes) -> None:
     """A create that ``opening`` let through failed: it made no handle."""
-    if _database(name) is not None and not ops.read_only:
-        await ops.coherence.index_closed((parent, _database(name)), ops.child_path(parent, _database(name)))
+    db = _database(name)
+    if db is not None and not ops.read_only:
+        await ops.coherence.index_closed((parent, db), ops.child_path(parent, db))
 
 
-async def open_failed_ino(ops: "FileOps", ino: int) -> None:
+async def open_failed_ino(ops: FileOps, ino: int) -> None:
     """An open of stored file ``ino`` that ``opening_ino`` let through failed."""
     known = ops.names.get(ino)
     if known is not None:
         await open_failed(ops, known[0], known[1])
 
 
-async def released(ops: "FileOps", file: object) -> None:
+async def released(ops: FileOps, file: object) -> None:
     """After an app's handle of ``file`` is released: the session's last one ends this
     mount's WAL ownership."""
     if ops.read_only:
@@ -90,10 +91,11 @@ async def released(ops: "FileOps", file: object) -> None:
         if known is None:
             return
         parent, name = known
-    await session_released(ops, parent, name)
+    if isinstance(parent, int):
+        await session_released(ops, parent, name)
 
 
-async def session_opening(ops: "FileOps", parent: int, name: bytes) -> None:
+async def session_opening(ops: FileOps, parent: int, name: bytes) -> None:
     """Before a create or open of ``name`` in ``parent``: a -shm or -wal takes or shares
     the WAL ownership of its database. SQLite opens -wal first, then -shm (or, with
     locking_mode=EXCLUSIVE, keeps its WAL index in its heap and never opens -shm):
@@ -114,7 +116,7 @@ async def session_opening(ops: "FileOps", parent: int, name: bytes) -> None:
         raise pyfuse3.FUSEError(e.errno) from None
 
 
-async def _reset(ops: "FileOps", parent: int, db: bytes) -> None:
+async def _reset(ops: FileOps, parent: int, db: bytes) -> None:
     """Drop what this mount holds uncommitted of ``db`` and its -wal, written under a
     poisoned WAL index (``Coherence.wal_poison``): its commits were refused, and a new
     index must not publish them."""
@@ -126,7 +128,7 @@ async def _reset(ops: "FileOps", parent: int, db: bytes) -> None:
             log.info("event=wal_reset path=%s", fs.label)
 
 
-def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
+def _view_current(ops: FileOps, parent: int, grant: WalGrant) -> bool:
     """Whether the database and its -wal, where open here, are as ``grant`` found them
     in the store (``Coherence.index_opened`` checks that no change to them is unfollowed)."""
     for name, ino, dver in grant.files:
@@ -143,7 +145,7 @@ def _view_current(ops: "FileOps", parent: int, grant: WalGrant) -> bool:
     return True
 
 
-async def session_released(ops: "FileOps", parent: int, name: bytes) -> None:
+async def session_released(ops: FileOps, parent: int, name: bytes) -> None:
     """After an app's handle of a -shm or -wal is released (``session_opening``)."""
     db = _database(name)
     if db is None:
@@ -154,7 +156,7 @@ async def session_released(ops: "FileOps", parent: int, name: bytes) -> None:
     await ops.coherence.index_closed(key, path)
 
 
-async def _publish_before_release(ops: "FileOps", parent: int, db: bytes, path: str) -> None:
+async def _publish_before_release(ops: FileOps, parent: int, db: bytes, path: str) -> None:
     """Commit what this mount wrote to ``db`` and its -wal before giving the WAL away.
 
     With synchronous=OFF SQLite never fsyncs: its last checkpoint's pages reach the

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import logging
+import os
 import random
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, NamedTuple, Protocol, Sequence, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -113,12 +114,12 @@ class RangeRead(NamedTuple):
     reverse: bool = False
 
     @classmethod
-    def key(cls, key: bytes) -> "RangeRead":
+    def key(cls, key: bytes) -> RangeRead:
         """The one pair of ``key``, if present."""
         return cls(key, key + b"\x00", 1)
 
     @classmethod
-    def last(cls, begin_end: tuple[bytes, bytes]) -> "RangeRead":
+    def last(cls, begin_end: tuple[bytes, bytes]) -> RangeRead:
         """The last pair of a range (e.g. a versioned key's latest version)."""
         return cls(*begin_end, 1, True)
 
@@ -163,8 +164,10 @@ class Stamp:
 
 
 class Transaction(ReadView, Protocol):
-    #: reads through ``snapshot`` add no read conflict (FoundationDB snapshot reads)
-    snapshot: ReadView
+    @property
+    def snapshot(self) -> ReadView:
+        """Reads through it add no read conflict (FoundationDB snapshot reads)."""
+        ...
 
     def set(self, key: bytes, value: bytes) -> None: ...
 

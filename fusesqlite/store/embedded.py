@@ -21,28 +21,29 @@ import stat
 import threading
 import time
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence, TypeVar
+from typing import NoReturn, TypeVar
 
+from . import wakeups
 from .base import (
     FDB_LIMITS,
+    STAMP_BYTES,
     ConflictError,
     Limits,
+    RangeRead,
     ReadView,
+    Stamp,
     StoreError,
     StoreFull,
     StoreUnavailable,
     Transaction,
     TransactionTooOld,
-    STAMP_BYTES,
-    RangeRead,
-    Stamp,
     get_ranges_one_by_one,
     limit_exceeded,
     log,
     run_with_retries,
 )
-from . import wakeups
 
 T = TypeVar("T")
 

@@ -10,19 +10,20 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any, Callable, NoReturn, Sequence, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from .base import (
     FDB_LIMITS,
+    STAMP_BYTES,
     CommitUnknownResult,
     ConflictError,
     LimitExceeded,
     Limits,
-    STAMP_BYTES,
     RangeRead,
-    Stamp,
     RetryableError,
+    Stamp,
     StoreError,
     StoreUnavailable,
     Transaction,
