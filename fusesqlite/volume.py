@@ -43,10 +43,12 @@ UPGRADABLE = (1, 2)
 THIS_VERSION = 1 << 79
 DEFAULT_BLOCK_SIZE = 4096
 INO_BATCH = 1024
-#: full ``transact`` calls a transaction that writes a version gets when the store
-#: gives up with its result unknown (CommitUnknownResult): each call first looks
-#: for what an earlier attempt committed (``Attempts``)
-RESOLVE_CALLS = 3
+#: how long a transaction that writes a version is called again while the store gives
+#: up with its result unknown (CommitUnknownResult; each call first looks for what an
+#: earlier attempt committed: ``Attempts``). The app's request waits meanwhile: a
+#: failure reported for a commit that landed would be a lie, and a cluster that cannot
+#: say for this long is down
+RESOLVE_SECONDS = 60.0
 #: a call key (``Attempts``) older than this belongs to a call long settled or given
 #: up (a store call gives up within seconds): gc removes it
 CALL_KEEP_SECONDS = 3600.0
@@ -341,19 +343,24 @@ class Attempts(Generic[R]):
 
 
 def transact_resolved(store: Store, fn: Callable[[Transaction], R], what: str) -> R:
-    """``store.transact(fn)``, called again (RESOLVE_CALLS in all) while the store gives
-    up with the result unknown. ``fn`` must first look for what an earlier attempt
-    committed (``Attempts.landed``), so a call after the commit landed returns its
-    result instead of writing. An attempt still in flight cannot land after the next
-    call's attempt has read the head (it would conflict), so a later call settles it."""
-    for n in range(1, RESOLVE_CALLS + 1):
+    """``store.transact(fn)``, called again (for up to RESOLVE_SECONDS, with a growing
+    pause) while the store gives up with the result unknown. ``fn`` must first look for
+    what an earlier attempt committed (``Attempts.landed``), so a call after the commit
+    landed returns its result instead of writing. An attempt still in flight cannot land
+    after the next call's attempt has read the call key (it would conflict), so a later
+    call settles it."""
+    deadline = time.monotonic() + RESOLVE_SECONDS
+    pause = 0.05
+    while True:
         try:
             return store.transact(fn)
         except CommitUnknownResult as e:
-            if n == RESOLVE_CALLS:
+            if time.monotonic() >= deadline:
+                log.error("event=commit_unknown_given_up what=%r seconds=%g cause=%s", what, RESOLVE_SECONDS, e)
                 raise
             log.warning("event=commit_unknown_resolving what=%r cause=%s", what, e)
-    raise AssertionError("unreachable")
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
 
 
 class Volume:

@@ -48,6 +48,7 @@ def test_a_spec_sets_what_it_names_and_leaves_the_rest_as_the_inner_store():
         ("unknown_result=1", "unknown_result=1 is not a fraction in [0, 1)"),
         ("conflict=1.5", "conflict=1.5 is not a fraction in [0, 1)"),
         ("unknown_result=0.5,conflict=0.5", "must be under 1"),
+        ("unknown_lost=0.4,conflict=0.3,unknown_result=0.3", "must be under 1"),
         ("seed=0.5", "seed needs a whole number"),
     ],
 )
@@ -75,7 +76,8 @@ def test_gc_and_upgrade_run_behind_a_simulated_cluster(tmp_path):
     for command in ("gc", "upgrade"):
         r = run_cli(command, "--store", store, "--simulate", "latency_ms=1,commit_ms=1,unknown_result=0.5,seed=1")
         assert r.returncode == 0, r.stderr
-        assert "event=store_simulated latency_ms=1 commit_ms=1 unknown_result=0.5 conflict=0 seed=1" in r.stderr
+        assert ("event=store_simulated latency_ms=1 commit_ms=1 unknown_result=0.5 conflict=0 unknown_lost=0 "
+                "seed=1") in r.stderr
 
 
 # -- the simulated cluster ----------------------------------------------------------------
@@ -293,6 +295,32 @@ def test_a_call_whose_result_stays_unknown_is_resolved_by_the_next_call(tmp_path
                                  expect={(ROOT_INO, b"n%d" % i): None}))
         assert len(vol.log_range(start, _head(vol))) == 20  # each create once, none reported as failed
         assert "event=commit_unknown_resolving" in caplog.text
+    finally:
+        store.close()
+
+
+def test_a_call_that_stays_unknown_past_the_resolving_time_fails_as_unknown(tmp_path, monkeypatch, caplog):
+    """A cluster that answers "unknown" to every commit for RESOLVE_SECONDS, and applies
+    none: the call gives up with CommitUnknownResult (the app sees an error), says so in
+    the log, and nothing was written."""
+    import fusesqlite.store.simulated as simulated
+    import fusesqlite.volume as volume
+
+    store = _simulated(tmp_path)
+    vol = Volume(store, "default", author="mount-a")
+    try:
+        vol.open()
+        ino = vol.allocate_inodes(1)[0]
+        store.spec = SimulateSpec(unknown_lost=0.99, seed=5)  # read at each attempt: never applied
+        monkeypatch.setattr(simulated, "RETRY_LIMIT", 0)
+        monkeypatch.setattr(volume, "RESOLVE_SECONDS", 0.3)
+        started = time.monotonic()
+        with pytest.raises(CommitUnknownResult):
+            vol.commit(ChangeSet(inodes={ino: FILE}, dirents={(ROOT_INO, b"x"): ino}))
+        assert time.monotonic() - started >= 0.3
+        assert "event=commit_unknown_resolving" in caplog.text and "event=commit_unknown_given_up" in caplog.text
+        store.spec = SimulateSpec()
+        assert vol.lookup(ROOT_INO, b"x", vol.head()) is None
     finally:
         store.close()
 

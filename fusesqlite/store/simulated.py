@@ -14,6 +14,7 @@ refused nor left unknown.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import threading
@@ -60,19 +61,22 @@ class SimulateSpec:
     unknown_result: float = 0.0
     #: fraction of commits refused as a conflict (ConflictError), not applied
     conflict: float = 0.0
+    #: fraction of commits not applied and reported as CommitUnknownResult all the same
+    unknown_lost: float = 0.0
     #: seed of the faults' random draws (None: from os.urandom, logged so a run can be replayed)
     seed: int | None = None
 
     def describe(self) -> str:
         return (
             f"latency_ms={self.latency_ms:g} commit_ms={self.commit_ms:g} "
-            f"unknown_result={self.unknown_result:g} conflict={self.conflict:g} seed={self.seed}"
+            f"unknown_result={self.unknown_result:g} conflict={self.conflict:g} unknown_lost={self.unknown_lost:g} "
+            f"seed={self.seed}"
         )
 
 
-_FLOATS = frozenset({"latency_ms", "commit_ms", "unknown_result", "conflict"})
+_FLOATS = frozenset({"latency_ms", "commit_ms", "unknown_result", "conflict", "unknown_lost"})
 _ALLOWED = (
-    "latency_ms=MS,commit_ms=MS,unknown_result=FRACTION,conflict=FRACTION[,seed=N] "
+    "latency_ms=MS,commit_ms=MS,unknown_result=FRACTION,conflict=FRACTION[,unknown_lost=FRACTION][,seed=N] "
     "(milliseconds 0 or more, fractions in [0, 1) that add up to less than 1)"
 )
 
@@ -87,12 +91,13 @@ def parse_simulate(text: str) -> SimulateSpec:
         value = getattr(spec, name)
         if not 0 <= value < float("inf"):
             raise SimulateSpecError(f"{SOURCE}: {name}={value:g} is not a number of milliseconds, 0 or more; use {_ALLOWED}")
-    for name in ("unknown_result", "conflict"):
+    for name in ("unknown_result", "conflict", "unknown_lost"):
         value = getattr(spec, name)
         if not 0 <= value < 1:
             raise SimulateSpecError(f"{SOURCE}: {name}={value:g} is not a fraction in [0, 1); use {_ALLOWED}")
-    if spec.unknown_result + spec.conflict >= 1:
-        raise SimulateSpecError(f"{SOURCE}: unknown_result + conflict must be under 1 (every commit would fail); "
+    if spec.unknown_result + spec.conflict + spec.unknown_lost >= 1:
+        raise SimulateSpecError(f"{SOURCE}: unknown_result + conflict + unknown_lost must be under 1 (every commit "
+                                "would fail); "
                                 f"use {_ALLOWED}")
     return spec
 
@@ -175,8 +180,7 @@ class SimulatedStore:
 
     def __init__(self, inner: Store, spec: SimulateSpec) -> None:
         if spec.seed is None:
-            spec = SimulateSpec(spec.latency_ms, spec.commit_ms, spec.unknown_result, spec.conflict,
-                                int.from_bytes(os.urandom(4), "big"))
+            spec = dataclasses.replace(spec, seed=int.from_bytes(os.urandom(4), "big"))
         self.inner = inner
         self.spec = spec
         self.limits = inner.limits
@@ -227,12 +231,13 @@ class SimulatedStore:
         spec = self.spec
         refuse = draw < spec.conflict
         unknown = not refuse and draw < spec.conflict + spec.unknown_result
+        lost = not (refuse or unknown) and draw < spec.conflict + spec.unknown_result + spec.unknown_lost
         delay = self._read_delay
 
         def attempt(tr: Transaction) -> tuple[T, bool]:
             sim = _Transaction(tr, delay)
             result = fn(sim)
-            if refuse and sim.wrote:
+            if (refuse or lost) and sim.wrote:
                 raise _Refused()  # the inner store rolls this attempt back
             return result, sim.wrote
 
@@ -240,6 +245,9 @@ class SimulatedStore:
             result, wrote = self.inner.transact(attempt)
         except _Refused:
             self._commit_wait()
+            if lost:
+                raise CommitUnknownResult(f"{self.description}: commit result unknown (simulated; it was not "
+                                          "applied)") from None
             raise ConflictError(f"{self.description}: commit refused as a conflict (simulated)") from None
         if wrote:
             self._commit_wait()
