@@ -390,9 +390,16 @@ class Coherence:
             self._wal_refused(e, path, op)
             raise e
 
-    async def index_closed(self, key: WalKey, path: str) -> None:
+    async def index_closed(
+        self, key: WalKey, path: str, publish: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         """A -shm or -wal handle of ``key`` was released (or never made): the session's
-        last one ends this mount's ownership."""
+        last one ends this mount's ownership, after ``publish`` (fs/wal.py commits the
+        database and its -wal). That runs while the session still holds its ownership
+        and no new handle can join it (``index_opened`` waits for the lock): an app
+        opening the database meanwhile would otherwise checkpoint and start the -wal
+        over while the commit takes the files, and the store could get the -wal
+        started over without the pages checkpointed from it."""
         async with self._wal_lock:
             if key not in self.wal_opens:
                 return  # a handle opened before the session (a -wal renamed since)
@@ -400,6 +407,8 @@ class Coherence:
             if left > 0:
                 self.wal_opens[key] = left
                 return
+            if publish is not None:
+                await publish()
             self.wal_opens.pop(key, None)
             self.volume.wal_mine.discard(key)
             try:

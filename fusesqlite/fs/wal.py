@@ -151,9 +151,7 @@ async def session_released(ops: FileOps, parent: int, name: bytes) -> None:
     if db is None:
         return
     key, path = (parent, db), ops.child_path(parent, db)
-    if ops.coherence.wal_opens.get(key) == 1:
-        await _publish_before_release(ops, parent, db, path)
-    await ops.coherence.index_closed(key, path)
+    await ops.coherence.index_closed(key, path, lambda: _publish_before_release(ops, parent, db, path))
 
 
 async def _publish_before_release(ops: FileOps, parent: int, db: bytes, path: str) -> None:
