@@ -223,26 +223,22 @@ def _count_rows(mb: int) -> int:
 
 def build_count_db(path: Path, mb: int) -> None:
     """Rows of 10,000 random bytes (4 KiB pages: most of each in overflow pages): about mb MiB."""
-    db = sqlite3.connect(path)
-    with db:
-        db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-        db.execute(
-            "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < ?)"
-            " INSERT INTO t(v) SELECT randomblob(10000) FROM c",
-            (_count_rows(mb),),
-        )
-    db.close()
+    _random_rows(path, _count_rows(mb), 10_000)
 
 
 def build_scan_db(path: Path, mb: int) -> None:
     """mb*1024 rows of 1000 random bytes (no overflow pages, incompressible): about mb MiB."""
+    _random_rows(path, mb * 1024, 1000)
+
+
+def _random_rows(path: Path, rows: int, size: int) -> None:
     db = sqlite3.connect(path)
     with db:
         db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
         db.execute(
             "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < ?)"
-            " INSERT INTO t(v) SELECT randomblob(1000) FROM c",
-            (mb * 1024,),
+            " INSERT INTO t(v) SELECT randomblob(?) FROM c",
+            (rows, size),
         )
     db.close()
 

@@ -325,6 +325,20 @@ class Attempts(Generic[R]):
         self.tried.append(result)
         return len(self.tried) - 1, tr.versionstamp()
 
+    def write_only(self, write: Callable[[Transaction], Callable[[int], R]]) -> R:
+        """The call for a transaction that reads nothing but its call key: ``write``
+        makes its writes and returns what makes its result from its version."""
+        reads = [self.read()]
+
+        def fn(tr: Transaction) -> Outcome:
+            (call,) = tr.get_ranges(reads)
+            landed = self.landed(call)
+            if landed is not None:
+                return landed
+            return self.trying(tr, write(tr))
+
+        return self.run(fn)
+
     def run(self, fn: Callable[[Transaction], Outcome], nowait: bool = False) -> R:
         """``fn``'s call to its end (``nowait``: one attempt, ``transact_nowait``); the
         result of the attempt that landed."""
@@ -1002,20 +1016,12 @@ class Volume:
         """Log that this mount waits for ``ino``'s lease: its holder then holds its own
         writers back once its transaction ends, so the lease changes hands (coherence.py)."""
 
-        attempts: Attempts[None] = Attempts(self, f"lease wanted of ino {ino}")
-
-        reads = [attempts.read()]
-
-        def fn(tr: Transaction) -> Outcome:
-            (call,) = tr.get_ranges(reads)
-            landed = attempts.landed(call)
-            if landed is not None:
-                return landed
+        def write(tr: Transaction) -> Callable[[int], None]:
             event = (ino, WANT + self.author, time.time() + wait)
             self._log(tr, LogEntry(0, self.author, leases=(event,)))
-            return attempts.trying(tr, lambda version: None)
+            return lambda version: None
 
-        attempts.run(fn)
+        Attempts[None](self, f"lease wanted of ino {ino}").write_only(write)
 
     def lease(self, ino: int) -> Lease | None:
         """``ino``'s write lease, if a mount is writing it (an idle lease holds nobody back)."""
@@ -1100,18 +1106,11 @@ class Volume:
         second version: the first would block every commit of the file until gc
         (``Attempts`` finds the one it reserved).
         """
-        attempts: Attempts[int] = Attempts(self, "staging")
-        reads = [attempts.read()]
-
-        def fn(tr: Transaction) -> Outcome:
-            (call,) = tr.get_ranges(reads)
-            landed = attempts.landed(call)
-            if landed is not None:
-                return landed
+        def write(tr: Transaction) -> Callable[[int], int]:
             self._set_stamped(tr, self.ks.staging(ino, STAMPED), pack((mount_id, time.time())))
-            return attempts.trying(tr, lambda version: version)
+            return lambda version: version
 
-        return attempts.run(fn)
+        return Attempts[int](self, "staging").write_only(write)
 
     def clear_calls(self, older_than: float, batch: int = 2000) -> int:
         """Remove the call keys (``Attempts``) written before unix time ``older_than``;
