@@ -229,7 +229,7 @@ def _stamped(tr: Transaction, k: Callable[[bytes], bytes], name: bytes) -> Stamp
 def test_versionstamps_fill_keys_and_values_and_grow_with_each_commit(store: Store, backend: Backend) -> None:
     k = backend.key
     stamps = [store.transact(lambda tr: _stamped(tr, k, b"s")).known() for _ in range(3)]
-    assert all(len(s) == STAMP_BYTES for s in stamps)
+    assert all(len(s) == STAMP_BYTES for s in stamps) and stamps[0] != bytes(STAMP_BYTES)
     assert stamps == sorted(stamps) and len(set(stamps)) == 3  # later commits, greater stamps
     other = backend.open()  # another client of the same data orders after them too
     assert store.transact(lambda tr: _stamped(tr, k, b"t")).known() > stamps[-1]

@@ -323,8 +323,9 @@ class EmbeddedStore:
         # a blind write waits this long for the write lock; longer would outlive the transaction anyway
         self._busy_timeout = limits.transaction_seconds
         self._lock = threading.Lock()
-        #: this store's block of versionstamps: the next to give, the last reserved (``_next_stamp``)
-        self._stamp_next = self._stamp_reserved = 0
+        #: this store's block of versionstamps: the next to give, the last reserved
+        #: (``_next_stamp``); -1: none yet, so the first commit reserves one (stamps start at 1)
+        self._stamp_next, self._stamp_reserved = 0, -1
         self._local = threading.local()
         self._conns: dict[threading.Thread, sqlite3.Connection] = {}
         self._busy: set[sqlite3.Connection] = set()  # inside a transaction attempt right now
@@ -681,7 +682,7 @@ class EmbeddedStore:
     def _after_fork(self) -> None:
         """A child must not use its parent's SQLite connections (SQLite forbids it): start afresh."""
         self._lock = threading.Lock()
-        self._stamp_next = self._stamp_reserved = 0  # the parent's block is the parent's
+        self._stamp_next, self._stamp_reserved = 0, -1  # the parent's block is the parent's
         self._local = threading.local()
         self._conns = {}
         self._busy = set()
