@@ -53,6 +53,8 @@ STAMPED = 1 << 80
 #: a version above every version: "the latest version" of a versioned key
 ALL_VERSIONS = (1 << 88) - 1
 _STAMPED_CODE = b"\x1d\x0b"  # the tuple layer's positive integer of 11 bytes
+#: how a key built with version ``STAMPED`` ends: the stamp's 10 bytes are the zeros
+_STAMP_PLACEHOLDER = _STAMPED_CODE + b"\x01" + bytes(10)
 
 
 def stamped_version(stamp: bytes) -> int:
@@ -114,7 +116,7 @@ class Keyspace:
     def stamped(key: bytes) -> int:
         """The offset of the versionstamp in ``key``, a key built with version ``STAMPED``
         as its last part (the store puts the commit's stamp there)."""
-        assert key.endswith(_STAMPED_CODE + b"\x01" + bytes(10)), key
+        assert key.endswith(_STAMP_PLACEHOLDER), key
         return len(key) - 10
 
     def parts(self, key: bytes) -> tuple:

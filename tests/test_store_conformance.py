@@ -464,6 +464,19 @@ def test_threads_incrementing_one_counter(store: Store, backend: Backend) -> Non
     assert backend.get(store, b"counter") == str(threads_n * increments).encode()
 
 
+def _race_in_two_processes(target: Callable[..., None], *args: object) -> None:
+    """``target(*args, start)`` in two processes at once (``start``: a barrier both wait
+    at), which must both exit 0. Spawned: never fork a process holding SQLite connections."""
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Barrier(2)
+    workers = [spawn.Process(target=target, args=(*args, start)) for _ in range(2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+    assert [p.exitcode for p in workers] == [0, 0]
+
+
 def _increment_in_process(directory: str, key: bytes, count: int, start: multiprocessing.synchronize.Barrier) -> None:
     store = EmbeddedStore(directory)
     start.wait(30)  # both processes increment at the same time, not one after the other
@@ -476,16 +489,7 @@ def test_processes_incrementing_one_counter(tmp_path: Path) -> None:
     """Two daemons may mount one embedded store: their transactions must serialize too."""
     directory, key, count = str(tmp_path / "store"), b"counter", 100
     EmbeddedStore(directory).close()  # created before the race, as a mounted store would be
-    spawn = multiprocessing.get_context("spawn")  # never fork a process holding SQLite connections
-    start = spawn.Barrier(2)
-    workers = [
-        spawn.Process(target=_increment_in_process, args=(directory, key, count, start)) for _ in range(2)
-    ]
-    for p in workers:
-        p.start()
-    for p in workers:
-        p.join(60)
-    assert [p.exitcode for p in workers] == [0, 0]
+    _race_in_two_processes(_increment_in_process, directory, key, count)
     store = EmbeddedStore(directory)
     try:
         assert store.transact(lambda tr: tr.get(key)) == str(2 * count).encode()
@@ -523,15 +527,8 @@ def test_versionstamps_follow_commit_order_across_processes_and_threads(tmp_path
     them restarted (a fresh block), must not break the order."""
     directory, count = str(tmp_path / "store"), 60
     EmbeddedStore(directory).close()
-    spawn = multiprocessing.get_context("spawn")
     for _ in range(2):
-        start = spawn.Barrier(2)
-        workers = [spawn.Process(target=_stamp_in_process, args=(directory, count, 2, start)) for _ in range(2)]
-        for p in workers:
-            p.start()
-        for p in workers:
-            p.join(120)
-        assert [p.exitcode for p in workers] == [0, 0]
+        _race_in_two_processes(_stamp_in_process, directory, count, 2)
     store = EmbeddedStore(directory)
     try:
         rows = store.transact(lambda tr: tr.get_range(b"log/", b"log0"))
