@@ -88,6 +88,12 @@ def try_open(m, name: str, mode: str | None = None) -> str:
     return out.strip()
 
 
+def header_says_wal(path) -> bool:
+    """Whether the database header's file format bytes (18, 19) say WAL."""
+    with open(path, "rb") as f:
+        return f.read(20)[18:20] == b"\x02\x02"
+
+
 def new_db(m, name: str, *others) -> None:
     con = sqlite3.connect(m / name)
     con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, src TEXT)")
@@ -118,6 +124,9 @@ def test_a_second_mount_is_refused_while_one_has_the_database_in_wal_mode(mounts
     holder = start_holder(a, "w.db")
     try:
         for o in others:
+            # a mount follows another's commits a few ms late: until it has followed the
+            # switch, its readers see the rollback-mode file that was committed before it
+            assert wait_for(lambda: header_says_wal(o / "w.db")), "the switch to WAL never reached the other mount"
             for mode in (None, "WAL", "DELETE"):  # rollback mode reads, switching to WAL or away
                 got = try_open(o, "w.db", mode)
                 assert got == "error unable to open database file", (mode, got)
