@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--read-only", action="store_true", help="serve the latest committed version, refuse writes")
     m.add_argument(
+        "--at", metavar="VERSION|TIME", default=None,
+        help="serve the volume as it was at a version of `fusesqlite log`, or at a time (the newest version "
+        "committed then: 2026-12-05T14:30, -10min, -2h, -7d, @SECONDS); read-only, never moves, takes no lease",
+    )
+    m.add_argument(
         "--lease-seconds", type=_positive_float, default=10.0,
         help="how long a mount that died keeps other mounts from writing a database it was writing (default: 10)",
     )
@@ -131,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "that much CPU; 0 turns it off; off anyway when the daemon has one CPU (default: 50)",
     )
     m.add_argument("--debug", action="store_true", help="log every commit")
+    lg = sub.add_parser("log", parents=[where], help="list the versions of a volume, newest first")
+    lg.add_argument("path", nargs="?", default=None, help="only the versions that changed this path of the volume")
+    lg.add_argument("--json", action="store_true", help="print a JSON list of {version, time, unix_time, mount, files}")
+    lg.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N versions")
+    lg.add_argument("--since", default=None, metavar="TIME",
+                    help="only versions committed at or after TIME (2026-12-05T14:30, -10min, -2h, -7d, @SECONDS)")
     g = sub.add_parser("gc", parents=[where], help="remove what mounts that died left in the store")
     g.add_argument(
         "--staging-timeout", type=float, default=None,
@@ -143,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(debug: bool) -> None:
+def setup_logging(debug: bool, level: int = logging.INFO) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=logging.DEBUG if debug else level,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
@@ -155,8 +166,24 @@ def setup_logging(debug: bool) -> None:
         logging.getLogger("pyfuse3").setLevel(logging.INFO)  # its per-request debug lines drown ours
 
 
+#: options whose value may be a relative time (``-10min``), which argparse takes for an option
+_TIME_OPTIONS = ("--at", "--since")
+
+
+def _join_relative_times(argv: list[str]) -> list[str]:
+    """``--at -10min`` as ``--at=-10min``: argparse reads a value that starts with '-'
+    as the next option, and users write relative times that way."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in _TIME_OPTIONS and arg.startswith("-") and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def run(argv: list[str] | None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_relative_times(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         raise CliError("no command given; try: fusesqlite mount MOUNTPOINT (see: fusesqlite --help)", code=2)
     if not args.volume or "/" in args.volume:
@@ -180,17 +207,63 @@ def run(argv: list[str] | None) -> None:
             busy_poll_us=args.busy_poll_us,
             allow_shared_store=args.allow_shared_store,
             simulate=args.simulate,
+            at=args.at,
         )
         try:
             serve(config)
         except MountError as e:
             raise CliError(str(e)) from None
+    elif args.command == "log":
+        setup_logging(False, logging.WARNING)  # its output is the answer: no store_open line beside it
+        show_log(store_spec, args)
     elif args.command == "gc":
         setup_logging(False)
         collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store, args.simulate)
     elif args.command == "upgrade":
         setup_logging(False)
         upgrade(store_spec, args.volume, args.allow_shared_store, args.simulate)
+
+
+def open_volume(store_spec: str, args: argparse.Namespace):
+    """The volume ``args`` name, existing (CliError, one line, if it cannot be read)."""
+    from fusesqlite.store import StoreError, StoreNotPrivate, open_store
+    from fusesqlite.volume import Volume, VolumeFormatError, VolumeNotFound
+
+    if not store_spec.startswith("fdb:") and not os.path.isdir(os.path.expanduser(store_spec)):
+        raise CliError(f"no store at {store_spec}; check --store (or $FUSESQLITE_STORE)")
+    try:
+        volume = Volume(open_store(store_spec, allow_shared=args.allow_shared_store, simulate=args.simulate), args.volume)
+        volume.open(create=False)
+    except (VolumeFormatError, VolumeNotFound, StoreNotPrivate) as e:
+        raise CliError(str(e)) from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    return volume
+
+
+def show_log(store_spec: str, args: argparse.Namespace) -> None:
+    import json
+
+    from fusesqlite import history
+    from fusesqlite.store import StoreError
+
+    volume = open_volume(store_spec, args)
+    try:
+        since = None if args.since is None else history.parse_time(args.since)
+        found = history.changes(volume, path=args.path, limit=args.limit, since=since)
+        if args.json:
+            print(json.dumps([c.as_json() for c in found], indent=1))
+            return
+        print(f"{'VERSION':<12} {'TIME':<19}  {'MOUNT':<28} FILES")
+        for c in found:
+            print(f"{history.version_text(c.version):<12} {history.time_text(c.time):<19}  {c.mount:<28} "
+                  + " ".join(c.files))
+    except history.HistoryError as e:
+        raise CliError(str(e)) from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    finally:
+        volume.store.close()
 
 
 def collect(

@@ -86,9 +86,13 @@ class Proxy:
 
 class Coherence:
     def __init__(
-        self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float, own_mount: OwnMount
+        self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float, own_mount: OwnMount,
+        follow: bool = True,
     ) -> None:
         self.tx = tx
+        #: False for a mount of a past version (``mount --at``): it never moves, and
+        #: other mounts' leases and WAL sessions are nothing to it (it reads frozen files)
+        self.follow = follow
         self.own_mount = own_mount  # opens and locks this mount's files: never the daemon itself
         own_mount.on_restart.append(self._helper_restarted)
         self.volume = volume
@@ -123,6 +127,8 @@ class Coherence:
         self._wal_lock = trio.Lock()
 
     async def run(self) -> None:
+        if not self.follow:
+            await trio.sleep_forever()
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -383,7 +389,10 @@ class Coherence:
 
     async def wal_check(self, key: WalKey, path: str, op: str) -> None:
         """A read-only mount opens a -wal or -shm of ``key``: it writes nothing, so it takes
-        no ownership, but is refused (WalHeld, logged) while another live mount has one."""
+        no ownership, but is refused (WalHeld, logged) while another live mount has one.
+        A mount of a past version reads files no session can change: never refused."""
+        if not self.follow:
+            return
         holder = await self.tx.run(self.volume.wal_holder, key[0], key[1])
         if holder is not None:
             e = WalHeld(key[0], key[1], holder)

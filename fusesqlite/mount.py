@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from fusesqlite import _journal, fuse_caps
+from fusesqlite import _journal, fuse_caps, history
 from fusesqlite.coherence import Coherence
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
@@ -25,7 +25,7 @@ from fusesqlite.own_mount import OwnMount
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
-from fusesqlite.volume import Volume, VolumeFormatError
+from fusesqlite.volume import Volume, VolumeFormatError, VolumeNotFound
 
 log = logging.getLogger("fusesqlite.mount")
 
@@ -100,6 +100,8 @@ class MountConfig:
     allow_shared_store: bool = False
     #: ``--simulate`` SPEC: the store behind a simulated FoundationDB cluster (store/simulated.py)
     simulate: str | None = None
+    #: serve the volume as it was at this version or time (history.resolve): read-only, frozen
+    at: str | None = None
 
 
 def kernel_checks_permissions(config: MountConfig) -> bool:
@@ -241,11 +243,16 @@ def serve(config: MountConfig) -> None:
     try:
         store = open_store(config.store, allow_shared=config.allow_shared_store, simulate=config.simulate)
         volume = Volume(store, config.volume, author=mount_id)
-        snapshot = volume.open()
-        reclaim_stagings(volume, mount_id)
-        reclaim_calls(volume)
-    except (StoreError, VolumeFormatError) as e:
+        if config.at is None:
+            snapshot = volume.open()
+            reclaim_stagings(volume, mount_id)
+            reclaim_calls(volume)
+        else:  # a past version: it changes nothing in the store, not even what gc would
+            volume.open(create=False)
+            snapshot = history.resolve(volume, config.at)
+    except (StoreError, VolumeFormatError, VolumeNotFound, history.HistoryError) as e:
         raise MountError(str(e)) from None
+    read_only = config.read_only or config.at is not None
     ops: Operations | None = None
 
     async def rolled_back(ino: int) -> None:
@@ -263,10 +270,11 @@ def serve(config: MountConfig) -> None:
     tx.snapshot = snapshot
     tx.inline_commits = _commit_inline(store)
     writeback_cache = writeback_cache_default() if config.writeback_cache is None else config.writeback_cache
-    ops = Operations(tx, mountpoint, read_only=config.read_only, writeback_cache=writeback_cache)
+    ops = Operations(tx, mountpoint, read_only=read_only, writeback_cache=writeback_cache)
     ops.own_mount = own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
     ops.coherence = Coherence(
-        tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, own_mount
+        tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, own_mount,
+        follow=config.at is None,
     )
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
@@ -289,9 +297,10 @@ def serve(config: MountConfig) -> None:
         raise MountError(f"cannot mount {mountpoint}: {e}; check the mountpoint and /dev/fuse") from None
     writeback_cache = _writeback_cache_possible(ops, writeback_cache)
     log.info(
-        "event=mounted mountpoint=%s volume=%s store=%r version=%d block_size=%d read_only=%s writeback_cache=%s "
-        "permissions=%s mount_id=%s",
-        mountpoint, config.volume, store.description, snapshot, volume.block_size, config.read_only,
+        "event=mounted mountpoint=%s volume=%s store=%r version=%s at=%s block_size=%d read_only=%s "
+        "writeback_cache=%s permissions=%s mount_id=%s",
+        mountpoint, config.volume, store.description, history.version_text(snapshot), config.at is not None,
+        volume.block_size, read_only,
         writeback_cache, "kernel" if "default_permissions" in options else "root-only", mount_id,
     )
     if writeback_cache and not writeback_cache_default():

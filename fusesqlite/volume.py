@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -63,6 +63,10 @@ def _value(rows: list[tuple[bytes, bytes]]) -> bytes | None:
 
 class VolumeFormatError(ValueError):
     """The volume's layout is not the one this code reads (``FORMAT``)."""
+
+
+class VolumeNotFound(ValueError):
+    """A command that reads a volume found none of that name in the store."""
 
 
 @dataclass
@@ -126,6 +130,8 @@ class LogEntry:
     dirents: tuple[tuple[int, bytes], ...] = ()
     #: (ino, owner, expiry): a write lease taken (owner set) or released (owner "")
     leases: tuple[tuple[int, str, float], ...] = ()
+    #: when it was committed, by the committing host's clock (time.time())
+    time: float = 0.0
 
 
 #: prefix of a lease event's owner that means "waiting for it", not "holding it"
@@ -419,9 +425,10 @@ class Volume:
         return transact_resolved(self.store, fn, what)
 
     # -- opening ---------------------------------------------------------------------
-    def open(self, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-        """Create the volume on first use; return its head version (VolumeFormatError,
-        which says what to do, if its layout is not ``FORMAT``).
+    def open(self, block_size: int = DEFAULT_BLOCK_SIZE, create: bool = True) -> int:
+        """Create the volume on first use (``create``; else VolumeNotFound); return its
+        head version (VolumeFormatError, which says what to do, if its layout is not
+        ``FORMAT``).
 
         Idempotent: an attempt run again after its creation landed finds the volume."""
 
@@ -432,6 +439,8 @@ class Volume:
                 if fmt != FORMAT:
                     raise VolumeFormatError(self._format_advice(fmt))
                 return bs, unpack(tr.get(self.ks.head()))[0]
+            if not create:
+                raise VolumeNotFound(f"the store has no volume {self.name!r}; check --volume and --store")
             now = time.time_ns()
             root = Inode(mode=0o40755, uid=0, gid=0, nlink=2, atime_ns=now, mtime_ns=now, ctime_ns=now)
             tr.set(self.ks.meta(), pack((FORMAT, block_size)))
@@ -929,15 +938,34 @@ class Volume:
             return lambda tr: tr.get_range(begin, end, limit=self.LOG_PAGE)
 
         begin, end = self.ks.log(after + 1), self.ks.log(upto + 1)
-        out = []
+        out: list[LogEntry] = []
         while True:
             rows = self.store.transact(page(begin))
-            for key, value in rows:
-                _, author, inodes, dirents, leases, *_ = unpack(value)
-                out.append(LogEntry(self.ks.last_version(key), author, inodes, dirents, leases))
+            out.extend(self._log_entry(key, value) for key, value in rows)
             if len(rows) < self.LOG_PAGE:
                 return out
             begin = rows[-1][0] + b"\x00"
+
+    def _log_entry(self, key: bytes, value: bytes) -> LogEntry:
+        when, author, inodes, dirents, leases, *_ = unpack(value)
+        return LogEntry(self.ks.last_version(key), author, inodes, dirents, leases, when)
+
+    def log_newest_first(self, upto: int = ALL_VERSIONS) -> Iterator[LogEntry]:
+        """Log entries of versions <= ``upto``, newest first, read a page (``LOG_PAGE``)
+        at a time as the caller goes on, each page its own store transaction."""
+        begin, end = self.ks.log(0), self.ks.log(upto) + b"\x00"
+        while True:
+            rows = self.store.transact(lambda tr: tr.get_range(begin, end, limit=self.LOG_PAGE, reverse=True))
+            yield from (self._log_entry(key, value) for key, value in rows)
+            if len(rows) < self.LOG_PAGE:
+                return
+            end = rows[-1][0]
+
+    def log_entry(self, version: int) -> LogEntry | None:
+        """The log entry of ``version``, None if no commit made that version."""
+        key = self.ks.log(version)
+        value = self.store.transact(lambda tr: tr.get(key))
+        return None if value is None else self._log_entry(key, value)
 
     # -- write leases: one writing mount per database ------------------------------------
     def acquire_lease(self, ino: int, ttl: float, view_dver: int) -> float:

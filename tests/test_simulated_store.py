@@ -59,7 +59,7 @@ def test_a_bad_spec_is_one_line_that_says_what_is_allowed(spec, says):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("command", ["mount", "gc", "upgrade"])
+@pytest.mark.parametrize("command", ["mount", "gc", "upgrade", "log"])
 def test_every_command_that_opens_a_store_refuses_a_bad_spec_in_one_line(tmp_path, command):
     args = [command, *([str(tmp_path)] if command == "mount" else []), "--store", tmp_path / "store",
             "--simulate", "unknown_result=2"]
