@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--limit", type=_positive, default=None, metavar="N", help="at most N versions")
     lg.add_argument("--since", default=None, metavar="TIME",
                     help="only versions committed at or after TIME (2026-12-05T14:30, -10min, -2h, -7d, @SECONDS)")
+    rs = sub.add_parser(
+        "restore", parents=[where],
+        help="make a path of the volume (a file, a directory, / for all) as it was at a version or time, "
+        "as a new version; live mounts see it as a commit from another host",
+    )
+    rs.add_argument("path", help="a path inside the volume, e.g. /app.sqlite (a database's -wal comes along)")
+    rs.add_argument("--to", required=True, metavar="VERSION|TIME",
+                    help="a version of `fusesqlite log`, or a time (2026-12-05T14:30, -10min, -2h, -7d, @SECONDS)")
     g = sub.add_parser("gc", parents=[where], help="remove what mounts that died left in the store")
     g.add_argument(
         "--staging-timeout", type=float, default=None,
@@ -167,7 +175,7 @@ def setup_logging(debug: bool, level: int = logging.INFO) -> None:
 
 
 #: options whose value may be a relative time (``-10min``), which argparse takes for an option
-_TIME_OPTIONS = ("--at", "--since")
+_TIME_OPTIONS = ("--at", "--since", "--to")
 
 
 def _join_relative_times(argv: list[str]) -> list[str]:
@@ -216,6 +224,9 @@ def run(argv: list[str] | None) -> None:
     elif args.command == "log":
         setup_logging(False, logging.WARNING)  # its output is the answer: no store_open line beside it
         show_log(store_spec, args)
+    elif args.command == "restore":
+        setup_logging(False, logging.WARNING)
+        restore_path(store_spec, args)
     elif args.command == "gc":
         setup_logging(False)
         collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store, args.simulate)
@@ -224,15 +235,17 @@ def run(argv: list[str] | None) -> None:
         upgrade(store_spec, args.volume, args.allow_shared_store, args.simulate)
 
 
-def open_volume(store_spec: str, args: argparse.Namespace):
-    """The volume ``args`` name, existing (CliError, one line, if it cannot be read)."""
+def open_volume(store_spec: str, args: argparse.Namespace, author: str = ""):
+    """The volume ``args`` name, existing (CliError, one line, if it cannot be read);
+    ``author``: who its commits say made them (a mount id)."""
     from fusesqlite.store import StoreError, StoreNotPrivate, open_store
     from fusesqlite.volume import Volume, VolumeFormatError, VolumeNotFound
 
     if not store_spec.startswith("fdb:") and not os.path.isdir(os.path.expanduser(store_spec)):
         raise CliError(f"no store at {store_spec}; check --store (or $FUSESQLITE_STORE)")
     try:
-        volume = Volume(open_store(store_spec, allow_shared=args.allow_shared_store, simulate=args.simulate), args.volume)
+        store = open_store(store_spec, allow_shared=args.allow_shared_store, simulate=args.simulate)
+        volume = Volume(store, args.volume, author=author)
         volume.open(create=False)
     except (VolumeFormatError, VolumeNotFound, StoreNotPrivate) as e:
         raise CliError(str(e)) from None
@@ -260,6 +273,50 @@ def show_log(store_spec: str, args: argparse.Namespace) -> None:
                   + " ".join(c.files))
     except history.HistoryError as e:
         raise CliError(str(e)) from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    finally:
+        volume.store.close()
+
+
+def progress_bars() -> Callable[[str, int, int], None] | None:
+    """A progress callback (what, done, total; total 0 if unknown) drawing tqdm bars on a
+    terminal; None (quiet) when stderr is not one."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = tqdm(desc=what, total=total or None, unit="block", leave=False)
+        bar.update(done - bar.n)
+
+    return update
+
+
+def restore_path(store_spec: str, args: argparse.Namespace) -> None:
+    from fusesqlite import history
+    from fusesqlite.identity import new_mount_id
+    from fusesqlite.restore import RestoreError, restore
+    from fusesqlite.store import StoreError
+    from fusesqlite.volume import EntryChanged, StagingConflict, StaleWrite, WalHeld
+
+    volume = open_volume(store_spec, args, author=new_mount_id())
+    try:
+        to = history.resolve(volume, args.to)
+        print(restore(volume, args.path, to, progress=progress_bars()).summary())
+    except history.HistoryError as e:
+        raise CliError(str(e)) from None
+    except WalHeld as e:
+        raise CliError(f"{args.path} is open in WAL mode on another mount ({e}): close its connections there, "
+                       "then run the restore again") from None
+    except RestoreError as e:
+        raise CliError(str(e)) from None
+    except (StaleWrite, EntryChanged, StagingConflict) as e:
+        raise CliError(f"{args.path} changed on a live mount during the restore ({e}); run it again") from None
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
     finally:

@@ -154,6 +154,19 @@ class Tree:
         return prefix + name.decode(errors="surrogateescape")
 
 
+def walk(volume: Volume, path: str, version: int) -> tuple[int, Inode] | None:
+    """(ino, record) of ``path`` (as ``normalize`` gives it) at ``version``, None if absent."""
+    rec = volume.read_inode(ROOT_INO, version)
+    found = None if rec is None else (ROOT_INO, rec)
+    for part in path.split("/"):
+        if not part:
+            continue
+        if found is None or not _is_dir(found[1]):
+            return None
+        found = volume.lookup(found[0], part.encode(errors="surrogateescape"), version)
+    return found
+
+
 def _is_dir(rec: Inode) -> bool:
     return stat.S_ISDIR(rec.mode)
 

@@ -250,6 +250,10 @@ class DataCommit:
     based_on: int
     #: this mount's staging of the file, published by the commit
     staging: int | None = None
+    #: the record's attributes (mode, owner, times) replace the store's too, not only its
+    #: data fields: a restore makes the file what it was, where a write keeps a chmod
+    #: another mount committed meanwhile
+    attributes: bool = False
 
 
 class StaleWrite(StoreError):
@@ -746,6 +750,24 @@ class Volume:
 
         return self.store.transact(fn)
 
+    #: block keys read per store transaction by ``blocks_written``
+    SCAN_PAGE = 2000
+
+    def blocks_written(self, ino: int, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """(block_no, version) of every stored version of blocks ``0 .. end - 1`` (all
+        if ``end`` is None) of ``ino``, in key order: a page (``SCAN_PAGE``) per store transaction, as the
+        caller goes on. It reads the blocks' values too (the store has no keys-only
+        read): it costs the file's history."""
+        begin, stop = self.ks.blocks(ino, 0, end)
+        plen = len(self.ks.key("b", ino))
+        while True:
+            rows = self.store.transact(lambda tr: tr.get_range(begin, stop, limit=self.SCAN_PAGE))
+            for key, _ in rows:
+                yield self.ks.int_pair(key[plen:])
+            if len(rows) < self.SCAN_PAGE:
+                return
+            begin = rows[-1][0] + b"\x00"
+
     # -- commits ---------------------------------------------------------------------
     def commit(
         self,
@@ -821,7 +843,7 @@ class Volume:
                         tr.clear_range(*self.ks.children("stg", ino, dc.staging))  # its blocks are published
                     assert rec is not None
                     rec = rec.with_(dver=THIS_VERSION)
-                    if current is not None:
+                    if current is not None and not dc.attributes:
                         rec = current.with_(mtime_ns=rec.mtime_ns, ctime_ns=rec.ctime_ns).with_data_of(rec)
                 elif rec is not None and current is not None:
                     rec = rec.with_data_of(current)
@@ -1051,11 +1073,12 @@ class Volume:
 
         Attempts[None](self, f"lease wanted of ino {ino}").write_only(write)
 
-    def lease(self, ino: int) -> Lease | None:
-        """``ino``'s write lease, if a mount is writing it (an idle lease holds nobody back)."""
+    def lease(self, ino: int, idle: bool = False) -> Lease | None:
+        """``ino``'s write lease, if a mount is writing it (an idle lease holds nobody
+        back), or if a mount keeps it idle too (``idle``)."""
         value = self.store.transact(lambda tr: tr.get(self.ks.lease(ino)))
         lease = Lease.unpack(value) if value else None
-        return lease if lease is not None and lease.busy else None
+        return lease if lease is not None and (lease.busy or idle) else None
 
     # -- WAL ownership: one mount at a time has a database in WAL mode ------------------
     # A lease record like the write lease's (owner, expiry), kept and renewed by the same

@@ -15,9 +15,9 @@ from fusesqlite import history
 from fusesqlite.cli import _join_relative_times
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.keyspace import STAMPED
-from fusesqlite.pages import encode_block
+from fusesqlite.pages import decode_block, encode_block
 from fusesqlite.store import open_store
-from fusesqlite.volume import ChangeSet, Volume
+from fusesqlite.volume import ChangeSet, DataCommit, Volume
 
 FILE = Inode(mode=0o100644, uid=0, gid=0, nlink=1)
 
@@ -223,3 +223,196 @@ def test_log_errors_are_one_line(mounts, tmp_path):
     r = run_cli("log", "--store", tmp_path / "nothing-here")
     assert r.returncode == 1 and "no store at" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "nothing-here").exists()
+
+
+# -- restore --------------------------------------------------------------------------
+def _tree(root) -> dict[str, tuple[int, bytes | None]]:
+    """path -> (mode, bytes of a file, None for a directory) of everything under ``root``."""
+    out: dict[str, tuple[int, bytes | None]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            data = None if name in dirnames else open(path, "rb").read()
+            out[os.path.relpath(path, root)] = (st.st_mode, data)
+    return out
+
+
+def _restore(m, path: str, to: str):
+    r = run_cli("restore", path, "--to", to, *m.where, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not r.stderr, r.stderr
+    return r.stdout.strip()
+
+
+def test_restore_of_the_whole_volume_makes_it_byte_identical_to_a_mount_of_that_version(mounts):
+    live = mounts(debug=True)
+    (live / "d" / "e").mkdir(parents=True)
+    (live / "d" / "e" / "deep.txt").write_bytes(b"deep" * 3000)
+    (live / "kept.txt").write_bytes(b"kept")
+    (live / "removed-later.txt").write_bytes(b"r" * 10000)
+    os.chmod(live / "kept.txt", 0o600)
+    con = sqlite3.connect(live / "app.db")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    con.executemany("INSERT INTO t(v) VALUES (?)", [(os.urandom(300),) for _ in range(500)])
+    con.commit()
+    then = _log(live)[0]["version"]
+    # every kind of change after it: data, size, mode, removals, new files and directories
+    con.execute("DELETE FROM t WHERE id % 3 = 0")
+    con.execute("UPDATE t SET v = zeroblob(2000) WHERE id % 7 = 0")
+    con.commit()
+    con.execute("VACUUM")
+    con.close()
+    (live / "kept.txt").write_bytes(b"changed and longer")
+    os.chmod(live / "kept.txt", 0o644)
+    os.unlink(live / "removed-later.txt")
+    os.unlink(live / "d" / "e" / "deep.txt")
+    os.rmdir(live / "d" / "e")
+    (live / "new-dir").mkdir()
+    (live / "new-dir" / "new.txt").write_bytes(b"new")
+    before = _log(live)[0]["version"]
+
+    out = _restore(live, "/", then)
+    assert f"to version {then} as version" in out and f"undo with fusesqlite restore / --to {before}" in out, out
+    past = mounts(store=live.store, volume=live.volume, extra_args=("--at", then))
+    assert wait_for(lambda: _tree(live.mountpoint) == _tree(past.mountpoint)), (
+        sorted(_tree(live.mountpoint)), sorted(_tree(past.mountpoint)))
+    assert query(live / "app.db", "PRAGMA integrity_check") == [("ok",)]
+    assert query(live / "app.db", "SELECT count(*) FROM t") == [(500,)]
+    # undone by restoring the version it replaced
+    undo = mounts(store=live.store, volume=live.volume, extra_args=("--at", before))
+    _restore(live, "/", before)
+    assert wait_for(lambda: _tree(live.mountpoint) == _tree(undo.mountpoint))
+    assert query(live / "app.db", "SELECT count(*) FROM t") == [(334,)]
+    assert "nothing restored" in _restore(live, "/", before)
+
+
+def test_restore_while_another_mount_reads_and_writes_the_database(mounts):
+    a = mounts()
+    b = mounts(store=a.store, volume=a.volume)
+    con = sqlite3.connect(a / "app.db")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    con.executemany("INSERT INTO t(v) VALUES (?)", [(i,) for i in range(100)])
+    con.commit()
+    con.close()
+    then = _log(a, "/app.db")[0]["version"]
+    _insert(a / "app.db", 50)
+    assert wait_for(lambda: query(b / "app.db", "SELECT count(*) FROM t") == [(150,)])
+    # a reader on b keeps a connection open across the restore; a writer on a goes on
+    reader = sqlite3.connect(b / "app.db", timeout=10)
+    assert reader.execute("SELECT count(*) FROM t").fetchone() == (150,)
+    # an app on another host that retries on errors, as apps of several mounts do
+    writer = a.py(
+        "import sqlite3, sys, time\n"
+        "con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)\n"
+        "done = errors = 0\n"
+        "while done < 300:\n"
+        "    try:\n"
+        "        con.execute('BEGIN IMMEDIATE'); con.execute('INSERT INTO t(v) VALUES (-1)'); con.execute('COMMIT')\n"
+        "        done += 1\n"
+        "    except sqlite3.OperationalError:\n"
+        "        errors += 1\n"
+        "        if con.in_transaction: con.execute('ROLLBACK')\n"
+        "print(done, errors)\n",
+        str(a / "app.db"),
+    )
+    time.sleep(0.2)
+    out = run_cli("restore", "/app.db", "--to", then, *b.where, timeout=120)
+    out_writer, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    assert out.returncode == 0, out.stderr
+    # the reader's next transaction sees one whole version: as restored, plus the writer's rows after it
+    count, writes = reader.execute("SELECT count(*), count(*) FILTER (WHERE v = -1) FROM t").fetchone()
+    reader.close()
+    assert count - writes == 100, (count, writes)
+    assert query(b / "app.db", "PRAGMA integrity_check") == [("ok",)]
+    assert wait_for(lambda: query(a / "app.db", "SELECT count(*) FROM t") == query(b / "app.db", "SELECT count(*) FROM t"))
+    final = query(a / "app.db", "SELECT count(*), count(*) FILTER (WHERE v = -1) FROM t")[0]
+    assert final[0] - final[1] == 100, final  # the writer's rows from before the restore are gone
+    done, errors = map(int, out_writer.split())
+    assert done == 300 and errors <= 3, out_writer
+
+
+def test_restore_brings_back_a_removed_database_and_removes_a_newer_one(mounts):
+    live = mounts()
+    con = sqlite3.connect(live / "old.db")
+    con.execute("CREATE TABLE t(x)")
+    con.execute("INSERT INTO t VALUES ('old')")
+    con.commit()
+    con.close()
+    then = _log(live)[0]["version"]
+    os.unlink(live / "old.db")
+    sqlite3.connect(live / "new.db").execute("CREATE TABLE n(x)").connection.close()
+    assert "restored /old.db" in _restore(live, "/old.db", then)
+    assert query(live / "old.db", "SELECT x FROM t") == [("old",)]
+    assert "restored /new.db" in _restore(live, "/new.db", then)
+    assert not (live / "new.db").exists()
+    names = [e["files"] for e in _log(live, "/old.db", "--limit", "2")]
+    assert names == [["/old.db"], ["/old.db"]], names
+
+
+def test_restore_refuses_a_database_another_mount_has_in_wal_mode(mounts):
+    a = mounts()
+    con = sqlite3.connect(a / "w.db", isolation_level=None)
+    con.execute("CREATE TABLE t(x)")
+    then = _log(a)[0]["version"]
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    con.execute("INSERT INTO t VALUES (1)")
+    try:
+        r = run_cli("restore", "/w.db", "--to", then, *a.where, timeout=120)
+        assert r.returncode == 1
+        assert r.stderr.count("\n") == 1 and "is open in WAL mode on another mount" in r.stderr, r.stderr
+        assert con.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    finally:
+        con.close()
+    assert "restored /w.db" in _restore(a, "/w.db", then)  # its connections closed: the WAL is free
+    assert query(a / "w.db", "SELECT count(*) FROM t") == [(0,)]
+
+
+def test_restore_errors_are_one_line(mounts):
+    live = mounts()
+    (live / "f").write_bytes(b"x")
+    then = _log(live)[0]["version"]
+    for path, to, says in [
+        ("/nothing", then, "/nothing exists neither now nor at version"),
+        ("/no/dir/f", then, "/no/dir is not a directory of the volume now: restore it first"),
+        ("/f", "123456789", "has no version 123456789"),
+        ("/f", "2001-01-01", "is before the first version"),
+    ]:
+        r = run_cli("restore", path, "--to", to, *live.where)
+        assert r.returncode == 1, r
+        assert r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+
+
+def test_a_restore_bigger_than_one_transaction_is_staged(tmp_path, monkeypatch):
+    """Blocks past INLINE_BYTES go through a staging, as a big transaction's do, and the
+    file reads back as it was; a restore of it to now changes nothing."""
+    from fusesqlite import restore as restoring
+
+    monkeypatch.setattr(restoring, "INLINE_BYTES", 20_000)
+    monkeypatch.setattr(restoring, "STAGE_BYTES", 10_000)
+    vol = Volume(open_store(str(tmp_path / "store")), "default", author="host:1:test")
+    try:
+        vol.open()
+        ino = vol.allocate_inodes(1)[0]
+        bs = vol.block_size
+        first = [os.urandom(bs) for _ in range(40)]
+        rec = FILE._replace(size=40 * bs, hwm=40)
+        blocks = {(ino, b): encode_block(d, ino, b) for b, d in enumerate(first)}
+        then = vol.commit(ChangeSet(inodes={ino: rec}, dirents={(ROOT_INO, b"big"): ino}, blocks=blocks),
+                          {ino: DataCommit(0)}).version
+        base = vol.read_inode(ino, then)
+        assert base.dver == then
+        later = {(ino, b): encode_block(os.urandom(bs), ino, b) for b in range(0, 60, 2)}
+        vol.commit(ChangeSet(inodes={ino: rec._replace(size=60 * bs, hwm=60)}, blocks=later),
+                   {ino: DataCommit(base.dver)})
+        done = restoring.restore(vol, "/big", then)
+        assert done.version is not None and done.paths == ("/big",)
+        now = vol.read_inode(ino, done.version)
+        assert now.size == 40 * bs and now.hwm == 60
+        got = vol.read_blocks(ino, range(40), now.dver)
+        assert [bytes(decode_block(got[b], ino, b, bs)) for b in range(40)] == first
+        assert vol.stagings() == []
+        assert restoring.restore(vol, "/big", then).version is None
+    finally:
+        vol.store.close()
