@@ -54,6 +54,19 @@ def _positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a positive number")
 
 
+_DURATION_UNITS = {"s": 1, "min": 60, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """``--keep``: a number and a unit (0s, 90min, 36h, 7d, 2w)."""
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|min|m|h|d|w)", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; use a number and s, min, h, d or w (36h, 7d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def _simulate_spec(text: str) -> str:
     """A ``--simulate`` value, checked here so a bad one is a usage error at once."""
     from fusesqlite.store.simulated import SimulateSpecError, parse_simulate
@@ -150,10 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("path", help="a path inside the volume, e.g. /app.sqlite (a database's -wal comes along)")
     rs.add_argument("--to", required=True, metavar="VERSION|TIME",
                     help="a version of `fusesqlite log`, or a time (2026-12-05T14:30, -10min, -2h, -7d, @SECONDS)")
-    g = sub.add_parser("gc", parents=[where], help="remove what mounts that died left in the store")
+    pn = sub.add_parser("pin", parents=[where], help="keep a version from gc under a name (no NAME: list the pins)")
+    pn.add_argument("name", nargs="?", default=None, help="the pin's name (a pin of that name is replaced)")
+    pn.add_argument("--at", metavar="VERSION|TIME", default=None, help="the version to keep (default: the latest)")
+    up = sub.add_parser("unpin", parents=[where], help="let gc remove a pinned version again")
+    up.add_argument("name")
+    g = sub.add_parser(
+        "gc", parents=[where],
+        help="remove what mounts that died left in the store, and with --keep the versions older than a window",
+    )
     g.add_argument(
         "--staging-timeout", type=float, default=None,
         help="seconds after which another host's unfinished staging counts as abandoned (default: 120)",
+    )
+    g.add_argument(
+        "--keep", type=_duration, default=None, metavar="DURATION",
+        help="remove every version older than DURATION (0s, 90min, 36h, 7d) that no live mount, mount --at or "
+        "pin needs; without it gc removes no version",
     )
     sub.add_parser(
         "upgrade", parents=[where],
@@ -230,6 +256,11 @@ def run(argv: list[str] | None) -> None:
     elif args.command == "gc":
         setup_logging(False)
         collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store, args.simulate)
+        if args.keep is not None:
+            collect_history(store_spec, args)
+    elif args.command in ("pin", "unpin"):
+        setup_logging(False, logging.WARNING)
+        pin(store_spec, args)
     elif args.command == "upgrade":
         setup_logging(False)
         upgrade(store_spec, args.volume, args.allow_shared_store, args.simulate)
@@ -317,6 +348,49 @@ def restore_path(store_spec: str, args: argparse.Namespace) -> None:
         raise CliError(str(e)) from None
     except (StaleWrite, EntryChanged, StagingConflict) as e:
         raise CliError(f"{args.path} changed on a live mount during the restore ({e}); run it again") from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    finally:
+        volume.store.close()
+
+
+def collect_history(store_spec: str, args: argparse.Namespace) -> None:
+    from fusesqlite import history, retention
+    from fusesqlite.store import StoreError
+
+    volume = open_volume(store_spec, args)
+    try:
+        chosen, done = retention.collect(volume, args.keep, progress_bars())
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable; gc can be run again") from None
+    finally:
+        volume.store.close()
+    if done.horizon == 0:
+        print("no version is older than --keep: nothing removed")
+        return
+    print(f"kept every version from {history.version_text(done.horizon)} on ({chosen.because}); removed "
+          f"{done.records} record, {done.entries} entry, {done.blocks} block and {done.log} log version(s)")
+
+
+def pin(store_spec: str, args: argparse.Namespace) -> None:
+    from fusesqlite import history, retention
+    from fusesqlite.store import StoreError
+
+    volume = open_volume(store_spec, args)
+    try:
+        if args.command == "unpin":
+            if not retention.clear_pin(volume, args.name):
+                raise CliError(f"volume {args.volume!r} has no pin {args.name!r}; list them with: fusesqlite pin")
+            print(f"unpinned {args.name}")
+        elif args.name is None:
+            for name, version in sorted(retention.pins(volume).items()):
+                print(f"{name}\t{history.version_text(version)}")
+        else:
+            version = history.resolve(volume, args.at) if args.at is not None else volume.head()
+            retention.set_pin(volume, args.name, version)
+            print(f"pinned version {history.version_text(version)} as {args.name}")
+    except (history.HistoryError, retention.RetentionError) as e:
+        raise CliError(str(e)) from None
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
     finally:

@@ -87,9 +87,14 @@ def resolve(volume: Volume, when: str) -> int:
 
     A version must be one a commit made; a time gives the newest version committed at or
     before it, read from the log newest first."""
+    from fusesqlite import retention  # it reads the volume's log through this module
+
     version = parse_version(when)
     if version is not None:
         if volume.log_entry(version) is None:
+            if version < retention.horizon(volume):
+                raise HistoryError(f"version {when} of volume {volume.name!r} was removed by gc (--keep); "
+                                   "see: fusesqlite log")
             raise HistoryError(f"volume {volume.name!r} has no version {when}; see: fusesqlite log")
         return version
     if not when.startswith(("-", "@")) and not when[:4].isdigit():
@@ -102,8 +107,9 @@ def resolve(volume: Volume, when: str) -> int:
         first = entry
     if first is None:
         raise HistoryError(f"volume {volume.name!r} has no versions")
+    kept = " kept by gc" if retention.horizon(volume) else ""
     raise HistoryError(
-        f"{when} ({time_text(moment)}) is before the first version of volume {volume.name!r}, "
+        f"{when} ({time_text(moment)}) is before the first version{kept} of volume {volume.name!r}, "
         f"{version_text(first.version)} at {time_text(first.time)}"
     )
 

@@ -159,6 +159,17 @@ class Keyspace:
     def call(self, author: str, number: int) -> bytes:
         return self.key("call", author, number)
 
+    def mount_entry(self, mount_id: str) -> bytes:
+        """A live mount's registration: the oldest version it may still read (retention.py)."""
+        return self.key("mount", mount_id)
+
+    def pin(self, name: str) -> bytes:
+        return self.key("pin", name)
+
+    def horizon(self) -> bytes:
+        """The oldest version gc keeps readable: older ones may be gone (retention.py)."""
+        return self.key("horizon")
+
     def staging(self, ino: int, version: int) -> bytes:
         return self.key("staging", ino, version)
 

@@ -10,12 +10,13 @@ import re
 import shutil
 import signal
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
-from fusesqlite import _journal, fuse_caps, history
+from fusesqlite import _journal, fuse_caps, history, retention
 from fusesqlite.coherence import Coherence
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
@@ -250,9 +251,14 @@ def serve(config: MountConfig) -> None:
         else:  # a past version: it changes nothing in the store, not even what gc would
             volume.open(create=False)
             snapshot = history.resolve(volume, config.at)
+        read_only = config.read_only or config.at is not None
+        kind = "at" if config.at is not None else "read-only" if read_only else "read-write"
+        retention.register(volume, snapshot, mountpoint, kind)  # from now on gc keeps what it reads
+        if retention.horizon(volume) > snapshot:  # gc chose its horizon before the registration
+            retention.unregister(volume)
+            raise history.HistoryError(f"version {history.version_text(snapshot)} was removed by gc meanwhile")
     except (StoreError, VolumeFormatError, VolumeNotFound, history.HistoryError) as e:
         raise MountError(str(e)) from None
-    read_only = config.read_only or config.at is not None
     ops: Operations | None = None
 
     async def rolled_back(ino: int) -> None:
@@ -313,11 +319,15 @@ def serve(config: MountConfig) -> None:
     ops.first_request = functools.partial(_after_handshake, devices[-1] if devices else None, tx.overlay_bytes)
     unmounted = False
     try:
-        trio.run(_serve, ops)
+        trio.run(_serve, ops, functools.partial(_keep_registered, ops, kind))
         unmounted = True
     finally:
         own_mount.stop()  # normally stopped already, while the mount still served
         pyfuse3.close(unmount=True)
+        try:
+            retention.unregister(volume)
+        except StoreError as e:  # it expires (retention.MOUNT_TTL)
+            log.warning("event=unregister_failed cause=%s", e)
         store.close()
         fast_writes, fast_reads, fast_settles, _ = _journal.stats()
         found, missed = request_loop.busy_polls()
@@ -326,10 +336,11 @@ def serve(config: MountConfig) -> None:
                  mountpoint, unmounted, fast_writes, fast_reads, fast_settles, found, missed)
 
 
-async def _serve(ops: Operations) -> None:
+async def _serve(ops: Operations, keep_registered: Callable[[], Awaitable[None]]) -> None:
     async with trio.open_nursery() as nursery:
         coherence, coherence_done = trio.CancelScope(), trio.Event()
         nursery.start_soon(ops.own_mount.serve)
+        nursery.start_soon(keep_registered)
         nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
         nursery.start_soon(_stop_on_signal, ops, coherence, coherence_done)
         await pyfuse3.main()
@@ -367,6 +378,25 @@ def _after_handshake(dev: int | None, dirty_bytes: int) -> None:
 def _write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
+
+
+async def _keep_registered(ops: Operations, kind: str) -> None:
+    """Renew this mount's registration (retention.py) with the oldest version it may
+    still read: what it has followed, and the data versions of the files it has open
+    (a file moves to another mount's commit only under SQLite's locks)."""
+    tx, volume = ops.tx, ops.tx.volume
+    while True:
+        await trio.sleep(retention.REGISTER_EVERY)
+        oldest = min([tx.snapshot, ops.coherence.seen, *(fs.record.dver for fs in tx.files.values() if fs.record.dver)])
+        try:
+            await tx.run(retention.register, volume, oldest, ops.mountpoint.decode(errors="replace"), kind)
+            collected = await tx.run(retention.horizon, volume)
+        except StoreError as e:
+            log.warning("event=register_failed cause=%s", e)
+            continue
+        if collected > oldest:
+            log.error("event=view_collected oldest=%d horizon=%d cause=%r", oldest, collected,
+                      f"gc removed versions this mount may read: it was not renewed for {retention.MOUNT_TTL:g} s")
 
 
 async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Event) -> None:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fusesqlite import retention
 from fusesqlite.history import normalize, version_text, walk
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.pages import encode_block
@@ -110,6 +111,8 @@ def restore(volume: Volume, path: str, to: int, *, lease_ttl: float = 10.0,
         plan = _Planner(volume, to, head, progress).plan(path)
         if not plan.changes and not plan.data:
             return Restored(path, to, None, head, ())
+        if retention.horizon(volume) > to:  # gc removed some of what the plan read
+            raise RestoreError(f"version {version_text(to)} was removed by gc during the restore; pick a newer one")
         volume.wal_names = plan.names.get
         if _take_leases(volume, plan, lease_ttl, deadline):
             break
