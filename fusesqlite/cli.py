@@ -333,7 +333,7 @@ def restore_path(store_spec: str, args: argparse.Namespace) -> None:
     from fusesqlite.identity import new_mount_id
     from fusesqlite.restore import RestoreError, restore
     from fusesqlite.store import StoreError
-    from fusesqlite.volume import EntryChanged, StagingConflict, StaleWrite, WalHeld
+    from fusesqlite.volume import EntryChanged, HistoryCollected, StagingConflict, StaleWrite, WalHeld
 
     volume = open_volume(store_spec, args, author=new_mount_id())
     try:
@@ -348,6 +348,8 @@ def restore_path(store_spec: str, args: argparse.Namespace) -> None:
         raise CliError(str(e)) from None
     except (StaleWrite, EntryChanged, StagingConflict) as e:
         raise CliError(f"{args.path} changed on a live mount during the restore ({e}); run it again") from None
+    except HistoryCollected:
+        raise CliError(f"version {args.to} was removed by gc during the restore; pick a newer one") from None
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
     finally:

@@ -380,14 +380,23 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def oldest_in_use(ops: Operations) -> int:
+    """The oldest version this mount may still read: what it has followed, the data
+    versions of the files it has open (a file moves to another mount's commit only
+    under SQLite's locks), and those of the kernel's pages of files still to move (a
+    file opened again starts from them: Transactions.open_record). Other files' pages
+    are of the data version the store has now, which gc keeps."""
+    tx, coherence = ops.tx, ops.coherence
+    pending = [tx.views[ino] for ino, p in coherence.proxies.items() if (p.move or p.running) and ino in tx.views]
+    return min([tx.snapshot, coherence.seen, *pending, *(fs.record.dver for fs in tx.files.values() if fs.record.dver)])
+
+
 async def _keep_registered(ops: Operations, kind: str) -> None:
-    """Renew this mount's registration (retention.py) with the oldest version it may
-    still read: what it has followed, and the data versions of the files it has open
-    (a file moves to another mount's commit only under SQLite's locks)."""
+    """Renew this mount's registration (retention.py) with ``oldest_in_use``."""
     tx, volume = ops.tx, ops.tx.volume
     while True:
         await trio.sleep(retention.REGISTER_EVERY)
-        oldest = min([tx.snapshot, ops.coherence.seen, *(fs.record.dver for fs in tx.files.values() if fs.record.dver)])
+        oldest = oldest_in_use(ops)
         try:
             await tx.run(retention.register, volume, oldest, ops.mountpoint.decode(errors="replace"), kind)
             collected = await tx.run(retention.horizon, volume)

@@ -129,7 +129,7 @@ def restore(volume: Volume, path: str, to: int, *, lease_ttl: float = 10.0,
                 plan.changes.blocks.update({(ino, b): v for b, v in fd.blocks.items()})
             plan.changes.inodes[ino] = fd.rec
             data[ino] = DataCommit(fd.based_on, staging, attributes=True)
-        result = volume.commit(plan.changes, data, release_leases=list(plan.leases))
+        result = volume.commit(plan.changes, data, release_leases=list(plan.leases), oldest_read=to)
     except BaseException:
         for ino, staging in stagings.items():
             try:

@@ -262,6 +262,12 @@ class StaleWrite(StoreError):
     errno = errno.EBUSY
 
 
+class HistoryCollected(StoreError):
+    """A commit built on reads of a version that gc has removed since (retention.py)."""
+
+    errno = errno.ESTALE
+
+
 class StagingConflict(StoreError):
     """Another staging of the file is in the store (a live writer elsewhere, or a dead one's leftovers)."""
 
@@ -777,6 +783,7 @@ class Volume:
         idle_leases: Iterable[int] = (),
         *,
         nowait: bool = False,
+        oldest_read: int = 0,
     ) -> CommitResult:
         """Write ``changes`` as the next version of the volume.
 
@@ -786,7 +793,10 @@ class Volume:
         ``idle_leases`` (the transaction's own) must still be this mount's, else the
         commit fails with LeaseLost; they become idle, still this mount's.
         ``nowait``: one attempt through the store's ``transact_nowait`` (ConflictError
-        where ``transact`` would wait or retry).
+        where ``transact`` would wait or retry). ``oldest_read``: the changes were made
+        from reads as old as this version (a restore): the commit fails with
+        HistoryCollected if gc's horizon has passed it, in the same store transaction,
+        so gc (which writes the horizon first) either sees the commit or makes it fail.
         """
         data = data or {}
         release_leases = tuple(release_leases)
@@ -806,6 +816,7 @@ class Volume:
             *(RangeRead.last(self.ks.versions_upto(ALL_VERSIONS, "d", parent, name)) for (parent, name), _ in expects),
             *(RangeRead.key(self.ks.lease(ino)) for ino in leases),
             *(RangeRead.key(self.ks.wal_owner(parent, name)) for parent, name in wal_order),
+            *([RangeRead.key(self.ks.horizon())] if oldest_read else []),
         ]
 
         def fn(tr: Transaction) -> Outcome:
@@ -822,6 +833,10 @@ class Volume:
             held = {ino: _value(next(answers)) for ino in leases}
             if wal_keys:
                 self._check_wal(tr, wal_keys, {key: _value(next(answers)) for key in wal_order})
+            if oldest_read:
+                horizon = _value(next(answers))
+                if horizon is not None and unpack(horizon)[0] > oldest_read:
+                    raise HistoryCollected(f"gc removed version {oldest_read}, which this commit was made from")
             written: dict[int, Inode | None] = {}
             for ino, rec in changes.inodes.items():
                 current = records[ino]

@@ -241,3 +241,24 @@ def test_gc_killed_half_way_leaves_every_kept_version_readable(mounts):
     assert query(fresh / "app.db", "PRAGMA integrity_check") == [("ok",)]
     assert query(fresh / "app.db", "SELECT sum(length(v)), count(*), sum(id * length(v)) FROM t") == expected
     assert wait_for(lambda: len(_log(live)) <= 3)
+
+
+def test_a_commit_made_from_a_version_gc_has_passed_fails(tmp_path):
+    """A restore's commit names the version it read (``oldest_read``): once gc's horizon
+    has passed it, the commit fails in its own store transaction, so gc either saw the
+    commit (and keeps what it needs) or the commit does not land."""
+    from fusesqlite.volume import HistoryCollected
+
+    vol = Volume(open_store(str(tmp_path / "store")), "default", author="host:1:test")
+    try:
+        vol.open()
+        a, b = vol.allocate_inodes(2)
+        old = _write(vol, a, FILE._replace(size=1, hwm=1), {0: bytes(vol.block_size)}, b"a")
+        newer = _write(vol, b, FILE._replace(size=1, hwm=1), {0: bytes(vol.block_size)}, b"b")
+        vol.commit(ChangeSet(inodes={a: FILE._replace(mode=0o100600)}), oldest_read=old)  # not passed yet
+        retention.collect_at(vol, newer)
+        with pytest.raises(HistoryCollected):
+            vol.commit(ChangeSet(inodes={a: FILE._replace(mode=0o100640)}), oldest_read=old)
+        assert vol.read_inode(a, vol.head()).mode == 0o100600
+    finally:
+        vol.store.close()
