@@ -67,6 +67,11 @@ def _duration(text: str) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
+def _retention(text: str) -> float:
+    """``--retention``: a duration, or ``off`` (infinity: nothing is ever old enough)."""
+    return float("inf") if text == "off" else _duration(text)
+
+
 def _simulate_spec(text: str) -> str:
     """A ``--simulate`` value, checked here so a bad one is a usage error at once."""
     from fusesqlite.store.simulated import SimulateSpecError, parse_simulate
@@ -148,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         "saves two wake-ups across CPUs per request in bursts (VACUUM, big transactions), at the price of "
         "that much CPU; 0 turns it off; off anyway when the daemon has one CPU (default: 50)",
     )
+    m.add_argument(
+        "--retention", type=_retention, default=None, metavar="DURATION|off",
+        help="remove, in the background, versions older than DURATION that nothing needs (one mount of a volume "
+        "at a time, every 10 minutes; as gc --keep); off keeps every version (default: 24h)",
+    )
     m.add_argument("--debug", action="store_true", help="log every commit")
     lg = sub.add_parser("log", parents=[where], help="list the versions of a volume, newest first")
     lg.add_argument("path", nargs="?", default=None, help="only the versions that changed this path of the volume")
@@ -181,11 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove every version older than DURATION (0s, 90min, 36h, 7d) that no live mount, mount --at or "
         "pin needs; without it gc removes no version",
     )
+    g.add_argument(
+        "--vacuum", action="store_true",
+        help="with --keep, on an embedded store: rewrite it, packing what is left (every other process's "
+        "commits wait meanwhile); without it freed pages are given back, partly empty ones are kept for new data",
+    )
     sub.add_parser(
         "upgrade", parents=[where],
         help="move a volume written by an older fusesqlite to this one's format (stop every mount of it first)",
     )
     return p
+
+
+def retention_default() -> str:
+    from fusesqlite.retention import DEFAULT_RETENTION
+
+    return DEFAULT_RETENTION
 
 
 def setup_logging(debug: bool, level: int = logging.INFO) -> None:
@@ -242,6 +263,7 @@ def run(argv: list[str] | None) -> None:
             allow_shared_store=args.allow_shared_store,
             simulate=args.simulate,
             at=args.at,
+            retention_seconds=_retention(retention_default()) if args.retention is None else args.retention,
         )
         try:
             serve(config)
@@ -363,6 +385,7 @@ def collect_history(store_spec: str, args: argparse.Namespace) -> None:
     volume = open_volume(store_spec, args)
     try:
         chosen, done = retention.collect(volume, args.keep, progress_bars())
+        compacted = volume.store.compact(args.vacuum) if done.keys else None
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable; gc can be run again") from None
     finally:
@@ -372,6 +395,8 @@ def collect_history(store_spec: str, args: argparse.Namespace) -> None:
         return
     print(f"kept every version from {history.version_text(done.horizon)} on ({chosen.because}); removed "
           f"{done.records} record, {done.entries} entry, {done.blocks} block and {done.log} log version(s)")
+    if compacted:
+        print(compacted)
 
 
 def pin(store_spec: str, args: argparse.Namespace) -> None:

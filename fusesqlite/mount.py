@@ -103,6 +103,8 @@ class MountConfig:
     simulate: str | None = None
     #: serve the volume as it was at this version or time (history.resolve): read-only, frozen
     at: str | None = None
+    #: collect versions older than this in the background (retention.py); inf: never
+    retention_seconds: float = float("inf")
 
 
 def kernel_checks_permissions(config: MountConfig) -> bool:
@@ -318,8 +320,11 @@ def serve(config: MountConfig) -> None:
     devices = _mounts_on(mountpoint)  # the newest is ours
     ops.first_request = functools.partial(_after_handshake, devices[-1] if devices else None, tx.overlay_bytes)
     unmounted = False
+    background: list[Callable[[], Awaitable[None]]] = [functools.partial(_keep_registered, ops, kind)]
+    if not read_only and config.retention_seconds < float("inf"):
+        background.append(functools.partial(_collect_in_background, ops, config.retention_seconds))
     try:
-        trio.run(_serve, ops, functools.partial(_keep_registered, ops, kind))
+        trio.run(_serve, ops, background)
         unmounted = True
     finally:
         own_mount.stop()  # normally stopped already, while the mount still served
@@ -336,11 +341,12 @@ def serve(config: MountConfig) -> None:
                  mountpoint, unmounted, fast_writes, fast_reads, fast_settles, found, missed)
 
 
-async def _serve(ops: Operations, keep_registered: Callable[[], Awaitable[None]]) -> None:
+async def _serve(ops: Operations, background: list[Callable[[], Awaitable[None]]]) -> None:
     async with trio.open_nursery() as nursery:
         coherence, coherence_done = trio.CancelScope(), trio.Event()
         nursery.start_soon(ops.own_mount.serve)
-        nursery.start_soon(keep_registered)
+        for task in background:
+            nursery.start_soon(task)
         nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
         nursery.start_soon(_stop_on_signal, ops, coherence, coherence_done)
         await pyfuse3.main()
@@ -406,6 +412,29 @@ async def _keep_registered(ops: Operations, kind: str) -> None:
         if collected > oldest:
             log.error("event=view_collected oldest=%d horizon=%d cause=%r", oldest, collected,
                       f"gc removed versions this mount may read: it was not renewed for {retention.MOUNT_TTL:g} s")
+
+
+async def _collect_in_background(ops: Operations, keep_seconds: float) -> None:
+    """``--retention``: every COLLECT_EVERY seconds, if no other mount of the volume is at
+    it, remove versions older than ``keep_seconds`` that nothing needs (as gc --keep),
+    on a worker thread: each step is a store transaction of its own, beside commits."""
+    tx, volume = ops.tx, ops.tx.volume
+    await trio.sleep(retention.FIRST_COLLECT_AFTER)
+    while True:
+        try:
+            if await tx.run(retention.take_turn, volume, retention.COLLECT_EVERY):
+                try:
+                    _, done = await tx.run(retention.collect, volume, keep_seconds)
+                    if done.keys:
+                        compacted = await tx.run(volume.store.compact, False)
+                        if compacted:
+                            log.info("event=gc_compacted summary=%r", compacted)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await tx.run(retention.end_turn, volume)
+        except StoreError as e:
+            log.warning("event=gc_history_failed cause=%s", e)
+        await trio.sleep(retention.COLLECT_EVERY)
 
 
 async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Event) -> None:

@@ -141,6 +141,45 @@ def _horizon(raw: bytes | None) -> int:
     return unpack(raw)[0] if raw else 0
 
 
+# -- background collection: one mount at a time -----------------------------------------
+#: ``mount --retention``'s default: a day of history, as Litestream keeps by default;
+#: the store holds at most about a day of changes beyond the live data
+DEFAULT_RETENTION = "24h"
+#: how often a mount with a retention window collects (the first time a minute after it
+#: starts, or COLLECT_EVERY if shorter); tests shorten it (FUSESQLITE_COLLECT_EVERY=SECONDS)
+COLLECT_EVERY = float(os.environ.get("FUSESQLITE_COLLECT_EVERY", 600.0))
+FIRST_COLLECT_AFTER = min(60.0, COLLECT_EVERY)
+
+
+def take_turn(volume: Volume, ttl: float) -> bool:
+    """Whether this mount may collect now: the volume's gc turn, taken for ``ttl`` seconds
+    unless another live mount has it (two collecting at once would be safe, and twice
+    the work)."""
+    key = volume.ks.key("gc_turn")
+
+    def fn(tr: Transaction) -> bool:
+        raw = tr.get(key)
+        if raw is not None:
+            owner, expiry = unpack(raw)
+            if owner != volume.author and expiry > time.time() and not dead_here(owner):
+                return False
+        tr.set(key, pack((volume.author, time.time() + ttl)))
+        return True
+
+    return transact_resolved(volume.store, fn, "gc turn")
+
+
+def end_turn(volume: Volume) -> None:
+    key = volume.ks.key("gc_turn")
+
+    def fn(tr: Transaction) -> None:
+        raw = tr.get(key)
+        if raw is not None and unpack(raw)[0] == volume.author:
+            tr.clear(key)
+
+    transact_resolved(volume.store, fn, "gc turn")
+
+
 # -- choosing the horizon --------------------------------------------------------------
 @dataclass(frozen=True)
 class Horizon:
@@ -192,7 +231,7 @@ def collect(volume: Volume, keep_seconds: float, progress: Progress | None = Non
     chosen = choose_horizon(volume, keep_seconds)
     if chosen.version:
         collect_at(volume, chosen.version, done, progress)
-        log.info("event=gc_history horizon=%s because=%r records=%d entries=%d blocks=%d log=%d",
+        log.log(logging.INFO if done.keys else logging.DEBUG,"event=gc_history horizon=%s because=%r records=%d entries=%d blocks=%d log=%d",
                  version_text(chosen.version), chosen.because, done.records, done.entries, done.blocks, done.log)
     return chosen, done
 

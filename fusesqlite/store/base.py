@@ -215,6 +215,12 @@ class Store(Protocol):
         """Block until ``key``'s value differs from ``old`` or ``timeout`` passes; return it."""
         ...
 
+    def compact(self, full: bool) -> str | None:
+        """Give space that removed keys freed back to the file system where the store
+        does not do it by itself (``fusesqlite gc --keep``); ``full``: also where that
+        rewrites the whole store (nothing else uses it). A line for the user, or None."""
+        ...
+
     def close(self) -> None: ...
 
 

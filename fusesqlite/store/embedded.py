@@ -425,6 +425,40 @@ class EmbeddedStore:
                 if pause > 0:
                     time.sleep(min(pause, max(0.0, deadline - _monotonic())))
 
+    #: free pages given back per transaction by ``compact`` (32 KiB each: 64 MiB)
+    COMPACT_STEP = 2048
+
+    def compact(self, full: bool) -> str | None:
+        """Give the pages gc freed back to the file system: in steps of COMPACT_STEP pages
+        (``PRAGMA incremental_vacuum``, each step a short write transaction, so mounts
+        go on), then truncate the WAL. That leaves the pages that held old versions
+        among kept ones partly empty (new versions of those keys fill them again);
+        ``full`` rewrites the store instead (one VACUUM: every other process's commits
+        wait meanwhile), which packs them. A store made without auto_vacuum (before it
+        was set at creation) keeps its free pages for new data unless ``full``."""
+        conn = self._connection()
+
+        def size() -> int:
+            return sum(os.path.getsize(p) for p in (self.file, Path(f"{self.file}-wal")) if os.path.exists(p))
+
+        try:
+            before = size()
+            freed = conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+            if full:
+                conn.execute("VACUUM")
+            elif conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:  # INCREMENTAL
+                while conn.execute("PRAGMA freelist_count").fetchone()[0] > 0:
+                    conn.execute(f"PRAGMA incremental_vacuum({self.COMPACT_STEP})").fetchall()
+            elif freed:
+                return (f"{self.path}: {freed >> 20} MiB free inside the store, reused by new data; "
+                        "give it back with gc --vacuum while nothing else uses the store")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e) from e
+        after = size()
+        log.info("event=store_compacted path=%s bytes_before=%d bytes_after=%d", self.path, before, after)
+        return f"{self.path}: {before >> 20} MiB on disk before, {after >> 20} MiB after"
+
     def close(self) -> None:
         """Close every thread's connection. One a thread is using right now (a poll the
         mount abandoned when it stopped) is closed by that thread when its transaction
@@ -570,6 +604,8 @@ class EmbeddedStore:
             raise self._error(e) from e
         try:
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before WAL mode: a no-op on an existing store
+            # likewise only for a new store: pages gc frees can be given back (``compact``)
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreUnavailable(

@@ -244,6 +244,10 @@ class FoundationDBStore:
                 log.debug("event=store_watch_failed key=%r error=%s", key, e)
                 time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
 
+    def compact(self, full: bool) -> str | None:
+        """Nothing to do: FoundationDB's storage servers reclaim cleared ranges themselves."""
+        return None
+
     def close(self) -> None:
         """Nothing to release: the bindings keep one network thread and database per process."""
 

@@ -220,6 +220,9 @@ class SimulatedStore:
             time.sleep(self._read_delay)
         return self.inner.wait_for_change(key, old, timeout)
 
+    def compact(self, full: bool) -> str | None:
+        return self.inner.compact(full)
+
     def close(self) -> None:
         self.inner.close()
 
