@@ -173,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("path", help="a path inside the volume, e.g. /app.sqlite (a database's -wal comes along)")
     rs.add_argument("--to", required=True, metavar="VERSION|TIME",
                     help="a version of `fusesqlite log`, or a time (2026-12-05T14:30, -10min, -2h, -7d, @SECONDS)")
+    ex = sub.add_parser("export", parents=[where],
+                        help="copy files of the volume, as they were at a version, to a new local directory")
+    ex.add_argument("paths", nargs="+", metavar="[PATH] DEST",
+                    help="the volume's PATH (default /: everything) and DEST, a path that does not exist yet")
+    ex.add_argument("--at", metavar="VERSION|TIME", default=None, help="the version to export (default: the latest)")
+    im = sub.add_parser("import", parents=[where], help="copy a local directory tree into the volume, as one commit")
+    im.add_argument("source", help="a local directory: what it holds goes into DEST_PATH")
+    im.add_argument("dest", nargs="?", default="/", metavar="DEST_PATH",
+                    help="a directory of the volume (made if missing; default /); names it has already are refused")
     pn = sub.add_parser("pin", parents=[where], help="keep a version from gc under a name (no NAME: list the pins)")
     pn.add_argument("name", nargs="?", default=None, help="the pin's name (a pin of that name is replaced)")
     pn.add_argument("--at", metavar="VERSION|TIME", default=None, help="the version to keep (default: the latest)")
@@ -280,6 +289,9 @@ def run(argv: list[str] | None) -> None:
         collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store, args.simulate)
         if args.keep is not None:
             collect_history(store_spec, args)
+    elif args.command in ("export", "import"):
+        setup_logging(False, logging.WARNING)
+        transfer(store_spec, args)
     elif args.command in ("pin", "unpin"):
         setup_logging(False, logging.WARNING)
         pin(store_spec, args)
@@ -397,6 +409,38 @@ def collect_history(store_spec: str, args: argparse.Namespace) -> None:
           f"{done.records} record, {done.entries} entry, {done.blocks} block and {done.log} log version(s)")
     if compacted:
         print(compacted)
+
+
+def transfer(store_spec: str, args: argparse.Namespace) -> None:
+    from fusesqlite import history, transfer
+    from fusesqlite.identity import new_mount_id
+    from fusesqlite.store import StoreError
+    from fusesqlite.volume import EntryChanged
+
+    if args.command == "export" and len(args.paths) > 2:
+        raise CliError("export takes [PATH] DEST: at most two paths (see: fusesqlite export --help)", code=2)
+    volume = open_volume(store_spec, args, author=new_mount_id())
+    try:
+        if args.command == "export":
+            path, dest = args.paths if len(args.paths) == 2 else ["/", args.paths[0]]
+            version = history.resolve(volume, args.at) if args.at is not None else volume.head()
+            done = transfer.export(volume, path, dest, version, progress_bars())
+            print(f"exported {path} at version {history.version_text(version)} to {dest}: {done.files} file(s), "
+                  f"{done.directories} directory(ies), {done.bytes} bytes")
+        else:
+            got = transfer.import_tree(volume, args.source, args.dest, progress_bars())
+            print(f"imported {args.source} into {args.dest} as version {history.version_text(got.version)}: "
+                  f"{got.files} file(s), {got.directories} directory(ies), {got.bytes} bytes")
+    except (history.HistoryError, transfer.TransferError) as e:
+        raise CliError(str(e)) from None
+    except EntryChanged as e:
+        raise CliError(f"a name the import makes was created meanwhile ({e}); run it again") from None
+    except OSError as e:
+        raise CliError(f"{e.filename or ''}: {e.strerror or e}") from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    finally:
+        volume.store.close()
 
 
 def pin(store_spec: str, args: argparse.Namespace) -> None:
