@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import time
 
@@ -416,3 +417,36 @@ def test_a_restore_bigger_than_one_transaction_is_staged(tmp_path, monkeypatch):
         assert restoring.restore(vol, "/big", then).version is None
     finally:
         vol.store.close()
+
+
+def test_a_restore_killed_half_way_changes_nothing_and_holds_nothing(mounts):
+    """A restore behind a slow simulated cluster, killed with -9 while it works: the
+    database is as it was, and a writer on the live mount goes on at once (the
+    restore's leases die with its process on this host)."""
+    live = mounts()
+    con = sqlite3.connect(live / "app.db")
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    con.executemany("INSERT INTO t(v) VALUES (randomblob(3000))", [()] * 2000)
+    con.commit()
+    then = _log(live)[0]["version"]
+    con.execute("UPDATE t SET v = randomblob(3000)")
+    con.commit()
+    con.close()
+    before = query(live / "app.db", "SELECT sum(length(v)), count(*), sum(id * length(hex(v)) % 7) FROM t")
+    restorer = live.py(
+        "import sys\nfrom fusesqlite.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+        "restore", "/app.db", "--to", then, *live.where, "--simulate", "latency_ms=100,commit_ms=100",
+    )
+    time.sleep(3.0)
+    assert restorer.poll() is None, restorer.communicate()
+    os.kill(restorer.pid, signal.SIGKILL)
+    restorer.wait()
+    assert query(live / "app.db", "SELECT sum(length(v)), count(*), sum(id * length(hex(v)) % 7) FROM t") == before
+    con = sqlite3.connect(live / "app.db", timeout=5)
+    con.execute("INSERT INTO t(v) VALUES (1)")
+    con.commit()
+    con.close()
+    assert query(live / "app.db", "PRAGMA integrity_check") == [("ok",)]
+    r = run_cli("restore", "/app.db", "--to", then, *live.where, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert query(live / "app.db", "SELECT count(*) FROM t") == [(2000,)]
