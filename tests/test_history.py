@@ -419,6 +419,7 @@ def test_a_restore_bigger_than_one_transaction_is_staged(tmp_path, monkeypatch):
         vol.store.close()
 
 
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
 def test_a_restore_killed_half_way_changes_nothing_and_holds_nothing(mounts):
     """A restore behind a slow simulated cluster, killed with -9 while it works: the
     database is as it was, and a writer on the live mount goes on at once (the

@@ -161,6 +161,7 @@ def _updates(path, n: int) -> None:
     con.close()
 
 
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
 @pytest.mark.embedded
 def test_gc_keep_0s_beside_a_live_mount_a_past_version_and_a_pin(mounts):
     live = mounts()
@@ -211,6 +212,7 @@ def test_gc_keep_0s_beside_a_live_mount_a_past_version_and_a_pin(mounts):
     assert query(live / "app.db", "PRAGMA integrity_check") == [("ok",)]
 
 
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
 def test_gc_killed_half_way_leaves_every_kept_version_readable(mounts):
     """gc behind a slow simulated cluster, killed with -9 in the middle, then run again."""
     live = mounts()
@@ -264,6 +266,7 @@ def test_a_commit_made_from_a_version_gc_has_passed_fails(tmp_path):
         vol.store.close()
 
 
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
 @pytest.mark.timeout(240)
 def test_mounts_collecting_every_second_while_both_write_lose_nothing(mounts):
     """Two mounts with --retention 0s collecting every second (one at a time) while
@@ -275,7 +278,7 @@ def test_mounts_collecting_every_second_while_both_write_lose_nothing(mounts):
     a = mounts(extra_args=("--retention", "0s"), env_extra=env)
     b = mounts(store=a.store, volume=a.volume, extra_args=("--retention", "0s"), env_extra=env)
     new_counter(a, "counter.db", b)
-    procs = [m.py(INCREMENT, str(m / "counter.db"), "150") for m in (a, b, a, b)]
+    procs = [m.py(INCREMENT, str(m / "counter.db"), "500") for m in (a, b, a, b)]
     reads = 0
     while any(p.poll() is None for p in procs):
         for m in (a, b):
@@ -284,13 +287,13 @@ def test_mounts_collecting_every_second_while_both_write_lose_nothing(mounts):
         time.sleep(0.05)
     for p in procs:
         out, err = p.communicate(timeout=10)
-        assert p.returncode == 0 and int(out.split()[0]) == 150, err
+        assert p.returncode == 0 and int(out.split()[0]) == 500, err
     for m in (a, b):
-        assert wait_for(lambda: query(m / "counter.db", "SELECT v FROM counter") == [(600,)]), m.log_tail()
+        assert wait_for(lambda: query(m / "counter.db", "SELECT v FROM counter") == [(2000,)]), m.log_tail()
         assert query(m / "counter.db", "PRAGMA integrity_check") == [("ok",)]
     assert "event=gc_history " in a.log_text() + b.log_text()
     assert "event=view_collected" not in a.log_text() + b.log_text()
     assert wait_for(lambda: len(_log(a)) < 100, timeout=10), len(_log(a))
     fresh = mounts(store=a.store, volume=a.volume)
-    assert query(fresh / "counter.db", "SELECT v FROM counter") == [(600,)]
+    assert query(fresh / "counter.db", "SELECT v FROM counter") == [(2000,)]
     assert reads > 10

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import time
 
+import pytest
 from helpers import run_cli
 from test_many_mounts import query, wait_for
 
@@ -101,6 +102,7 @@ def test_an_export_of_a_past_version_is_byte_identical_to_a_mount_of_it(mounts, 
     assert not (tmp_path / "n").exists()
 
 
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
 def test_an_import_killed_half_way_leaves_nothing(mounts, tmp_path):
     """An import behind a slow simulated cluster, killed with -9 while it stages: no name
     of it appears, and gc removes what it staged."""
