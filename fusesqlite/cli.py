@@ -96,24 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fusesqlite", description="SQLite databases on FUSE, pages in a transactional store.")
     p.add_argument("--version", action="version", version=f"fusesqlite {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    where = _Parser(add_help=False)
-    where.add_argument(
+    store = _Parser(add_help=False)  # the options that name a store
+    store.add_argument(
         "--store",
         default=None,
         help=f"embedded store directory, or fdb: / fdb:/path/fdb.cluster for FoundationDB (default: {DEFAULT_STORE_HELP})",
     )
-    where.add_argument("--volume", default="default", help="independent file system inside the store (default: default)")
-    where.add_argument(
+    store.add_argument(
         "--allow-shared-store", action="store_true",
         help="open an embedded store that other users can read or write (refused otherwise: they could read "
         "every file in it); a new store is always private to its owner",
     )
-    where.add_argument(
+    store.add_argument(
         "--simulate", type=_simulate_spec, default=None, metavar="SPEC",
         help="put the store behind a simulated FoundationDB cluster, for tests and benchmarks: "
         "latency_ms=MS,commit_ms=MS,unknown_result=FRACTION,conflict=FRACTION[,seed=N] "
         "(docs/simulated-store.md)",
     )
+    where = _Parser(add_help=False, parents=[store])  # and a volume in it
+    where.add_argument("--volume", default="default", help="independent file system inside the store (default: default)")
     m = sub.add_parser("mount", parents=[where], help="mount a volume and serve it in the foreground")
     m.add_argument("mountpoint", help="an empty directory")
     m.add_argument(
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("source", help="a local directory: what it holds goes into DEST_PATH")
     im.add_argument("dest", nargs="?", default="/", metavar="DEST_PATH",
                     help="a directory of the volume (made if missing; default /); names it has already are refused")
+    st = sub.add_parser("status", parents=[store],
+                        help="the store's volumes: versions, pins, live mounts, write leases, sizes")
+    st.add_argument("--volume", default=None, help="only this volume (default: every volume of the store)")
+    st.add_argument("--json", action="store_true", help="print it as JSON (fields: docs/operating.md)")
     pn = sub.add_parser("pin", parents=[where], help="keep a version from gc under a name (no NAME: list the pins)")
     pn.add_argument("name", nargs="?", default=None, help="the pin's name (a pin of that name is replaced)")
     pn.add_argument("--at", metavar="VERSION|TIME", default=None, help="the version to keep (default: the latest)")
@@ -250,6 +255,10 @@ def run(argv: list[str] | None) -> None:
     args = build_parser().parse_args(_join_relative_times(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         raise CliError("no command given; try: fusesqlite mount MOUNTPOINT (see: fusesqlite --help)", code=2)
+    if args.command == "status" and args.volume is None:  # every volume
+        setup_logging(False, logging.WARNING)
+        show_status(args.store or default_store(), args)
+        return
     if not args.volume or "/" in args.volume:
         raise CliError(f"invalid volume name {args.volume!r}; use a non-empty name without '/'", code=2)
     store_spec = args.store or default_store()
@@ -289,6 +298,9 @@ def run(argv: list[str] | None) -> None:
         collect(store_spec, args.volume, args.staging_timeout, args.allow_shared_store, args.simulate)
         if args.keep is not None:
             collect_history(store_spec, args)
+    elif args.command == "status":
+        setup_logging(False, logging.WARNING)
+        show_status(store_spec, args)
     elif args.command in ("export", "import"):
         setup_logging(False, logging.WARNING)
         transfer(store_spec, args)
@@ -411,6 +423,34 @@ def collect_history(store_spec: str, args: argparse.Namespace) -> None:
         print(compacted)
 
 
+def show_status(store_spec: str, args: argparse.Namespace) -> None:
+    import json
+
+    from fusesqlite import status
+    from fusesqlite.store import StoreError, StoreNotPrivate, open_store
+    from fusesqlite.volume import VolumeFormatError, VolumeNotFound
+
+    embedded = not store_spec.startswith("fdb:")
+    if embedded and not os.path.isdir(os.path.expanduser(store_spec)):
+        raise CliError(f"no store at {store_spec}; check --store (or $FUSESQLITE_STORE)")
+    try:
+        store = open_store(store_spec, allow_shared=args.allow_shared_store, simulate=args.simulate)
+    except StoreNotPrivate as e:
+        raise CliError(str(e)) from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    try:
+        found = status.store_status(store, store.description, os.path.expanduser(store_spec) if embedded else None,
+                                    args.volume)
+    except (VolumeFormatError, VolumeNotFound) as e:
+        raise CliError(str(e)) from None
+    except StoreError as e:
+        raise CliError(f"{e}; check --store and that the store is reachable") from None
+    finally:
+        store.close()
+    print(json.dumps(found.as_json(), indent=1) if args.json else status.render(found))
+
+
 def transfer(store_spec: str, args: argparse.Namespace) -> None:
     from fusesqlite import history, transfer
     from fusesqlite.identity import new_mount_id
@@ -472,7 +512,7 @@ def collect(
     store_spec: str, volume_name: str, staging_timeout: float | None, allow_shared_store: bool = False,
     simulate: str | None = None,
 ) -> None:
-    from fusesqlite import gc
+    from fusesqlite import gc, retention
     from fusesqlite.identity import new_mount_id
     from fusesqlite.store import StoreError, StoreNotPrivate, open_store
     from fusesqlite.volume import Volume, VolumeFormatError
@@ -483,13 +523,15 @@ def collect(
         timeout = gc.STAGING_TIMEOUT if staging_timeout is None else staging_timeout
         stagings, blocks = gc.reclaim_stagings(volume, new_mount_id(), timeout)
         calls = gc.reclaim_calls(volume)
+        registrations = retention.clear_dead_registrations(volume)
     except VolumeFormatError as e:
         raise CliError(str(e)) from None
     except StoreNotPrivate as e:
         raise CliError(str(e)) from None  # it says what to run
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable") from None
-    print(f"removed {stagings} abandoned staging(s), {blocks} block(s), {calls} old call key(s)")
+    print(f"removed {stagings} abandoned staging(s), {blocks} block(s), {calls} old call key(s), "
+          f"{registrations} dead mount(s)' registration(s)")
 
 
 def upgrade(store_spec: str, volume_name: str, allow_shared_store: bool = False, simulate: str | None = None) -> None:
@@ -518,4 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `fusesqlite log | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0

@@ -250,6 +250,7 @@ def serve(config: MountConfig) -> None:
             snapshot = volume.open()
             reclaim_stagings(volume, mount_id)
             reclaim_calls(volume)
+            retention.clear_dead_registrations(volume)
         else:  # a past version: it changes nothing in the store, not even what gc would
             volume.open(create=False)
             snapshot = history.resolve(volume, config.at)

@@ -227,7 +227,7 @@ class Collected:
 def collect(volume: Volume, keep_seconds: float, progress: Progress | None = None) -> tuple[Horizon, Collected]:
     """Remove what no version at or after the horizon for ``keep_seconds`` reads."""
     done = Collected()
-    done.registrations = _clear_dead_registrations(volume)
+    done.registrations = clear_dead_registrations(volume)
     chosen = choose_horizon(volume, keep_seconds)
     if chosen.version:
         collect_at(volume, chosen.version, done, progress)
@@ -252,7 +252,8 @@ def collect_at(volume: Volume, h: int, done: Collected | None = None, progress: 
     return done
 
 
-def _clear_dead_registrations(volume: Volume) -> int:
+def clear_dead_registrations(volume: Volume) -> int:
+    """Remove the registrations of mounts that died (expired, or gone on this host); return how many."""
     now = time.time()
     dead = [r for r in registrations(volume) if not r.live(now)]
     for r in dead:
