@@ -312,6 +312,11 @@ def run(argv: list[str] | None) -> None:
         upgrade(store_spec, args.volume, args.allow_shared_store, args.simulate)
 
 
+def unreachable(e: Exception) -> CliError:
+    """A store error as the one line every command prints."""
+    return CliError(f"{e}; check --store and that the store is reachable")
+
+
 def open_volume(store_spec: str, args: argparse.Namespace, author: str = ""):
     """The volume ``args`` name, existing (CliError, one line, if it cannot be read);
     ``author``: who its commits say made them (a mount id)."""
@@ -327,7 +332,7 @@ def open_volume(store_spec: str, args: argparse.Namespace, author: str = ""):
     except (VolumeFormatError, VolumeNotFound, StoreNotPrivate) as e:
         raise CliError(str(e)) from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     return volume
 
 
@@ -351,7 +356,7 @@ def show_log(store_spec: str, args: argparse.Namespace) -> None:
     except history.HistoryError as e:
         raise CliError(str(e)) from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     finally:
         volume.store.close()
 
@@ -397,7 +402,7 @@ def restore_path(store_spec: str, args: argparse.Namespace) -> None:
     except HistoryCollected:
         raise CliError(f"version {args.to} was removed by gc during the restore; pick a newer one") from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     finally:
         volume.store.close()
 
@@ -438,14 +443,14 @@ def show_status(store_spec: str, args: argparse.Namespace) -> None:
     except StoreNotPrivate as e:
         raise CliError(str(e)) from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     try:
         found = status.store_status(store, store.description, os.path.expanduser(store_spec) if embedded else None,
                                     args.volume)
     except (VolumeFormatError, VolumeNotFound) as e:
         raise CliError(str(e)) from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     finally:
         store.close()
     print(json.dumps(found.as_json(), indent=1) if args.json else status.render(found))
@@ -478,7 +483,7 @@ def transfer(store_spec: str, args: argparse.Namespace) -> None:
     except OSError as e:
         raise CliError(f"{e.filename or ''}: {e.strerror or e}") from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     finally:
         volume.store.close()
 
@@ -503,7 +508,7 @@ def pin(store_spec: str, args: argparse.Namespace) -> None:
     except (history.HistoryError, retention.RetentionError) as e:
         raise CliError(str(e)) from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     finally:
         volume.store.close()
 
@@ -529,7 +534,7 @@ def collect(
     except StoreNotPrivate as e:
         raise CliError(str(e)) from None  # it says what to run
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     print(f"removed {stagings} abandoned staging(s), {blocks} block(s), {calls} old call key(s), "
           f"{registrations} dead mount(s)' registration(s)")
 
@@ -545,7 +550,7 @@ def upgrade(store_spec: str, volume_name: str, allow_shared_store: bool = False,
     except (VolumeFormatError, StoreNotPrivate) as e:
         raise CliError(str(e)) from None
     except StoreError as e:
-        raise CliError(f"{e}; check --store and that the store is reachable") from None
+        raise unreachable(e) from None
     if written is None:
         print(f"volume {volume_name!r} has format {FORMAT} already: nothing to do")
     else:
