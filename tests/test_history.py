@@ -451,3 +451,23 @@ def test_a_restore_killed_half_way_changes_nothing_and_holds_nothing(mounts):
     r = run_cli("restore", "/app.db", "--to", then, *live.where, timeout=120)
     assert r.returncode == 0, r.stderr
     assert query(live / "app.db", "SELECT count(*) FROM t") == [(2000,)]
+
+
+def test_a_database_in_wal_mode_at_a_past_version_opens_immutable(mounts):
+    """A read-only mount cannot make the -shm a WAL database needs: SQLite refuses a plain
+    open ("unable to open database file", as on any read-only mount) and reads it with
+    immutable=1; a mount of a past version never changes, so that is exact."""
+    live = mounts()
+    con = sqlite3.connect(live / "w.db")
+    assert con.execute("PRAGMA journal_mode=WAL").fetchone() == ("wal",)
+    con.execute("CREATE TABLE t(x)")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.commit()
+    con.close()  # the last connection: database and -wal published
+    then = _log(live)[0]["version"]
+    past = mounts(store=live.store, volume=live.volume, extra_args=("--at", then))
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
+        sqlite3.connect(past / "w.db").execute("SELECT count(*) FROM t")
+    ro = sqlite3.connect(f"file:{past / 'w.db'}?immutable=1", uri=True)
+    assert ro.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    ro.close()
