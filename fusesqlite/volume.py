@@ -690,7 +690,7 @@ class Volume:
         few rows per block: a file written once has one version per block, and
         one query instead of one per block (plus its key packing) is most of a
         cold scan's cost. Where the limit cuts the range (hot blocks such as
-        page 1 change at every commit until garbage collection exists), the
+        page 1 gather a version per commit until retention removes them), the
         blocks it did not cover are read one reverse read each.
         """
         wanted = sorted(set(block_nos))
