@@ -34,7 +34,8 @@ from fusesqlite.volume import ChangeSet, DataCommit, LeaseHeld, StaleView, Volum
 
 log = logging.getLogger(__name__)
 
-#: encoded block bytes a restore commits in its own transaction; more are staged first
+#: encoded block bytes a restore commits in its own transaction (all files together);
+#: the files beyond are staged first
 INLINE_BYTES = 1 << 20
 #: block bytes per staging transaction (as a mount's big transactions: FoundationDB's advice
 #: is to keep transactions under 1 MB)
@@ -120,13 +121,15 @@ def restore(volume: Volume, path: str, to: int, *, lease_ttl: float = 10.0,
     stagings: dict[int, int] = {}
     try:
         data = {}
+        inline = 0  # block bytes in the commit itself, over every file: the rest is staged
         for ino, fd in plan.data.items():
             staging = None
-            if fd.size > INLINE_BYTES:
+            if inline + fd.size > INLINE_BYTES:
                 staging = stagings[ino] = volume.begin_staging(ino, volume.author)
                 _stage(volume, ino, staging, fd.blocks, plan, lease_ttl, progress)
             else:
                 plan.changes.blocks.update({(ino, b): v for b, v in fd.blocks.items()})
+                inline += fd.size
             plan.changes.inodes[ino] = fd.rec
             data[ino] = DataCommit(fd.based_on, staging, attributes=True)
         result = volume.commit(plan.changes, data, release_leases=list(plan.leases), oldest_read=to)
