@@ -414,16 +414,16 @@ def collect_history(store_spec: str, args: argparse.Namespace) -> None:
     volume = open_volume(store_spec, args)
     try:
         chosen, done = retention.collect(volume, args.keep, progress_bars())
-        compacted = volume.store.compact(args.vacuum) if done.keys else None
+        compacted = volume.store.compact(args.vacuum) if done.keys or args.vacuum else None
     except StoreError as e:
         raise CliError(f"{e}; check --store and that the store is reachable; gc can be run again") from None
     finally:
         volume.store.close()
     if done.horizon == 0:
         print("no version is older than --keep: nothing removed")
-        return
-    print(f"kept every version from {history.version_text(done.horizon)} on ({chosen.because}); removed "
-          f"{done.records} record, {done.entries} entry, {done.blocks} block and {done.log} log version(s)")
+    else:
+        print(f"kept every version from {history.version_text(done.horizon)} on ({chosen.because}); removed "
+              f"{done.records} record, {done.entries} entry, {done.blocks} block and {done.log} log version(s)")
     if compacted:
         print(compacted)
 
