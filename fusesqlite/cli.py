@@ -9,6 +9,7 @@ import faulthandler
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -187,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the store's volumes: versions, pins, live mounts, write leases, sizes")
     st.add_argument("--volume", default=None, help="only this volume (default: every volume of the store)")
     st.add_argument("--json", action="store_true", help="print it as JSON (fields: docs/operating.md)")
+    cl = sub.add_parser("clone", parents=[store],
+                        help="make a new volume that starts as another was at a version, in O(1) (copy-on-write)")
+    cl.add_argument("source", help="the volume to clone")
+    cl.add_argument("dest", help="the new volume's name")
+    cl.add_argument("--at", metavar="VERSION|TIME", default=None, help="the version to start from (default: the latest)")
     pn = sub.add_parser("pin", parents=[where], help="keep a version from gc under a name (no NAME: list the pins)")
     pn.add_argument("name", nargs="?", default=None, help="the pin's name (a pin of that name is replaced)")
     pn.add_argument("--at", metavar="VERSION|TIME", default=None, help="the version to keep (default: the latest)")
@@ -258,6 +264,10 @@ def run(argv: list[str] | None) -> None:
     if args.command == "status" and args.volume is None:  # every volume
         setup_logging(False, logging.WARNING)
         show_status(args.store or default_store(), args)
+        return
+    if args.command == "clone":
+        setup_logging(False, logging.WARNING)
+        clone(args.store or default_store(), args)
         return
     if not args.volume or "/" in args.volume:
         raise CliError(f"invalid volume name {args.volume!r}; use a non-empty name without '/'", code=2)
@@ -426,6 +436,34 @@ def collect_history(store_spec: str, args: argparse.Namespace) -> None:
               f"{done.records} record, {done.entries} entry, {done.blocks} block and {done.log} log version(s)")
     if compacted:
         print(compacted)
+
+
+def clone(store_spec: str, args: argparse.Namespace) -> None:
+    from fusesqlite import history
+    from fusesqlite.store import StoreError
+    from fusesqlite.volume import Volume, VolumeExists
+
+    for name in (args.source, args.dest):
+        if not name or "/" in name:
+            raise CliError(f"invalid volume name {name!r}; use a non-empty name without '/'", code=2)
+    args.volume = args.source
+    source = open_volume(store_spec, args)
+    try:
+        version = history.resolve(source, args.at) if args.at is not None else source.head()
+        dest = Volume(source.store, args.dest)
+        if source.store.transact(lambda tr: tr.get(dest.ks.meta())) is not None:
+            raise VolumeExists(f"volume {args.dest!r} exists; name a new one")
+        start = time.monotonic()
+        dest.clone(source, version)
+        took = time.monotonic() - start
+    except (history.HistoryError, VolumeExists) as e:
+        raise CliError(str(e)) from None
+    except StoreError as e:
+        raise unreachable(e) from None
+    finally:
+        source.store.close()
+    print(f"cloned {args.source} at version {history.version_text(version)} as {args.dest} in {took * 1000:.0f} ms; "
+          f"{args.source} keeps that version while {args.dest} exists (pin clone:{args.dest})")
 
 
 def show_status(store_spec: str, args: argparse.Namespace) -> None:

@@ -335,7 +335,8 @@ def _collect_versioned(volume: Volume, kind: str, h: int, progress: Progress | N
     candidate: tuple[bytes, bytes] | None = None  # the newest row at or before h of ``name``
 
     def settle() -> None:
-        if candidate is not None and not candidate[1]:
+        # a clone keeps its removals: without them a read would find the base's row
+        if candidate is not None and not candidate[1] and volume.base is None:
             clear.add(candidate[0])
         elif candidate is not None and seen is not None:
             this, version = _split(volume, candidate[0])

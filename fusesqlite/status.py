@@ -48,6 +48,8 @@ class VolumeStatus:
     oldest: str
     oldest_time: float
     horizon: str | None
+    #: a clone: "VOLUME@VERSION" it started from; None otherwise
+    clone_of: str | None = None
     pins: dict[str, str] = field(default_factory=dict)
     mounts: list[MountStatus] = field(default_factory=list)
     leases: list[LeaseStatus] = field(default_factory=list)
@@ -102,6 +104,7 @@ def volume_status(volume: Volume) -> VolumeStatus:
         volume=volume.name, head=version_text(head), head_time=newest.time, versions=len(log),
         oldest=version_text(oldest.version), oldest_time=oldest.time,
         horizon=version_text(horizon) if horizon else None,
+        clone_of=f"{volume.base.name}@{version_text(volume.base_version)}" if volume.base is not None else None,
         pins={name: version_text(v) for name, v in sorted(retention.pins(volume).items())},
     )
     dead = 0
@@ -162,6 +165,8 @@ def render(status: StoreStatus) -> str:
         lines.append(f"volume {v.volume}: head {v.head} ({_age(now - v.head_time)} ago), {v.versions} version(s) "
                      f"from {v.oldest} ({_age(now - v.oldest_time)} ago), {v.files} file(s), "
                      f"{v.live_bytes / 1e6:.1f} MB")
+        if v.clone_of:
+            lines.append(f"  a clone of {v.clone_of}")
         if v.pins:
             lines.append("  pins: " + ", ".join(f"{name}={ver}" for name, ver in v.pins.items()))
         for m in v.mounts:

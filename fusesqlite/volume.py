@@ -69,6 +69,10 @@ class VolumeNotFound(ValueError):
     """A command that reads a volume found none of that name in the store."""
 
 
+class VolumeExists(ValueError):
+    """A clone named a volume that exists."""
+
+
 @dataclass
 class BlockRows:
     """A run of blocks as read from the store, still encoded (``Volume.read_run``)."""
@@ -417,6 +421,13 @@ class Volume:
         #: databases whose WAL index here may not match the store (coherence.py): every
         #: commit of them or of their -wal from this mount is refused (WalLost)
         self.wal_poisoned: set[WalKey] = set()
+        #: a clone's parent volume and the version it was cloned at (``clone``): reads
+        #: find there, as of that version, what this volume has not written itself
+        self.base: Volume | None = None
+        self.base_version = 0
+        #: per inode, the data version its record has in the base at ``base_version``
+        #: (it never changes): base blocks newer than it are not the file's then
+        self._base_dvers: dict[int, int] = {}
 
     def _take_settled(self) -> list[bytes]:
         with self._settled_lock:
@@ -442,12 +453,15 @@ class Volume:
 
         Idempotent: an attempt run again after its creation landed finds the volume."""
 
+        base: list = []
+
         def fn(tr: Transaction) -> tuple[int, int]:
             meta = tr.get(self.ks.meta())
             if meta is not None:
-                fmt, bs = unpack(meta)
+                fmt, bs, *rest = unpack(meta)
                 if fmt != FORMAT:
                     raise VolumeFormatError(self._format_advice(fmt))
+                base[:] = rest  # a clone: (parent volume, version)
                 return bs, unpack(tr.get(self.ks.head()))[0]
             if not create:
                 raise VolumeNotFound(f"the store has no volume {self.name!r}; check --volume and --store")
@@ -461,7 +475,34 @@ class Volume:
             return block_size, 1
 
         self.block_size, head = self._write(fn, "open")
+        if base and self.base is None:
+            self.base = Volume(self.store, base[0])
+            self.base.open(create=False)
+            self.base_version = base[1]
         return head
+
+    def clone(self, source: Volume, version: int) -> None:
+        """Make this volume, which must not exist, start as ``source`` was at ``version``:
+        a few keys, whatever the size (its reads fall back to ``source``: ``base``), and
+        a pin in ``source`` so that gc keeps that version there. Idempotent: run again
+        after it landed, it finds the clone it made."""
+        pin = source.ks.pin(f"clone:{self.name}")
+
+        def fn(tr: Transaction) -> None:
+            meta = tr.get(self.ks.meta())
+            if meta is not None:
+                if unpack(meta)[2:] == (source.name, version) and tr.get(pin) is not None:
+                    return  # this call's earlier attempt
+                raise VolumeExists(f"volume {self.name!r} exists; name a new one")
+            entry = source._log_entry(source.ks.log(version), tr.get(source.ks.log(version)) or b"")
+            tr.set(self.ks.meta(), pack((FORMAT, source.block_size, source.name, version)))
+            tr.set(self.ks.head(), pack((version,)))
+            tr.set(self.ks.log(version), self._log_value(LogEntry(version, f"clone of {source.name}", entry.inodes,
+                                                                  entry.dirents)))
+            tr.set(self.ks.next_ino(), tr.get(source.ks.next_ino()) or pack((ROOT_INO + 1,)))
+            tr.set(pin, pack((version,)))
+
+        self._write(fn, "clone")
 
     def _format_advice(self, fmt: int) -> str:
         if fmt in UPGRADABLE:
@@ -581,9 +622,39 @@ class Volume:
         rows = tr.get_range(*begin_end, limit=1, reverse=True)
         return rows[0][1] if rows else None
 
+    def _last_row(self, tr: Transaction, version: int, *parts: object) -> tuple[Volume, bytes, bytes] | None:
+        """The newest row of versioned key ``parts`` as of ``version`` (a removal included:
+        an empty value), here or, in a clone, in its base as of the clone's version; with
+        the volume whose keyspace the key is in."""
+        rows = tr.get_range(*self.ks.versions_upto(version, *parts), limit=1, reverse=True)
+        if rows:
+            return self, rows[0][0], rows[0][1]
+        if self.base is not None:
+            return self.base._last_row(tr, min(version, self.base_version), *parts)
+        return None
+
+    def _last_value(self, tr: Transaction, version: int, *parts: object) -> bytes | None:
+        found = self._last_row(tr, version, *parts)
+        return found[2] if found is not None else None
+
     def _inode(self, tr: Transaction, ino: int, version: int) -> Inode | None:
         """``ino``'s record as of ``version``."""
-        return self._record(tr.get_range(*self.ks.versions_upto(version, "i", ino), limit=1, reverse=True))
+        if self.base is None:
+            return self._record(tr.get_range(*self.ks.versions_upto(version, "i", ino), limit=1, reverse=True))
+        found = self._last_row(tr, version, "i", ino)
+        return None if found is None else found[0]._record([(found[1], found[2])])
+
+    def _own_or_base(self, tr: Transaction, rows: list[tuple[bytes, bytes]], *parts: object) -> list[tuple[bytes, bytes]]:
+        """``rows``, a read of the latest row of ``parts`` here; in a clone where that found
+        nothing, the base's row as of the clone's version (its key rewritten to this
+        volume's prefix, so that ``ks.last_version`` and ``_record`` read it alike)."""
+        if rows or self.base is None:
+            return rows
+        found = self.base._last_row(tr, self.base_version, *parts)
+        if found is None:
+            return rows
+        vol, key, value = found
+        return [(self.ks.prefix + key[len(vol.ks.prefix):], value)]
 
     def _record(self, rows: list[tuple[bytes, bytes]]) -> Inode | None:
         """The record of a read of an inode's latest row (None: absent or removed), its
@@ -601,7 +672,7 @@ class Volume:
         """The child's inode number and record, in one store transaction."""
 
         def fn(tr: Transaction) -> tuple[int, Inode] | None:
-            value = self._latest(tr, self.ks.versions_upto(version, "d", parent, name))
+            value = self._last_value(tr, version, "d", parent, name)
             if not value:
                 return None
             ino = unpack(value)[0]
@@ -655,6 +726,8 @@ class Volume:
         ``version`` changed (the log's entries) are read as they were at ``version``.
         A view far behind the head reads every version of every entry instead.
         """
+        if self.base is not None:
+            return self._clone_entries(tr, parent, version)
         current, later = tr.get_ranges([
             RangeRead(*self.ks.children("cd", parent)),
             RangeRead(self.ks.log(version + 1), self.ks.children("log")[1], self.LIST_LAG_LIMIT + 1),
@@ -671,6 +744,24 @@ class Volume:
                     entries[name] = ino
                 else:
                     entries.pop(name, None)
+        return sorted(entries.items())
+
+    def _clone_entries(self, tr: Transaction, parent: int, version: int) -> list[tuple[bytes, int]]:
+        """``_entries_at`` in a clone: the base's entries at the clone's version, changed by
+        every version of this volume's own entries (its current entries cannot say that
+        a name of the base was removed here)."""
+        assert self.base is not None
+        entries = dict(self.base._entries_at(tr, parent, min(version, self.base_version)))
+        latest: dict[bytes, bytes] = {}
+        for key, value in tr.get_range(*self.ks.children("d", parent)):
+            _, _, name, ver = self.ks.parts(key)
+            if ver <= version:
+                latest[name] = value
+        for name, value in latest.items():
+            if value:
+                entries[name] = unpack(value)[0]
+            else:
+                entries.pop(name, None)
         return sorted(entries.items())
 
     def _entries_from_history(self, tr: Transaction, parent: int, version: int) -> list[tuple[bytes, int]]:
@@ -697,6 +788,9 @@ class Volume:
 
         def fn(tr: Transaction) -> dict[int, bytes]:
             found: dict[int, bytes] = {}
+            if self.base is not None:  # a clone: block by block, here or in the base
+                self._read_each(tr, ino, wanted, version, found)
+                return found
             i = 0
             while i < len(wanted):
                 j = i + 1
@@ -714,9 +808,22 @@ class Volume:
                    found: dict[int, bytes]) -> None:
         """Blocks ``block_nos`` as of ``version``, one reverse read each, into ``found`` (absent: holes)."""
         for block_no in block_nos:
-            value = self._latest(tr, self.ks.versions_upto(version, "b", ino, block_no))
+            value = self._block_at(tr, ino, block_no, version)
             if value is not None:
                 found[block_no] = value
+
+    def _block_at(self, tr: Transaction, ino: int, block_no: int, version: int) -> bytes | None:
+        """A block as of data version ``version``; in a clone, where this volume never wrote
+        it, the base's as of the file's data version there at the clone's version (a base
+        block staged before that version and published after it is not the file's then)."""
+        value = self._latest(tr, self.ks.versions_upto(version, "b", ino, block_no))
+        if value is not None or self.base is None:
+            return value
+        cap = self._base_dvers.get(ino)
+        if cap is None:
+            rec = self.base._inode(tr, ino, self.base_version)
+            cap = self._base_dvers[ino] = rec.dver if rec is not None else 0
+        return self.base._block_at(tr, ino, block_no, min(version, cap)) if cap else None
 
     #: rows a range read over a run of blocks may return, per block, before the
     #: rest of the run is read block by block
@@ -749,8 +856,12 @@ class Volume:
         (``pages.decode_rows``)."""
 
         def fn(tr: Transaction) -> BlockRows:
+            if self.base is not None:  # a clone: block by block, here or in the base
+                rest: dict[int, bytes] = {}
+                self._read_each(tr, ino, range(first, end), version, rest)
+                return BlockRows([], len(self.ks.key("b", ino)), first, rest)
             rows, plen, settled_end = self._range_rows(tr, ino, first, end)
-            rest: dict[int, bytes] = {}
+            rest = {}
             self._read_each(tr, ino, range(settled_end, end), version, rest)
             return BlockRows(rows, plen, settled_end, rest)
 
@@ -827,9 +938,9 @@ class Volume:
             landed = attempts.landed(next(answers))
             if landed is not None:
                 return landed
-            records = {ino: self._record(next(answers)) for ino in inos}
+            records = {ino: self._record(self._own_or_base(tr, next(answers), "i", ino)) for ino in inos}
             stagings = {ino: next(answers) for ino in inos if ino in data}
-            entries = {key: _value(next(answers)) for key, _ in expects}
+            entries = {key: _value(self._own_or_base(tr, next(answers), "d", *key)) for key, _ in expects}
             held = {ino: _value(next(answers)) for ino in leases}
             if wal_keys:
                 self._check_wal(tr, wal_keys, {key: _value(next(answers)) for key in wal_order})
@@ -1031,7 +1142,7 @@ class Volume:
                 held = Lease.unpack(lease[0][1])
                 if held.owner != self.author and held.busy and held.live(now):
                     raise LeaseHeld(f"ino {ino} is being written by mount {held.owner} (lease until {held.expiry:.1f})")
-            record = self._record(record_rows)
+            record = self._record(self._own_or_base(tr, record_rows, "i", ino))
             if record is not None and record.dver != view_dver and not self._written_here(tr, record.dver):
                 # following up to the commit that made the view stale brings it up to date
                 raise StaleView(f"ino {ino} changed in the store since this mount read it", record.dver)
@@ -1122,6 +1233,7 @@ class Volume:
             last, files = 0, []
             for n in (name, name + b"-wal"):
                 rows = tr.get_range(*self.ks.versions_upto(ALL_VERSIONS, "d", parent, n), limit=1, reverse=True)
+                rows = self._own_or_base(tr, rows, "d", parent, n)
                 if not rows:
                     files.append((n, None, 0))
                     continue
@@ -1131,6 +1243,7 @@ class Volume:
                     continue
                 ino = unpack(rows[0][1])[0]
                 recs = tr.get_range(*self.ks.versions_upto(ALL_VERSIONS, "i", ino), limit=1, reverse=True)
+                recs = self._own_or_base(tr, recs, "i", ino)
                 rec = self._record(recs)
                 dver = rec.dver if rec is not None else 0
                 if recs:  # its last change, data or attributes: a move of it still to come
