@@ -16,7 +16,9 @@ On one mount of a fresh embedded store (under /var/tmp):
                  --log-versions versions (made with one small commit each, directly
                  on the store: the log does not care how they were made)
 
-Clones are not measured: `fusesqlite clone` does not exist yet.
+  clone          `fusesqlite clone` of the volume: the command, and the store
+                 transaction that makes the clone (its size does not depend on the
+                 volume's)
 """
 from __future__ import annotations
 
@@ -138,6 +140,9 @@ def main() -> int:
         if (out_dir / "exported.db").read_bytes() != (out_dir / "copied.db").read_bytes():
             raise SystemExit("the exported database differs from the one cp read from the mount")
 
+        took, out = cli(args.source, "clone", "default", "copy", "--store", d.store)
+        results["clone_s"] = took  # the whole command: most of it is starting Python
+        results["clone_commit_ms"] = float(out.split(" in ")[1].split(" ms")[0])
         log_volume(args.source, d.store, args.log_versions)
         took, out = cli(args.source, "log", *where, "--volume", "log", "--json")
         results["log_versions"] = len(json.loads(out))

@@ -529,10 +529,15 @@ def transfer(store_spec: str, args: argparse.Namespace) -> None:
 def pin(store_spec: str, args: argparse.Namespace) -> None:
     from fusesqlite import history, retention
     from fusesqlite.store import StoreError
+    from fusesqlite.volume import Volume
 
     volume = open_volume(store_spec, args)
     try:
         if args.command == "unpin":
+            clone = args.name.removeprefix("clone:") if args.name.startswith("clone:") else None
+            if clone and volume.store.transact(lambda tr: tr.get(Volume(volume.store, clone).ks.meta())) is not None:
+                raise CliError(f"pin {args.name} keeps what volume {clone!r} reads (it is a clone of "
+                               f"{args.volume!r}); it stays while that volume exists")
             if not retention.clear_pin(volume, args.name):
                 raise CliError(f"volume {args.volume!r} has no pin {args.name!r}; list them with: fusesqlite pin")
             print(f"unpinned {args.name}")

@@ -131,6 +131,8 @@ def test_a_clone_mounted_beside_its_source_both_written(mounts, tmp_path):
     assert query(dst / "app.db", "PRAGMA integrity_check") == [("ok",)]
     status = json.loads(run_cli("status", "--store", src.store, "--volume", "dst", "--json").stdout)
     assert status["volumes"][0]["clone_of"] == f"src@{then}"
+    r = run_cli("unpin", "clone:dst", "--store", src.store, "--volume", "src")
+    assert r.returncode == 1 and "it stays while that volume exists" in r.stderr, r.stderr
     for args, says in [
         (["clone", "src", "dst"], "volume 'dst' exists; name a new one"),
         (["clone", "nothing", "x"], "has no volume 'nothing'"),
