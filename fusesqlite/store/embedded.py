@@ -604,8 +604,11 @@ class EmbeddedStore:
             raise self._error(e) from e
         try:
             conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # before WAL mode: a no-op on an existing store
-            # likewise only for a new store: pages gc frees can be given back (``compact``)
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # a new store: pages gc frees can be given back (``compact``). Only then:
+                # on an existing store the pragma waits for the write lock, and a thread's
+                # first transaction would wait behind another process's commit
+                conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreUnavailable(
