@@ -126,3 +126,34 @@ def test_an_import_killed_half_way_leaves_nothing(mounts, tmp_path):
     r = run_cli("import", src, "/imported", *live.where, timeout=120)
     assert r.returncode == 0, r.stderr
     assert wait_for(lambda: _tree(live / "imported") == _tree(src))
+
+
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
+def test_ctrl_c_leaves_no_half_done_import_or_export(mounts, tmp_path):
+    """SIGINT (Ctrl-C) in the middle: the import removes its stagings and makes nothing
+    visible; the export removes its unfinished tree; both exit 130."""
+    live = mounts()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"f{i}.bin").write_bytes(os.urandom(2_000_000))
+    cli = "import sys\nfrom fusesqlite.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    slow = ("--simulate", "latency_ms=100,commit_ms=100")
+    importer = live.py(cli, "import", str(src), "/imported", *live.where, *slow)
+    time.sleep(2.0)
+    assert importer.poll() is None, importer.communicate()
+    os.kill(importer.pid, signal.SIGINT)
+    assert importer.wait(timeout=60) == 130, importer.communicate()
+    assert not (live / "imported").exists()
+    r = run_cli("gc", "--staging-timeout", "0", *live.where, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("removed 0 abandoned staging(s)"), r.stdout
+
+    assert run_cli("import", src, "/imported", *live.where, timeout=120).returncode == 0
+    dest = tmp_path / "out"
+    exporter = live.py(cli, "export", "/imported", str(dest), *live.where, *slow)
+    time.sleep(2.0)
+    assert exporter.poll() is None, exporter.communicate()
+    os.kill(exporter.pid, signal.SIGINT)
+    assert exporter.wait(timeout=60) == 130, exporter.communicate()
+    assert not dest.exists()
+    assert not [n for n in os.listdir(tmp_path) if "fusesqlite-export" in n], os.listdir(tmp_path)
