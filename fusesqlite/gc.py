@@ -7,6 +7,7 @@ import logging
 import time
 
 from fusesqlite.identity import dead_here
+from fusesqlite.store.base import StoreError
 from fusesqlite.volume import CALL_KEEP_SECONDS, Volume
 
 log = logging.getLogger("fusesqlite.gc")
@@ -40,3 +41,15 @@ def reclaim_calls(volume: Volume, keep: float = CALL_KEEP_SECONDS) -> int:
     if removed:
         log.info("event=calls_reclaimed count=%d", removed)
     return removed
+
+
+def remove_own_stagings(volume: Volume) -> None:
+    """Remove every staging a command (``volume.author``) began: also one whose
+    beginning landed just as Ctrl-C interrupted it, before the command had its version.
+    What fails stays for gc (``--staging-timeout``)."""
+    try:
+        mine = [(ino, version) for ino, version, owner, _ in volume.stagings() if owner == volume.author]
+        for ino, version in mine:
+            volume.cleanup_staging(ino, version)
+    except StoreError as e:
+        log.warning("event=staging_left owner=%s cause=%s", volume.author, e)

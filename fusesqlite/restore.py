@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fusesqlite import retention
+from fusesqlite.gc import remove_own_stagings
 from fusesqlite.history import normalize, version_text, walk
 from fusesqlite.inodes import ROOT_INO, Inode
 from fusesqlite.pages import encode_block
@@ -118,14 +119,13 @@ def restore(volume: Volume, path: str, to: int, *, lease_ttl: float = 10.0,
         if _take_leases(volume, plan, lease_ttl, deadline):
             break
         log.info("event=restore_replanned path=%s cause=%r", path, "a live mount committed a file the restore read")
-    stagings: dict[int, int] = {}
     try:
         data = {}
         inline = 0  # block bytes in the commit itself, over every file: the rest is staged
         for ino, fd in plan.data.items():
             staging = None
             if inline + fd.size > INLINE_BYTES:
-                staging = stagings[ino] = volume.begin_staging(ino, volume.author)
+                staging = volume.begin_staging(ino, volume.author)
                 _stage(volume, ino, staging, fd.blocks, plan, lease_ttl, progress)
             else:
                 plan.changes.blocks.update({(ino, b): v for b, v in fd.blocks.items()})
@@ -134,11 +134,7 @@ def restore(volume: Volume, path: str, to: int, *, lease_ttl: float = 10.0,
             data[ino] = DataCommit(fd.based_on, staging, attributes=True)
         result = volume.commit(plan.changes, data, release_leases=list(plan.leases), oldest_read=to)
     except BaseException:
-        for ino, staging in stagings.items():
-            try:
-                volume.cleanup_staging(ino, staging)
-            except StoreError as e:  # gc reclaims it once it is old (--staging-timeout)
-                log.warning("event=restore_staging_left ino=%d version=%d cause=%s", ino, staging, e)
+        remove_own_stagings(volume)
         _release(volume, plan)
         raise
     log.info("event=restored path=%s to=%s version=%s replaced=%s paths=%d", path, version_text(to),

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from fusesqlite import retention
+from fusesqlite.gc import remove_own_stagings
 from fusesqlite.history import normalize, version_text, walk
 from fusesqlite.inodes import Inode
 from fusesqlite.pages import decode_rows, encode_block
@@ -195,11 +196,7 @@ def import_tree(volume: Volume, source: str, dest: str = "/", progress: Progress
         _Importer(volume, plan, done, total, progress).directory(source, target[0])
         done.version = volume.commit(plan.changes, plan.data).version
     except BaseException:
-        for ino, staging in plan.stagings.items():
-            try:
-                volume.cleanup_staging(ino, staging)
-            except StoreError as e:  # gc reclaims it once it is old (--staging-timeout)
-                log.warning("event=import_staging_left ino=%d version=%d cause=%s", ino, staging, e)
+        remove_own_stagings(volume)
         raise
     log.info("event=imported source=%s dest=%s version=%s files=%d bytes=%d", source, dest,
              version_text(done.version), done.files, done.bytes)
