@@ -47,10 +47,11 @@ needs_fossil = pytest.mark.skipif(
     FOSSIL is None, reason="fossil is not installed: apt-get install fossil")
 
 #: the mount as a user gets it (the kernel's writeback cache where the kernel is new
-#: enough), and without the writeback cache
+#: enough), and without the writeback cache (``slow``: the pure-Python pass, which
+#: leaves the cache off anyway, would run the default twice)
 WRITEBACK = [
     pytest.param((), id="default"),
-    pytest.param(("--no-writeback-cache",), id="no-writeback-cache"),
+    pytest.param(("--no-writeback-cache",), id="no-writeback-cache", marks=pytest.mark.slow),
 ]
 
 COMMITS = 60
