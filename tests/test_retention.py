@@ -153,6 +153,15 @@ def _digest(root) -> dict[str, bytes]:
     return out
 
 
+def _table(path, rows: int, size: int) -> None:
+    """A database at ``path`` with ``t(id, v)``: ``rows`` random blobs of ``size`` bytes."""
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    con.executemany("INSERT INTO t(v) VALUES (randomblob(?))", [(size,)] * rows)
+    con.commit()
+    con.close()
+
+
 def _updates(path, n: int) -> None:
     con = sqlite3.connect(path)
     for _ in range(n):
@@ -165,11 +174,7 @@ def _updates(path, n: int) -> None:
 @pytest.mark.embedded
 def test_gc_keep_0s_beside_a_live_mount_a_past_version_and_a_pin(mounts):
     live = mounts()
-    con = sqlite3.connect(live / "app.db")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
-    con.executemany("INSERT INTO t(v) VALUES (randomblob(3000))", [()] * 300)
-    con.commit()
-    con.close()
+    _table(live / "app.db", 300, 3000)
     _updates(live / "app.db", 40)
     at_version = _log(live)[0]["version"]
     past = mounts(store=live.store, volume=live.volume, extra_args=("--at", at_version))
@@ -216,11 +221,7 @@ def test_gc_keep_0s_beside_a_live_mount_a_past_version_and_a_pin(mounts):
 def test_gc_killed_half_way_leaves_every_kept_version_readable(mounts):
     """gc behind a slow simulated cluster, killed with -9 in the middle, then run again."""
     live = mounts()
-    con = sqlite3.connect(live / "app.db")
-    con.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
-    con.executemany("INSERT INTO t(v) VALUES (randomblob(2000))", [()] * 200)
-    con.commit()
-    con.close()
+    _table(live / "app.db", 200, 2000)
     _updates(live / "app.db", 150)
     expected = query(live / "app.db", "SELECT sum(length(v)), count(*), sum(id * length(v)) FROM t")
     time.sleep(retention.REGISTER_EVERY + 0.5)
