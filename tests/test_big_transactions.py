@@ -252,6 +252,7 @@ def test_copy_commits_as_one_version_at_close(mounts, tmp_path):
     assert (m / "copy.bin").read_bytes() == src.read_bytes()
 
 
+@pytest.mark.slow  # 15 s: run once, on the native path (directories are the store's, not the FUSE path's)
 @pytest.mark.timeout(300)
 def test_ten_thousand_files_in_one_directory(mounts):
     m = mounts()
