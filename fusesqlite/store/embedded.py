@@ -427,6 +427,8 @@ class EmbeddedStore:
 
     #: free pages given back per transaction by ``compact`` (32 KiB each: 64 MiB)
     COMPACT_STEP = 2048
+    #: times ``compact`` tries to truncate the WAL, 0.2 s apart
+    TRUNCATE_TRIES = 25
 
     def compact(self, full: bool) -> str | None:
         """Give the pages gc freed back to the file system: in steps of COMPACT_STEP pages
@@ -452,7 +454,13 @@ class EmbeddedStore:
             elif freed:
                 return (f"{self.path}: {freed >> 20} MiB free inside the store, reused by new data; "
                         "give it back with gc --vacuum while nothing else uses the store")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            # a mount's read transaction keeps the WAL's frames in use: try again a few
+            # times (after a VACUUM the WAL holds a copy of the whole store)
+            for _ in range(self.TRUNCATE_TRIES):
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    break
+                time.sleep(0.2)
         except sqlite3.Error as e:
             raise self._error(e) from e
         after = size()
