@@ -141,3 +141,25 @@ def test_a_clone_mounted_beside_its_source_both_written(mounts, tmp_path):
         r = run_cli(*args, "--store", src.store)
         assert r.returncode in (1, 2) and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
     assert wait_for(lambda: query(dst / "app.db", "SELECT count(*) FROM t") == [(3001,)])
+
+
+@pytest.mark.slow  # run once, on the native path: it tests the store, not the FUSE path
+def test_a_clone_killed_before_it_lands_leaves_no_volume(mounts):
+    """A clone is one store transaction: killed with -9 behind a slow simulated cluster,
+    it either made the whole clone or nothing, and can be run again."""
+    src = mounts(volume="src")
+    (src / "f.txt").write_bytes(b"before")
+    cli = "import sys\nfrom fusesqlite.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    cloner = src.py(cli, "clone", "src", "dst", "--store", src.store, "--simulate", "latency_ms=400,commit_ms=400")
+    time.sleep(0.8)
+    cloner.kill()
+    cloner.wait()
+    r = run_cli("status", "--store", src.store, "--volume", "dst", "--json")
+    if r.returncode == 0:  # it landed whole before the kill
+        assert json.loads(r.stdout)["volumes"][0]["clone_of"].startswith("src@")
+    else:
+        assert "has no volume 'dst'" in r.stderr, r.stderr
+        r = run_cli("clone", "src", "dst", "--store", src.store)
+        assert r.returncode == 0, r.stderr
+    dst = mounts(store=src.store, volume="dst")
+    assert (dst / "f.txt").read_bytes() == b"before"
