@@ -256,8 +256,8 @@ def serve(config: MountConfig) -> None:
             snapshot = history.resolve(volume, config.at)
         read_only = config.read_only or config.at is not None
         kind = "at" if config.at is not None else "read-only" if read_only else "read-write"
-        retention.register(volume, snapshot, mountpoint, kind)  # from now on gc keeps what it reads
-        if retention.horizon(volume) > snapshot:  # gc chose its horizon before the registration
+        # from now on gc keeps what it reads, unless it chose its horizon before
+        if retention.register(volume, snapshot, mountpoint, kind) > snapshot:
             retention.unregister(volume)
             raise history.HistoryError(f"version {history.version_text(snapshot)} was removed by gc meanwhile")
     except (StoreError, VolumeFormatError, VolumeNotFound, history.HistoryError) as e:
@@ -405,8 +405,7 @@ async def _keep_registered(ops: Operations, kind: str) -> None:
         await trio.sleep(retention.REGISTER_EVERY)
         oldest = oldest_in_use(ops)
         try:
-            await tx.run(retention.register, volume, oldest, ops.mountpoint.decode(errors="replace"), kind)
-            collected = await tx.run(retention.horizon, volume)
+            collected = await tx.run(retention.register, volume, oldest, ops.mountpoint.decode(errors="replace"), kind)
         except StoreError as e:
             log.warning("event=register_failed cause=%s", e)
             continue

@@ -82,11 +82,17 @@ class Registration:
         return self.expiry > now and not dead_here(self.mount_id)
 
 
-def register(volume: Volume, oldest: int, mountpoint: str, kind: str) -> None:
-    """Write (or renew) this mount's registration. Idempotent: a blind set."""
+def register(volume: Volume, oldest: int, mountpoint: str, kind: str) -> int:
+    """Write (or renew) this mount's registration; return the horizon, read in the same
+    transaction (above ``oldest``: gc passed it before the registration). Idempotent."""
     value = pack((oldest, time.time() + MOUNT_TTL, socket.gethostname(), os.getpid(), mountpoint, kind))
-    key = volume.ks.mount_entry(volume.author)
-    transact_resolved(volume.store, lambda tr: tr.set(key, value), "mount registration")
+    key, hkey = volume.ks.mount_entry(volume.author), volume.ks.horizon()
+
+    def fn(tr: Transaction) -> int:
+        tr.set(key, value)
+        return _horizon(tr.get(hkey))
+
+    return transact_resolved(volume.store, fn, "mount registration")
 
 
 def unregister(volume: Volume) -> None:

@@ -57,9 +57,9 @@ def export(volume: Volume, path: str, dest: str, version: int, progress: Progres
     path = normalize(path)
     if os.path.lexists(dest):
         raise TransferError(f"{dest} exists; name a new path (export never writes over files)")
-    retention.register(volume, version, f"export to {dest}", "export")
+    collected = retention.register(volume, version, f"export to {dest}", "export")
     try:
-        if retention.horizon(volume) > version:
+        if collected > version:
             raise TransferError(f"version {version_text(version)} was removed by gc meanwhile")
         top = walk(volume, path, version)
         if top is None:
