@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from fusesqlite import __version__
+from fusesqlite.log_format import FORMATS, setup_logging
 
 DEFAULT_STORE_HELP = "$FUSESQLITE_STORE, else ~/.local/share/fusesqlite"
 
@@ -81,6 +82,17 @@ def _simulate_spec(text: str) -> str:
         parse_simulate(text)
     except SimulateSpecError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--simulate: ")) from None
+    return text
+
+
+def _metrics_address(text: str) -> str:
+    """A ``--metrics`` value, checked here so a bad one is a usage error at once."""
+    from fusesqlite.metrics import MetricsError, parse_address
+
+    try:
+        parse_address(text)
+    except MetricsError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--metrics ")) from None
     return text
 
 
@@ -160,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove, in the background, versions older than DURATION that nothing needs (one mount of a volume "
         "at a time, every 10 minutes; as gc --keep); off keeps every version (default: 24h)",
     )
+    m.add_argument(
+        "--metrics", type=_metrics_address, default=None, metavar="ADDR",
+        help="serve Prometheus metrics at http://ADDR/metrics: PORT (on 127.0.0.1, e.g. 9464), HOST:PORT or "
+        "[IPV6]:PORT; an address other than loopback only when named, e.g. 0.0.0.0:9464 (default: off)",
+    )
+    m.add_argument("--log-format", choices=FORMATS, default="text",
+                   help="text: event=... lines; json: one JSON object per line, for log shippers (default: text)")
     m.add_argument("--debug", action="store_true", help="log every commit")
     lg = sub.add_parser("log", parents=[where], help="list the versions of a volume, newest first")
     lg.add_argument("path", nargs="?", default=None, help="only the versions that changed this path of the volume")
@@ -229,18 +248,6 @@ def retention_default() -> str:
     return DEFAULT_RETENTION
 
 
-def setup_logging(debug: bool, level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else level,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    if not debug:
-        logging.getLogger("pyfuse3").setLevel(logging.WARNING)
-    else:
-        logging.getLogger("pyfuse3").setLevel(logging.INFO)  # its per-request debug lines drown ours
-
-
 #: options whose value may be a relative time (``-10min``), which argparse takes for an option
 _TIME_OPTIONS = ("--at", "--since", "--to")
 
@@ -273,7 +280,7 @@ def run(argv: list[str] | None) -> None:
         raise CliError(f"invalid volume name {args.volume!r}; use a non-empty name without '/'", code=2)
     store_spec = args.store or default_store()
     if args.command == "mount":
-        setup_logging(args.debug)
+        setup_logging(args.debug, log_format=args.log_format)
         faulthandler.enable()  # a daemon that crashes leaves every thread's stack in its log
         from fusesqlite.mount import MountConfig, MountError, serve
 
@@ -292,6 +299,7 @@ def run(argv: list[str] | None) -> None:
             simulate=args.simulate,
             at=args.at,
             retention_seconds=_retention(retention_default()) if args.retention is None else args.retention,
+            metrics=args.metrics,
         )
         try:
             serve(config)

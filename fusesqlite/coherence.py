@@ -102,6 +102,8 @@ class Coherence:
         self.moved = moved  # async (ino, record now) -> None: brings the kernel's caches along
         self.lease_ttl = lease_ttl
         self.seen = tx.snapshot
+        #: when this mount learned of a newer head it has not followed yet (0: caught up)
+        self._behind_since = 0.0
         self.my_leases: dict[int, float] = {}  # ino -> expiry: taken for a transaction, busy in the store
         self.idle: set[int] = set()  # leases this mount keeps between its transactions
         #: databases with a local transaction: on a lease taken for it ("busy"), on the
@@ -266,6 +268,10 @@ class Coherence:
             self.idle.update(inos)
         else:
             self.idle.difference_update(inos)
+
+    def lag(self) -> float:
+        """Seconds since a newer head than this mount follows became known (0: caught up)."""
+        return time.monotonic() - self._behind_since if self._behind_since else 0.0
 
     def held(self) -> tuple[int, ...]:
         """Every lease this mount holds, busy or idle (released at unmount)."""
@@ -460,6 +466,7 @@ class Coherence:
             try:
                 head = await self._wait_head()
                 if head > self.seen:
+                    self._behind_since = self._behind_since or time.monotonic()
                     # versions are versionstamps, not a count: only the log says whether
                     # another mount committed between this mount's own commits
                     others = [e for e in await self.tx.run(self.volume.log_range, self.seen, head) if e.author != self.me]
@@ -467,6 +474,7 @@ class Coherence:
                         await self._apply(others, head)
                     else:
                         self.seen = head  # this mount's own commits: nothing to apply
+                    self._behind_since = 0.0
                 self._caught_up()
                 await self._expire_remote_leases()
             except StoreError as e:

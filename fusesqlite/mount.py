@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from fusesqlite import _journal, fuse_caps, history, retention
+from fusesqlite import _journal, fuse_caps, history, metrics, retention, systemd
 from fusesqlite.coherence import Coherence
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
@@ -25,6 +25,7 @@ from fusesqlite.identity import new_mount_id
 from fusesqlite.own_mount import OwnMount
 from fusesqlite.store import open_store
 from fusesqlite.store.base import StoreError
+from fusesqlite.store.metered import MeteredStore
 from fusesqlite.transactions import Transactions
 from fusesqlite.volume import Volume, VolumeFormatError, VolumeNotFound
 
@@ -105,6 +106,8 @@ class MountConfig:
     at: str | None = None
     #: collect versions older than this in the background (retention.py); inf: never
     retention_seconds: float = float("inf")
+    #: ``--metrics`` ADDR: serve Prometheus metrics there (metrics.py); None: off
+    metrics: str | None = None
 
 
 def kernel_checks_permissions(config: MountConfig) -> bool:
@@ -241,10 +244,26 @@ def serve(config: MountConfig) -> None:
     mountpoint = os.path.realpath(config.mountpoint)  # as the kernel (and mountinfo) names it
     check_mountpoint(mountpoint)
     check_fuse()
+    endpoint = None
+    if config.metrics is not None:
+        try:
+            endpoint = metrics.Endpoint(config.metrics)
+        except metrics.MetricsError as e:
+            raise MountError(str(e)) from None
+    try:
+        _serve_with(config, mountpoint, endpoint)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+def _serve_with(config: MountConfig, mountpoint: str, endpoint: metrics.Endpoint | None) -> None:
     tune_malloc(config.memory_mb)
     mount_id = new_mount_id()
     try:
         store = open_store(config.store, allow_shared=config.allow_shared_store, simulate=config.simulate)
+        if endpoint is not None:
+            store = MeteredStore(store)
         volume = Volume(store, config.volume, author=mount_id)
         if config.at is None:
             snapshot = volume.open()
@@ -324,6 +343,8 @@ def serve(config: MountConfig) -> None:
     background: list[Callable[[], Awaitable[None]]] = [functools.partial(_keep_registered, ops, kind)]
     if not read_only and config.retention_seconds < float("inf"):
         background.append(functools.partial(_collect_in_background, ops, config.retention_seconds))
+    if endpoint is not None:
+        background.append(functools.partial(_publish_metrics, ops, endpoint, config.memory_mb << 20, store))
     try:
         trio.run(_serve, ops, background)
         unmounted = True
@@ -337,9 +358,16 @@ def serve(config: MountConfig) -> None:
         store.close()
         fast_writes, fast_reads, fast_settles, _ = _journal.stats()
         found, missed = request_loop.busy_polls()
-        log.info("event=unmounted mountpoint=%s clean=%s journal_writes_in_c=%d journal_reads_in_c=%d "
-                 "journal_syncs_in_c=%d busy_polls_found=%d busy_polls_missed=%d",
-                 mountpoint, unmounted, fast_writes, fast_reads, fast_settles, found, missed)
+        log.info("event=unmounted mountpoint=%s clean=%s commits=%d commits_failed=%d journal_writes_in_c=%d "
+                 "journal_reads_in_c=%d journal_syncs_in_c=%d busy_polls_found=%d busy_polls_missed=%d",
+                 mountpoint, unmounted, tx.commits["ok"], tx.commits.total() - tx.commits["ok"],
+                 fast_writes, fast_reads, fast_settles, found, missed)
+
+
+async def _publish_metrics(ops: Operations, endpoint: metrics.Endpoint, budget: int, store: object) -> None:
+    """Hand the mount's figures to the metrics endpoint once the event loop runs (a scrape reads them on it)."""
+    extra = store.collect if isinstance(store, MeteredStore) else None
+    endpoint.add(metrics.MountCollector(ops, budget, trio.lowlevel.current_trio_token(), extra))
 
 
 async def _serve(ops: Operations, background: list[Callable[[], Awaitable[None]]]) -> None:
@@ -350,6 +378,7 @@ async def _serve(ops: Operations, background: list[Callable[[], Awaitable[None]]
             nursery.start_soon(task)
         nursery.start_soon(_run_coherence, ops, coherence, coherence_done)
         nursery.start_soon(_stop_on_signal, ops, coherence, coherence_done)
+        systemd.notify(f"READY=1\nSTATUS=serving {ops.mountpoint.decode(errors='replace')}")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await _flush_all(ops)
@@ -459,6 +488,7 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("event=stopping signal=%s", signal.Signals(signum).name)
+            systemd.notify("STOPPING=1")
             coherence.cancel()
             with trio.move_on_after(STOP_GRACE_SECONDS) as waited:
                 await coherence_done.wait()

@@ -167,12 +167,16 @@ class BlockCache:
         self._clock = 0  # counts changes; a mark is its value when a load begins
         self._changed: dict[int, int] = {}  # ino -> clock at its last change
         self._floor = 0  # fills marked before this are refused (_changed was cleared)
+        self.hits = self.misses = 0  # for metrics.py
 
     def get(self, ino: int, block_no: int) -> bytes | None:
         key = (ino, block_no)
         data = self._lru.get(key)
         if data is not None:
             self._lru.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
         return data
 
     def mark(self) -> int:

@@ -90,6 +90,7 @@ class ReadAhead:
         self._loader = _Loader()
         self._streams: OrderedDict[int, _Stream] = OrderedDict()
         self._bytes = 0  # held by runs, loaded or loading, over all files: at most 2 * max_bytes
+        self.loaded_bytes = 0  # read ahead since the mount began (metrics.py)
 
     # -- reads ---------------------------------------------------------------------------
     async def read(self, fs: FileState, offset: int, end: int, block_size: int) -> bytes | memoryview | None:
@@ -180,6 +181,7 @@ class ReadAhead:
                 break
             stream.runs.append(run)
             self._bytes += run.size
+            self.loaded_bytes += run.size
             self._loader.submit(run, fs.label, self._load, fs.ino, fs.read_version, block_size)
             start = end
         stream.ahead = max(stream.ahead, start)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
 from functools import partial
@@ -20,12 +20,24 @@ from typing import TypeVar
 
 import trio
 
+from fusesqlite import metrics
 from fusesqlite.gc import staging_abandoned
 from fusesqlite.inodes import Inode
 from fusesqlite.pages import BlockCache, CorruptBlock, decode_block, encode_block
 from fusesqlite.readahead import ReadAhead
 from fusesqlite.store.base import ConflictError, StoreError
-from fusesqlite.volume import ChangeSet, CommitResult, DataCommit, StagingConflict, Volume
+from fusesqlite.volume import (
+    ChangeSet,
+    CommitResult,
+    DataCommit,
+    EntryChanged,
+    LeaseHeld,
+    StagingConflict,
+    StaleView,
+    StaleWrite,
+    Volume,
+    WalHeld,
+)
 
 log = logging.getLogger("fusesqlite.transactions")
 T = TypeVar("T")
@@ -33,6 +45,16 @@ T = TypeVar("T")
 
 class BlockCorrupt(StoreError):
     """Raised to the file-system layer when a block fails its checksum (EIO)."""
+
+
+def commit_outcome(e: StoreError) -> str:
+    """How a failed commit ended, as metrics.py counts it: another writer's commit came
+    first (conflict), another mount holds the write lease (busy), or anything else."""
+    if isinstance(e, (ConflictError, StaleWrite, StaleView, EntryChanged, StagingConflict)):
+        return "conflict"
+    if isinstance(e, (LeaseHeld, WalHeld)):
+        return "busy"
+    return "error"
 
 
 class FileState:
@@ -161,6 +183,11 @@ class Transactions:
         #: mount has a single CPU, a hop to a worker thread and back costs more than
         #: the commit's wait for the disk; docs/decisions/2026-11-24-commit-on-a-worker-thread.md)
         self.inline_commits = False
+        # what metrics.py reports (plain counters: the hot path only adds to them)
+        self.commits: Counter[str] = Counter()  # by outcome: metrics.OUTCOMES
+        self.commit_seconds = metrics.latency_histogram("fusesqlite_commit", "Commits of stored files, from the "
+                                                        "commit point to the store's answer")
+        self.written_bytes = self.committed_bytes = self.staged_bytes = 0
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """A blocking store call, off the event loop (not cancellable: commits finish)."""
@@ -397,6 +424,7 @@ class Transactions:
     async def write(self, fs: FileState, offset: int, data: bytes) -> None:
         if not data:
             return
+        self.written_bytes += len(data)
         if offset > fs.size:
             await self._grow(fs, offset)
         bs = self.bs
@@ -491,9 +519,14 @@ class Transactions:
             try:
                 result = await self._publish(changes, data, release, keep)
             except StoreError as e:
+                self.commits[commit_outcome(e)] += 1
                 for fs in files:
                     await self._failed(fs, reason, len(fs.committing), e)
                 raise
+            elapsed = time.monotonic() - started
+            self.commits["ok"] += 1
+            self.commit_seconds.observe(elapsed)
+            self.committed_bytes += len(changes.blocks) * self.bs
             for fs in files:
                 for b, block in fs.committing.items():
                     self.cache.put(fs.ino, b, bytes(block))
@@ -506,8 +539,7 @@ class Transactions:
             self._committed(result)
             log.debug(
                 "event=commit paths=%s reason=%s version=%d blocks=%d ms=%.1f",
-                ",".join(fs.label for fs in files), reason, result.version, len(changes.blocks),
-                (time.monotonic() - started) * 1000,
+                ",".join(fs.label for fs in files), reason, result.version, len(changes.blocks), elapsed * 1000,
             )
 
     async def _publish(
@@ -571,6 +603,7 @@ class Transactions:
             self.cache.put(fs.ino, b, bytes(block))
         fs.committing = {}
         fs.staged_hwm = max(fs.staged_hwm, picked[-1] + 1)
+        self.staged_bytes += len(blocks) * self.bs
         log.debug("event=staged path=%s ino=%d version=%d blocks=%d", fs.label, fs.ino, fs.staging, len(blocks))
 
     def _stage_blocks(self, ino: int, version: int, blocks: dict) -> None:

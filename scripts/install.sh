@@ -14,9 +14,10 @@
 # "externally managed" (PEP 668: the distribution's own /usr/bin/python3 on
 # Debian 12 and 13 / Ubuntu 23.04+, where plain `pip install` is refused), we do not
 # force it with --break-system-packages; instead we create a virtualenv at
-# /opt/fusesqlite-venv (override: FUSESQLITE_VENV), install there, and link
-# its `fusesqlite` into /usr/local/bin (override: FUSESQLITE_BINDIR). To run
-# the tests in that case, put the venv first on PATH:
+# /opt/fusesqlite-venv (override: FUSESQLITE_VENV) and install there. Either way
+# `fusesqlite` is linked into /usr/local/bin (override: FUSESQLITE_BINDIR), where
+# the systemd unit scripts/fusesqlite@.service runs it. To run the tests with a
+# venv, put it first on PATH:
 #   . /opt/fusesqlite-venv/bin/activate
 set -euo pipefail
 
@@ -107,7 +108,13 @@ else
     "${PY[@]}" -m pip install "${TARGET[@]}"
     # pyenv only creates shims for new console scripts on rehash.
     if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
-    where="$(python3 -c 'import sys; print(sys.executable)')"
+    # the systemd unit (scripts/fusesqlite@.service) runs $BINDIR/fusesqlite
+    script="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/fusesqlite"
+    if [ "$script" != "$BINDIR/fusesqlite" ] && { [ ! -e "$BINDIR/fusesqlite" ] || [ -L "$BINDIR/fusesqlite" ]; }; then
+        "${SUDO[@]}" mkdir -p "$BINDIR"
+        "${SUDO[@]}" ln -sfn "$script" "$BINDIR/fusesqlite"
+    fi
+    where="$(python3 -c 'import sys; print(sys.executable)') ($BINDIR/fusesqlite -> $(readlink -f "$BINDIR/fusesqlite"))"
 fi
 
 extras=""; [ "$TEST" -eq 1 ] && extras=" [test], editable"

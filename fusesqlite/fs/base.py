@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -79,6 +80,8 @@ class FsBase(pyfuse3.Operations):
         self._next_fh = 1
         #: last known (parent, name) of each inode: finds a database's journal, names files in logs
         self.names: dict[int, tuple[int, bytes]] = {}
+        #: requests answered, by operation (metrics.py)
+        self.requests: Counter[str] = Counter()
         # the commits' WAL check (Volume._check_wal) names this mount's files through it
         tx.volume.wal_names = self.names.get
 

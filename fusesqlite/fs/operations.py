@@ -24,6 +24,7 @@ log = logging.getLogger("fusesqlite.fs")
 def _guarded(name: str, fn):
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args, **kwargs):
+        self.requests[name] += 1
         if self.first_request is not None:
             first, self.first_request = self.first_request, None
             first()
