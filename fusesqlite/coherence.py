@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import trio
 
 from fusesqlite.identity import dead_here
-from fusesqlite.keyspace import pack, unpack
 from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
@@ -483,11 +482,8 @@ class Coherence:
 
     async def _wait_head(self) -> int:
         """The volume's head version, once it differs from what this mount has seen (or after a while)."""
-        raw = await trio.to_thread.run_sync(
-            self.volume.store.wait_for_change, self.volume.ks.head(), pack((self.seen,)), POLL_TIMEOUT,
-            abandon_on_cancel=True,
-        )
-        return unpack(raw)[0] if raw else self.seen
+        return await trio.to_thread.run_sync(
+            self.volume.wait_for_head, self.seen, POLL_TIMEOUT, abandon_on_cancel=True)
 
     async def _apply(self, entries: list[LogEntry], head: int) -> None:
         self.epoch += 1

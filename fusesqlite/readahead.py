@@ -36,7 +36,7 @@ from fusesqlite.pages import BlockCache, decode_rows
 from fusesqlite.volume import Volume
 
 if TYPE_CHECKING:
-    from fusesqlite.transactions import FileState
+    from fusesqlite.file_state import FileState
 
 log = logging.getLogger("fusesqlite.readahead")
 

@@ -603,6 +603,12 @@ class Volume:
     def head(self) -> int:
         return self.store.transact(lambda tr: unpack(tr.get(self.ks.head()))[0])
 
+    def wait_for_head(self, seen: int, timeout: float) -> int:
+        """The head version once it differs from ``seen``, or ``seen`` after ``timeout``
+        (blocks: a FoundationDB watch, or the embedded store's wake-up)."""
+        raw = self.store.wait_for_change(self.ks.head(), pack((seen,)), timeout)
+        return unpack(raw)[0] if raw else seen
+
     def allocate_inodes(self, count: int = INO_BATCH) -> range:
         """A batch of unused inode numbers. Run again after its commit landed (result
         unknown), it hands out the next batch: the first is never used, a waste of

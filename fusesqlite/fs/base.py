@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
+from fusesqlite.file_state import FileState
 from fusesqlite.fs.transient import TransientFile, TransientFiles
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
 from fusesqlite.store.base import StoreError
-from fusesqlite.transactions import FileState, Transactions
+from fusesqlite.transactions import Transactions
 
 if TYPE_CHECKING:
     from fusesqlite.coherence import Coherence

@@ -10,7 +10,6 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import stat
 import time
 
@@ -376,11 +375,8 @@ class DirectoryOps(FileOps, FsBase):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         bs = self.tx.bs
-        path = getattr(self.tx.volume.store, "path", None)
-        total, free = 1 << 50, 1 << 50
-        # a stat of the embedded store's local directory: too quick to hand to a thread
-        if path and os.path.isdir(path):  # noqa: ASYNC240
-            total, free = shutil.disk_usage(path)[0::2]
+        # a statfs of the embedded store's local directory: too quick to hand to a thread
+        total, free = self.tx.volume.store.disk_space() or (1 << 50, 1 << 50)
         s.f_bsize = s.f_frsize = bs
         s.f_blocks = total // bs
         s.f_bfree = s.f_bavail = free // bs

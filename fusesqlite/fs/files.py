@@ -18,12 +18,12 @@ import pyfuse3
 import trio
 
 from fusesqlite import _journal
+from fusesqlite.file_state import FileState
 from fusesqlite.fs import wal
 from fusesqlite.fs.base import FsBase, check_name, fail
 from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
-from fusesqlite.transactions import FileState
 from fusesqlite.volume import ChangeSet, EntryChanged, LeaseHeld, StaleView
 
 log = logging.getLogger("fusesqlite.fs")

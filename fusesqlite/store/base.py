@@ -215,6 +215,11 @@ class Store(Protocol):
         """Block until ``key``'s value differs from ``old`` or ``timeout`` passes; return it."""
         ...
 
+    def disk_space(self) -> tuple[int, int] | None:
+        """(total, free) bytes of the disk that holds the store, where one disk does
+        (statfs of a mount); None for a cluster."""
+        ...
+
     def compact(self, full: bool) -> str | None:
         """Give space that removed keys freed back to the file system where the store
         does not do it by itself (``fusesqlite gc --keep``); ``full``: also where that

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sqlite3
 import stat
 import threading
@@ -429,6 +430,10 @@ class EmbeddedStore:
     COMPACT_STEP = 2048
     #: times ``compact`` tries to truncate the WAL, 0.2 s apart
     TRUNCATE_TRIES = 25
+
+    def disk_space(self) -> tuple[int, int] | None:
+        usage = shutil.disk_usage(self.path)
+        return usage.total, usage.free
 
     def compact(self, full: bool) -> str | None:
         """Give the pages gc freed back to the file system: in steps of COMPACT_STEP pages

@@ -244,6 +244,10 @@ class FoundationDBStore:
                 log.debug("event=store_watch_failed key=%r error=%s", key, e)
                 time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
 
+    def disk_space(self) -> tuple[int, int] | None:
+        """None: the cluster's disks are its storage servers' (``status`` in fdbcli)."""
+        return None
+
     def compact(self, full: bool) -> str | None:
         """Nothing to do: FoundationDB's storage servers reclaim cleared ranges themselves."""
         return None

@@ -131,6 +131,9 @@ class MeteredStore:
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
         return self._inner.wait_for_change(key, old, timeout)
 
+    def disk_space(self) -> tuple[int, int] | None:
+        return self._inner.disk_space()
+
     def compact(self, full: bool) -> str | None:
         return self._inner.compact(full)
 

@@ -220,6 +220,9 @@ class SimulatedStore:
             time.sleep(self._read_delay)
         return self.inner.wait_for_change(key, old, timeout)
 
+    def disk_space(self) -> tuple[int, int] | None:
+        return self.inner.disk_space()
+
     def compact(self, full: bool) -> str | None:
         return self.inner.compact(full)
 
