@@ -20,10 +20,12 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
 from fusesqlite.identity import dead_here
+from fusesqlite.inodes import Inode
 from fusesqlite.own_mount import Handle, OwnMount, Ranges
 from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
@@ -33,7 +35,6 @@ from fusesqlite.volume import (
     LeaseHeld,
     LogEntry,
     StaleView,
-    Volume,
     WalGrant,
     WalHeld,
     WalKey,
@@ -83,22 +84,36 @@ class Proxy:
         return self.want_reserved or self.behind > 0
 
 
+class KernelView(Protocol):
+    """What following other mounts needs of the file system above it, whose kernel
+    caches must come along (fs/base.py implements it)."""
+
+    def abs_path(self, ino: int) -> bytes | None:
+        """Where ``ino`` is on this host, if the mount knows it."""
+        ...
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Another mount changed ``name`` in ``parent``: the kernel must look it up again."""
+        ...
+
+    async def moved(self, ino: int, rec: Inode | None) -> None:
+        """This mount's view of ``ino`` moved to another mount's commit (``rec``)."""
+        ...
+
+
 class Coherence:
     def __init__(
-        self, tx: Transactions, volume: Volume, path_of, invalidate_entry, moved, lease_ttl: float, own_mount: OwnMount,
-        follow: bool = True,
+        self, tx: Transactions, kernel: KernelView, own_mount: OwnMount, lease_ttl: float, follow: bool = True,
     ) -> None:
         self.tx = tx
+        self.kernel = kernel
         #: False for a mount of a past version (``mount --at``): it never moves, and
         #: other mounts' leases and WAL sessions are nothing to it (it reads frozen files)
         self.follow = follow
         self.own_mount = own_mount  # opens and locks this mount's files: never the daemon itself
         own_mount.on_restart.append(self._helper_restarted)
-        self.volume = volume
+        self.volume = volume = tx.volume
         self.me = volume.author
-        self.path_of = path_of  # ino -> absolute path on this mount, or None
-        self.invalidate_entry = invalidate_entry
-        self.moved = moved  # async (ino, record now) -> None: brings the kernel's caches along
         self.lease_ttl = lease_ttl
         self.seen = tx.snapshot
         #: when this mount learned of a newer head it has not followed yet (0: caught up)
@@ -495,7 +510,7 @@ class Coherence:
                 continue
             for parent, name in e.dirents:
                 self.tx.records.put(parent, None, head)
-                self.invalidate_entry(parent, name)
+                self.kernel.invalidate_entry(parent, name)
             files.update(e.inodes)
             for ino in e.inodes:
                 self._lose(ino)
@@ -629,7 +644,7 @@ class Coherence:
                 # lost update)
                 await self.own_mount.write_back(p.fd)
                 wrote_back_at = time.monotonic()
-            await self.moved(ino, await self.tx.refresh(ino))
+            await self.kernel.moved(ino, await self.tx.refresh(ino))
         finally:
             if locked:
                 await self._unlock(p, ranges[::-1])
@@ -642,7 +657,7 @@ class Coherence:
     async def _lock(self, ino: int, p: Proxy, ranges: Ranges) -> bool:
         """Take write locks on SQLite's bytes of ``ino`` on this host, in order (False: no local path)."""
         if p.fd is None:
-            path = self.path_of(ino)
+            path = self.kernel.abs_path(ino)
             if path is None:
                 return False  # nobody here knows the file: no local reader to protect
             try:

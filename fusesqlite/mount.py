@@ -17,7 +17,6 @@ import pyfuse3
 import trio
 
 from fusesqlite import _journal, fuse_caps, history, metrics, retention, systemd
-from fusesqlite.coherence import Coherence
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_calls, reclaim_stagings
@@ -281,29 +280,19 @@ def _serve_with(config: MountConfig, mountpoint: str, endpoint: metrics.Endpoint
             raise history.HistoryError(f"version {history.version_text(snapshot)} was removed by gc meanwhile")
     except (StoreError, VolumeFormatError, VolumeNotFound, history.HistoryError) as e:
         raise MountError(str(e)) from None
-    ops: Operations | None = None
-
-    async def rolled_back(ino: int) -> None:
-        if ops is not None:
-            await ops.rolled_back(ino)
-
     usable = max(config.memory_mb - BASELINE_MB, 8) << 20
     tx = Transactions(
         volume,
         cache_bytes=usable // 3,
         overlay_bytes=max(usable // 8, 1 << 20),
         mount_id=mount_id,
-        on_rollback=rolled_back,
     )
     tx.snapshot = snapshot
     tx.inline_commits = _commit_inline(store)
     writeback_cache = writeback_cache_default() if config.writeback_cache is None else config.writeback_cache
-    ops = Operations(tx, mountpoint, read_only=read_only, writeback_cache=writeback_cache)
-    ops.own_mount = own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
-    ops.coherence = Coherence(
-        tx, volume, ops.abs_path, ops.invalidate_entry, ops.moved, config.lease_seconds, own_mount,
-        follow=config.at is None,
-    )
+    own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
+    ops = Operations(tx, mountpoint, own_mount, lease_seconds=config.lease_seconds, follow=config.at is None,
+                     read_only=read_only, writeback_cache=writeback_cache)
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")

@@ -104,6 +104,10 @@ class RecordCache:
         return rec
 
 
+async def _nothing_cached(ino: int) -> None:
+    """No kernel holds pages of the files (a Transactions without a file system above)."""
+
+
 class Transactions:
     """The mount's snapshot of the volume, its overlays, and the commit path."""
 
@@ -111,7 +115,6 @@ class Transactions:
         self,
         volume: Volume,
         cache_bytes: int,
-        on_rollback: Callable[[int], Awaitable[None]],
         mount_id: str,
         overlay_bytes: int = 16 << 20,
         store_threads: int = 4,
@@ -124,7 +127,9 @@ class Transactions:
         self.records = RecordCache()
         self.files: dict[int, FileState] = {}
         self.snapshot = 0
-        self.on_rollback = on_rollback
+        #: called after a failed commit reverted a file: the file system above brings
+        #: the kernel's pages along (fs/base.py sets it when it takes this object)
+        self.on_rollback: Callable[[int], Awaitable[None]] = _nothing_cached
         self.mount_id = mount_id
         #: a file's overlay is staged into the store beyond this (bounds memory)
         self.overlay_bytes = overlay_bytes

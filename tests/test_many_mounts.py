@@ -579,12 +579,7 @@ def test_a_file_opened_again_starts_from_the_version_of_the_pages_the_kernel_hol
     kernel's page cache are played by hand on a real store; the counter tests above
     exercise the same through real mounts."""
     store = EmbeddedStore(tmp_path / "store")
-
-    async def no_rollback(ino: int) -> None:
-        """Nothing to bring along: no kernel holds these files."""
-
-    a, b = (Transactions(Volume(store, "default", author=n), cache_bytes=1 << 20,
-                         on_rollback=no_rollback, mount_id=n) for n in "ab")
+    a, b = (Transactions(Volume(store, "default", author=n), cache_bytes=1 << 20, mount_id=n) for n in "ab")
 
     async def commit(fs, data: bytes) -> None:
         await a.write(fs, 0, data)
@@ -648,13 +643,21 @@ from fusesqlite.volume import Volume
 store_dir, db = sys.argv[1], sys.argv[2].encode()
 volume = Volume(EmbeddedStore(store_dir), "default", author="test")
 volume.open()
-tx = Transactions(volume, cache_bytes=1 << 20, on_rollback=lambda ino: trio.sleep(0), mount_id="test")
+tx = Transactions(volume, cache_bytes=1 << 20, mount_id="test")
 
-async def moved(ino, rec):
-    pass
+class Kernel:  # no kernel: the database's path is the local file db
+
+    def abs_path(self, ino):
+        return db
+
+    def invalidate_entry(self, parent, name):
+        pass
+
+    async def moved(self, ino, rec):
+        pass
 
 holder = OwnMount.spawn()
-coherence = Coherence(tx, volume, lambda ino: db, lambda parent, name: None, moved, 10, holder)
+coherence = Coherence(tx, Kernel(), holder, 10)
 
 async def main():
     async with trio.open_nursery() as outer:

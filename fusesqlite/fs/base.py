@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
+from fusesqlite.coherence import Coherence
 from fusesqlite.file_state import FileState
 from fusesqlite.fs.transient import TransientFile, TransientFiles
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
@@ -19,7 +20,6 @@ from fusesqlite.store.base import StoreError
 from fusesqlite.transactions import Transactions
 
 if TYPE_CHECKING:
-    from fusesqlite.coherence import Coherence
     from fusesqlite.own_mount import OwnMount
 
 log = logging.getLogger("fusesqlite.fs")
@@ -60,9 +60,13 @@ class FsBase(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_acl = False
 
-    def __init__(self, tx: Transactions, mountpoint: str, read_only: bool = False, writeback_cache: bool = True) -> None:
+    def __init__(
+        self, tx: Transactions, mountpoint: str, own_mount: OwnMount, *, lease_seconds: float = 10.0,
+        follow: bool = True, read_only: bool = False, writeback_cache: bool = True,
+    ) -> None:
         super().__init__()
         self.tx = tx
+        tx.on_rollback = self.rolled_back
         self.mountpoint = mountpoint.encode()
         self.read_only = read_only
         #: read by pyfuse3 at the kernel handshake
@@ -72,8 +76,10 @@ class FsBase(pyfuse3.Operations):
         self.stale_in_kernel: set[int] = set()
         #: databases whose transaction is being committed (FileOps.journal_settled)
         self.settling: set[int] = set()
-        self.coherence: Coherence  # set by mount.py before the first request
-        self.own_mount: OwnMount  # likewise: what this daemon does to its own mount
+        #: what this daemon does to its own mount (opens, locks, syncfs: never itself)
+        self.own_mount = own_mount
+        #: other mounts: leases, following their commits, SQLite's locks here
+        self.coherence = Coherence(tx, self, own_mount, lease_seconds, follow=follow)
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
         #: directory inode -> its last listing (directories.py: readdir)
