@@ -1,6 +1,6 @@
 """Benchmarks: each workload on a fresh fusesqlite mount and on the local disk, same run.
 
-    python3 bench/run.py [--quick] [--only NAME ...] [--json PATH] [--source DIR] [--simulate SPEC]
+    python3 bench/run.py [--quick] [--only NAME ...] [--json PATH] [--source DIR] [--simulate SPEC] [--metrics]
 
 Each workload runs first on the local disk (the file system holding the mount's
 store), then on the mount, and the summary compares them. ratio is the mount's
@@ -11,6 +11,7 @@ RSS and CPU seconds per transaction are reported too. --quick shrinks every
 workload for a smoke test of the harness (well under a minute). --simulate puts
 the mount's store behind a simulated FoundationDB cluster (docs/simulated-store.md),
 e.g. --simulate latency_ms=1,commit_ms=4: the local disk side stays as it is.
+--metrics serves Prometheus metrics from every daemon and scrapes them every second.
 """
 from __future__ import annotations
 
@@ -24,17 +25,21 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path("/var/tmp/fusesqlite-bench-cache")  # inputs worth keeping between runs
+SCRAPE_EVERY = 1.0  # seconds between scrapes of a daemon's /metrics (--metrics)
 MiB = 1 << 20
 
 
@@ -376,9 +381,12 @@ class Daemon:
     """A fusesqlite mount in its own process, for measuring; restartable on the same store."""
 
     def __init__(self, work: Path, source: Path = REPO, extra_args: tuple[str, ...] = (),
-                 cpus: frozenset[int] | None = None, name: str = "mnt") -> None:
+                 cpus: frozenset[int] | None = None, name: str = "mnt", scrape: bool = False) -> None:
         self.source = source  # the checkout whose fusesqlite package is run
         self.extra_args = extra_args  # more `fusesqlite mount` options
+        #: serve metrics (`--metrics`, a free port each start) and scrape them every SCRAPE_EVERY
+        self.scrape = scrape
+        self.scrapes = 0
         self.cpus = cpus  # the daemon's CPU affinity (as taskset sets it), None: the machine's
         self.mountpoint = work / name
         self.mountpoint.mkdir()
@@ -395,10 +403,15 @@ class Daemon:
     def start(self) -> None:
         self.past_cpu_s += self.proc_cpu_s
         self.proc_cpu_s = 0.0
+        metrics: list[str] = []
+        if self.scrape:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                metrics = ["--metrics", str(s.getsockname()[1])]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "fusesqlite", "mount", str(self.mountpoint), "--store", str(self.store),
-                 *self.extra_args],
+                 *self.extra_args, *metrics],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.source,
                 preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
             )
@@ -408,6 +421,19 @@ class Daemon:
                 tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:]
                 raise SystemExit(f"fusesqlite (from {self.source}) did not mount: {' '.join(tail)}")
             time.sleep(0.05)
+        if metrics:
+            threading.Thread(target=self._scrape, args=(self.proc, int(metrics[1])), daemon=True).start()
+
+    def _scrape(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        """What Prometheus does, more often than its default 15 s: GET /metrics every SCRAPE_EVERY."""
+        while proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                    r.read()
+                self.scrapes += 1
+            except OSError:
+                pass  # stopping
+            time.sleep(SCRAPE_EVERY)
 
     def usage(self) -> tuple[float, float]:
         """(peak RSS in MiB, CPU seconds) of the daemon so far, over all its processes.
@@ -559,7 +585,8 @@ def on_one_cpu(row: Row, fn: Workload, work: Path, daemon: Daemon, cfg: Config) 
     if len(cpus) < 2:
         row.notes.append("one-CPU run: not measured (this process has one CPU already)")
         return
-    pinned = Daemon(work, daemon.source, daemon.extra_args, cpus=frozenset({cpu}), name="mnt-one-cpu")
+    pinned = Daemon(work, daemon.source, daemon.extra_args, cpus=frozenset({cpu}), name="mnt-one-cpu",
+                    scrape=daemon.scrape)
     try:
         (pinned.mountpoint / "w").mkdir()
         os.sched_setaffinity(0, {cpu})
@@ -658,6 +685,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--mount-args", default="", metavar="ARGS",
                     help="more `fusesqlite mount` options, e.g. --mount-args=--no-writeback-cache")
+    ap.add_argument("--metrics", action="store_true",
+                    help="serve Prometheus metrics from every daemon (mount --metrics) and scrape them every second")
     ap.add_argument("--simulate", metavar="SPEC",
                     help="the mount's store behind a simulated FoundationDB cluster (`fusesqlite mount --simulate`), "
                     "e.g. latency_ms=1,commit_ms=4")
@@ -672,12 +701,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fusesqlite-bench-", dir="/var/tmp") as tmp:
         work = Path(tmp)
         (work / "local").mkdir()
-        daemon = Daemon(work, args.source.resolve(), tuple(mount_args))
+        daemon = Daemon(work, args.source.resolve(), tuple(mount_args), scrape=args.metrics)
         local = Side("local", work / "local", drop_page_cache)
         mount = Side("mount", daemon.mountpoint, daemon.restart)
         try:
-            print(f"{cfg}; local disk: {work / 'local'}; mount options: {shlex.join(mount_args) or '(defaults)'}",
-                  flush=True)
+            print(f"{cfg}; local disk: {work / 'local'}; mount options: {shlex.join(mount_args) or '(defaults)'}"
+                  + ("; --metrics, scraped every second" if args.metrics else ""), flush=True)
             round_trip = fuse_round_trips(work, daemon)
             print(f"FUSE round trip (fsync doing no work): {round_trip}", flush=True)
             for name in names:
@@ -694,6 +723,8 @@ def main() -> int:
     print_summary(rows, peak_mib, cpu_s)
     print(f"FUSE round trip (fsync doing no work, median of 5 x 2000): {round_trip}")
     print(f"daemon log: {CACHE / 'last-daemon.log'}" + ("" if code == 0 else f"  (daemon exit on SIGTERM: {code})"))
+    if args.metrics:
+        print(f"metrics: {daemon.scrapes} scrapes of the main daemon's /metrics")
     if args.json:
         args.json.write_text(json.dumps({
             "config": asdict(cfg),
