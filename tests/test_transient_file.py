@@ -34,9 +34,9 @@ def test_contents_match_a_model_across_the_spill(monkeypatch):
                 if op == "write":
                     tf.write(offset, data)
                 else:
-                    tf.truncate(offset)
+                    tf.data.truncate(offset)
                 assert tf.size == len(model)
-                assert tf.first == (model[0] if model else tf.first)
+                assert tf.data.first == (model[0] if model else tf.data.first)
                 start = rng.randrange(0, len(model) + 10)
                 assert tf.read(start, 5000) == bytes(model[start:start + 5000])
             assert tf.read(0, len(model) + 1) == bytes(model)
@@ -52,24 +52,24 @@ def test_a_journal_past_the_spill_point_leaves_memory():
             tf.write(i * 4096, chunk)
         assert tf.data.spilled
         assert tf.read(transient.SPOOL_BYTES, 4096) == chunk
-        assert tf.active
-        tf.truncate(0)
-        assert not tf.active and tf.read(0, 10) == b""
+        assert tf.journal.hot
+        tf.journal.truncated(0)
+        assert not tf.journal.hot and tf.read(0, 10) == b""
         assert not tf.data.spilled  # an emptied journal is back in memory
     finally:
         tf.close()
 
 
 def test_the_c_hook_may_answer_a_journals_writes_only_while_its_transaction_runs():
-    """``Contents.started`` follows ``TransientFile.writing`` (files.py sets it once the
+    """``Contents.started`` follows ``Journal.database`` (files.py sets it once the
     transaction took its lease, and clears it at the commit): while it is off, writes to
-    an inactive journal reach Python, which may start a transaction or refuse one."""
+    a journal that is not hot reach Python, which may start a transaction or refuse one."""
     tf = TransientFile(1, 1, b"x-journal", stat.S_IFREG | 0o644, 0, 0)
     try:
         assert not tf.data.started
-        tf.writing = 42
-        assert tf.data.started and tf.writing == 42
-        tf.writing = None
+        tf.journal.database = 42
+        assert tf.data.started and tf.journal.database == 42
+        tf.journal.database = None
         assert not tf.data.started
     finally:
         tf.close()

@@ -74,8 +74,8 @@ class FsBase(pyfuse3.Operations):
         #: files another mount changed while open here: with the writeback cache the
         #: kernel keeps its own size and times of them until the last local close
         self.stale_in_kernel: set[int] = set()
-        #: databases whose transaction is being committed (FileOps.journal_settled)
-        self.settling: set[int] = set()
+        #: databases whose transaction is being committed (FileOps.commit_journal)
+        self.committing: set[int] = set()
         #: what this daemon does to its own mount (opens, locks, syncfs: never itself)
         self.own_mount = own_mount
         #: other mounts: leases, following their commits, SQLite's locks here

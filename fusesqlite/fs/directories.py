@@ -226,15 +226,14 @@ class DirectoryOps(FileOps, FsBase):
         ino, rec, tf = await self._to_remove(parent_inode, name, ctx)
         if tf is not None:
             try:
-                if tf.in_transaction:
-                    await self.journal_settled(tf, "journal deleted")
+                await self.act(tf, tf.journal.unlinked(), "journal deleted")
             except BaseException:
                 # A failed commit reverted the database. The unlink failed, so the name
                 # stays, as the kernel (which keeps its entry) and POSIX have it; emptied,
                 # the journal is no longer hot: nobody plays back a transaction that is
                 # not there. Dropping it instead left the kernel a positive entry to a
                 # gone inode for up to a second: an open(O_CREAT) of it said ENOENT.
-                tf.truncate(0)
+                tf.journal.truncated(0)  # no commit point: the failed commit is the transaction's end
                 self.transient_failed(tf)
                 raise
             self.transient.unlink(tf)

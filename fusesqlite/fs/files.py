@@ -21,6 +21,7 @@ from fusesqlite import _journal
 from fusesqlite.file_state import FileState
 from fusesqlite.fs import wal
 from fusesqlite.fs.base import FsBase, check_name, fail
+from fusesqlite.fs.journal import Act
 from fusesqlite.fs.transient import TransientFile
 from fusesqlite.inodes import Inode, is_super_journal, is_transient_name, journal_target
 from fusesqlite.store.base import StoreError
@@ -40,12 +41,12 @@ class FileOps(FsBase):
         if known is None:
             return None
         tf = self.transient.get(known[0], known[1] + b"-journal")
-        return tf if tf is not None and tf.in_transaction else None
+        return tf if tf is not None and tf.journal.in_transaction else None
 
     def journal_active(self, ino: int) -> bool:
         """Whether the database ``ino`` is inside a rollback-journal transaction on this
         mount (also while that transaction is being committed)."""
-        return ino in self.settling or self.journal_of(ino) is not None
+        return ino in self.committing or self.journal_of(ino) is not None
 
     def open_file_named(self, parent: int, name: bytes) -> int | None:
         """The stored file open on this mount as ``name`` in ``parent``: SQLite holds its
@@ -102,20 +103,20 @@ class FileOps(FsBase):
         except StoreError as e:
             raise fail(e.errno) from None
 
-    async def journal_settled(self, tf: TransientFile, reason: str) -> None:
-        """The journal ``tf`` stopped being active: commit its database's transaction
-        and end this mount's write lease on it.
+    async def commit_journal(self, tf: TransientFile, reason: str) -> None:
+        """The journal ``tf`` reached its commit point (fs/journal.py): commit its
+        database's transaction and end this mount's write lease on it.
 
         For a super-journal, that is every database whose journal it lists, in one
         store transaction: a multi-database transaction is atomic in the store too.
         """
         found_inos: list[int | None]
+        writing, synced = tf.journal.committing()
         if is_super_journal(tf.name):
             targets = [journal_target(path) for path in tf.read(0, tf.size).split(b"\0")]
             found_inos = [await self.resolve(t) for t in targets if t]
         else:
             target = journal_target(tf.name)
-            writing, tf.writing = tf.writing, None
             if writing is not None and self.names.get(writing) == (tf.parent, target):
                 # the database journal_started found for this transaction, still under
                 # that name: one store lookup fewer per commit
@@ -124,10 +125,7 @@ class FileOps(FsBase):
                 found = await self.child(tf.parent, target) if target else None
                 found_inos = [found[0]] if found is not None and found[2] is None else []
         inos = [ino for ino in found_inos if ino is not None]
-        synced, tf.db_synced = tf.db_synced, False
-        tf.unsettled = False
-        tf.kept_open = tf.cached_opens > 0
-        self.settling.update(inos)
+        self.committing.update(inos)
         try:
             for ino in inos:
                 await self.coherence.settle(ino)
@@ -151,7 +149,7 @@ class FileOps(FsBase):
                 raise fail(e.errno) from None
             self.coherence.kept(leases, ok=True)
         finally:
-            self.settling.difference_update(inos)
+            self.committing.difference_update(inos)
 
     async def take_kernel_pages(self, inos: list[int]) -> None:
         """Have the kernel write back the pages it holds dirty before ``inos`` are
@@ -183,9 +181,10 @@ class FileOps(FsBase):
         transaction. The later writes skip the store lookup of the database while
         this mount still holds its lease.
         """
-        if offset and tf.writing is not None and self.coherence.holds(tf.writing):
+        journal = tf.journal
+        if offset and journal.database is not None and self.coherence.holds(journal.database):
             return
-        tf.writing = None
+        journal.database = None
         target = journal_target(tf.name)
         if not target:
             return
@@ -198,7 +197,7 @@ class FileOps(FsBase):
         rec = await self.record(ino)
         try:
             await self.coherence.begin_write(ino, rec.dver)
-            tf.writing = ino
+            journal.database = ino
         except (LeaseHeld, StaleView) as e:  # contention with another mount
             log.info("event=write_refused path=%s cause=%s", self.child_path(tf.parent, target), e)
             raise fail(e.errno) from None
@@ -209,10 +208,11 @@ class FileOps(FsBase):
             )
             raise fail(e.errno) from None
 
-    async def transient_changed(self, tf: TransientFile, was_active: bool, reason: str) -> None:
-        if was_active and not tf.active and not tf.settle_due:
+    async def act(self, tf: TransientFile, act: Act, reason: str) -> None:
+        """Do what a journal's event asks (fs/journal.py); a failed commit fails the call."""
+        if act is Act.COMMIT:
             try:
-                await self.journal_settled(tf, reason)
+                await self.commit_journal(tf, reason)
             except pyfuse3.FUSEError:
                 self.transient_failed(tf)
                 raise
@@ -245,10 +245,9 @@ class FileOps(FsBase):
                 except pyfuse3.FUSEError as e:
                     # refused: a direct_io journal, whose first write fails with the
                     # refusal (an error of the transaction, not of the journal's open)
-                    cached, tf.refused = False, e.errno
+                    cached, tf.journal.refused = False, e.errno
             if cached:
-                tf.cached_opens += 1
-                tf.unsettled = True
+                tf.journal.created_cached()
             return self.file_info(tf.ino, tf, cached_journal=cached), self.entry(tf.ino, tf.record())
         try:
             ino = await self.tx.new_ino()
@@ -315,13 +314,9 @@ class FileOps(FsBase):
             if not tf.linked:  # unlinked, still open elsewhere, reopened (/proc/PID/fd)
                 raise fail(errno.ENOENT)
             tf.opens += 1
-            # whoever opens a journal (a new transaction, or the rollback of a hot one)
-            # writes its database anew: an earlier fsync no longer covers those pages
-            tf.db_synced = False
+            tf.journal.opened()
             if flags & os.O_TRUNC:
-                was = tf.in_transaction
-                tf.truncate(0)
-                await self.transient_changed(tf, was, "journal truncated")
+                await self.act(tf, tf.journal.truncated(0), "journal truncated")
             return self.file_info(inode, tf)
         try:
             rec, keep_cache = await self.tx.open_record(inode)
@@ -356,26 +351,19 @@ class FileOps(FsBase):
         h = self.handle(fh)
         f = h.file
         if isinstance(f, TransientFile):
-            was = f.active
-            if f.refused is not None:  # at the journal's create (above)
-                refused, f.refused = f.refused, None
+            journal = f.journal
+            was = journal.hot
+            if journal.refused is not None:  # at the journal's create (above)
+                refused, journal.refused = journal.refused, None
                 raise fail(refused)
             # journal_started's own first test, here: a small transaction writes its
             # journal ten times, nine of them while holding the lease already (and
             # through the page cache, the first too: create took it)
-            if not was and not ((off or h.cached) and f.writing is not None and self.coherence.holds(f.writing)):
+            if not was and not ((off or h.cached) and journal.database is not None
+                                and self.coherence.holds(journal.database)):
                 await self.journal_started(f, off)
             f.write(off, buf)
-            if h.cached:
-                f.unsettled = True
-            if off == 0 and was and not f.active:
-                if h.cached:
-                    # written back by the kernel, maybe while the app already runs its
-                    # next transaction: commit at the journal's next fsync or close,
-                    # which the app waits for
-                    f.settle_due = True
-                else:
-                    await self.transient_changed(f, was, "journal header zeroed")
+            await self.act(f, journal.written(off, was, h.cached), "journal header zeroed")
             return len(buf)
         try:
             await self.tx.write(f, off, buf)
@@ -391,9 +379,7 @@ class FileOps(FsBase):
     async def truncate(self, ino: int, size: int, open_handle: bool) -> None:
         tf = self.transient.by_ino.get(ino)
         if tf is not None:
-            was = tf.in_transaction
-            tf.truncate(size)
-            await self.transient_changed(tf, was, "journal truncated")
+            await self.act(tf, tf.journal.truncated(size), "journal truncated")
             return
         rec, _ = await self.tx.open_record(ino)  # a FileState starts from this mount's view
         if rec is None:
@@ -412,25 +398,8 @@ class FileOps(FsBase):
         f = h.file
         if isinstance(f, FileState):
             await self.commit_unless_in_transaction(f, "close")
-        elif h.cached:
-            await self.settle_written_back(f, closing=True)
-
-    async def settle_written_back(self, tf: TransientFile, closing: bool) -> None:
-        """An fsync or close of a journal through its page-cached handle (SQLite's own,
-        not a backup's read-only open): the commit, if what the kernel wrote back
-        before it ended the transaction.
-
-        That is a header zeroed (``TransientFile.settle_due``: PERSIST mode, or DELETE
-        in locking_mode EXCLUSIVE), unless SQLite started its next transaction since
-        (the header is set again; it then commits with that one). At a close, also a
-        journal that was never active here: SQLite with synchronous=OFF ended its
-        transaction before the kernel wrote back any of it.
-        """
-        if tf.active:
-            return
-        if tf.settle_due or (closing and tf.unsettled and tf.size > 0):
-            tf.settle_due = False
-            await self.transient_changed(tf, True, "journal header zeroed")
+        elif h.cached:  # SQLite's own handle, not a backup's read-only open
+            await self.act(f, f.journal.synced(closing=True), "journal header zeroed")
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self.handle(fh)
@@ -443,10 +412,10 @@ class FileOps(FsBase):
         if isinstance(f, FileState):
             tf = self.journal_of(f.ino)
             if tf is not None:  # the kernel just wrote back the transaction's pages
-                tf.db_synced = True
+                tf.journal.db_synced = True
             await self.commit_unless_in_transaction(f, "fsync")
         elif h.cached:
-            await self.settle_written_back(f, closing=False)
+            await self.act(f, f.journal.synced(closing=False), "journal header zeroed")
 
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -455,13 +424,8 @@ class FileOps(FsBase):
         f = h.file
         if isinstance(f, TransientFile):
             _journal.unregister(fh)
-            if h.cached:
-                f.cached_opens -= 1
-                if not f.cached_opens:  # its close wrote back all there was (flush)
-                    f.unsettled = f.kept_open = False
             f.opens -= 1
-            if not f.opens:  # a refusal no write took belongs to no later transaction
-                f.refused = None
+            f.journal.released(h.cached, last=not f.opens)
             self.transient.release_if_unused(f)
             await wal.released(self, f)  # a session's last handle ends this mount's WAL ownership
             return

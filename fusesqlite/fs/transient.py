@@ -17,16 +17,18 @@ import stat
 import tempfile
 
 from fusesqlite._journal import Contents
+from fusesqlite.fs.journal import Journal
 from fusesqlite.inodes import TRANSIENT_BASE, Inode
 
 SPOOL_BYTES = 1 << 20
 
 
 class TransientFile:
-    __slots__ = (
-        "ino", "parent", "name", "data", "rec", "opens", "linked", "_writing", "db_synced",
-        "cached_opens", "unsettled", "kept_open", "refused",
-    )
+    """A journal or -shm: its bytes in this daemon's memory (spilled to a temporary
+    file beyond SPOOL_BYTES), never in the store, and for a journal the state of its
+    protocol (``journal``: fs/journal.py)."""
+
+    __slots__ = ("ino", "parent", "name", "data", "rec", "opens", "linked", "journal")
 
     def __init__(self, ino: int, parent: int, name: bytes, mode: int, uid: int, gid: int) -> None:
         self.ino = ino
@@ -36,40 +38,11 @@ class TransientFile:
         self.rec = Inode.new(stat.S_IFREG, mode, uid, gid)
         self.opens = 0
         self.linked = True
-        self._writing: int | None = None
-        #: its database was fsynced while this journal was active: the kernel holds
-        #: none of the transaction's pages (SQLite fsyncs last, unless synchronous=OFF)
-        self.db_synced = False
-        #: open handles through the page cache (files.py): the kernel sends their
-        #: writes when SQLite fsyncs or closes the journal, not when it writes it
-        self.cached_opens = 0
-        #: created through the page cache, or written back, since its last commit: the
-        #: transaction it started may still be running in the kernel's pages
-        self.unsettled = False
-        #: a handle through the page cache stayed open across a commit (locking_mode
-        #: EXCLUSIVE): the next transaction through it starts unseen
-        self.kept_open = False
-        #: the errno of a write lease refused at the create, for the first write
-        self.refused: int | None = None
-
-    @property
-    def writing(self) -> int | None:
-        """The database whose transaction this journal's writes belong to, once started (files.py)."""
-        return self._writing
-
-    @writing.setter
-    def writing(self, ino: int | None) -> None:
-        self._writing = ino
-        # then the C hook answers the writes that follow the header itself (_journal.c)
-        self.data.started = ino is not None
+        self.journal = Journal(self.data)
 
     @property
     def size(self) -> int:
         return self.data.size
-
-    @property
-    def first(self) -> int:
-        return self.data.first
 
     def record(self) -> Inode:
         changed = self.data.take_changed()  # a record per write would cost more than the write
@@ -77,43 +50,11 @@ class TransientFile:
             self.rec = self.rec.with_(mtime_ns=changed, ctime_ns=changed)
         return self.rec.with_(size=self.data.size)
 
-    @property
-    def active(self) -> bool:
-        """Whether this is a journal SQLite would play back (its rule: non-empty, first byte set).
-
-        While it is, the database's writes are an uncommitted transaction; the
-        moment it stops being (deleted, truncated to zero, header zeroed) is
-        SQLite's commit point.
-        """
-        data = self.data
-        return data.size > 0 and data.first != 0
-
-    @property
-    def settle_due(self) -> bool:
-        """The kernel wrote back a header that ended the transaction (PERSIST mode, a
-        journal through the page cache): its commit waits for the app's next fsync or
-        close of the journal, which SQLite makes before going on (files.py)."""
-        return self.data.settle_wanted
-
-    @settle_due.setter
-    def settle_due(self, due: bool) -> None:
-        self.data.settle_wanted = due  # then the C hook hands those to Python
-
-    @property
-    def in_transaction(self) -> bool:
-        """Whether the database's writes may belong to an uncommitted transaction of this
-        journal: then nothing but the journal's own commit point commits them."""
-        return self.active or self.settle_due or self.unsettled or (self.kept_open and self.cached_opens > 0)
-
     def read(self, offset: int, length: int) -> bytes:
         return self.data.read(offset, length)
 
     def write(self, offset: int, buf: bytes) -> None:
         self.data.write(offset, buf)
-
-    def truncate(self, size: int) -> None:
-        self.settle_due = False
-        self.data.truncate(size)
 
     def close(self) -> None:
         self.data.close()

@@ -1,0 +1,217 @@
+"""A rollback journal's protocol as this mount sees it: when a transaction of its
+database begins, and its commit point, decided from the journal's requests alone.
+
+SQLite's rule (pager.c): a journal is *hot*, one SQLite would play back, while it is
+non-empty and its first byte is set. A transaction writes the journal's header
+(setting that byte) and page images, then the database's pages; it ends when the
+journal stops being hot: deleted (journal_mode DELETE), truncated to zero
+(TRUNCATE), or its header zeroed (PERSIST; DELETE with locking_mode EXCLUSIVE).
+That moment is the *commit point*: the daemon commits every write of the database
+since the transaction began, in one store transaction, before it answers the
+request that ended it (files.py).
+
+The kernel's page cache hides part of this. A journal created through the page
+cache (``cached``: files.py, "A new journal through the page cache") reaches the
+daemon only when SQLite fsyncs or closes it, as a write-back: the daemon may see a
+zeroed header long after SQLite zeroed it, or a journal whose whole transaction
+ended before the kernel wrote any of it back. Such an end commits at SQLite's next
+fsync or close of the journal, which SQLite makes before it goes on, so the app
+still waits for its commit.
+
+The states (``Journal.state``), and the events that move between them (the methods
+below; each returns what the caller must do, ``Act``):
+
+========================  ==================================================================
+state                     meaning
+========================  ==================================================================
+``IDLE``                  no transaction of this journal's database is known here
+``HOT``                   the journal is hot: the database's writes are its transaction's
+``ENDED_IN_CACHE``        the kernel wrote back a zeroed header: the commit waits for
+                          SQLite's next fsync or close of the journal
+``UNSEEN``                written through the page cache since the last commit point: a
+                          transaction may be running in the kernel's pages (SQLite
+                          ends it before the daemon sees a hot header)
+``KEPT``                  a page-cached handle stayed open across the commit point
+                          (locking_mode EXCLUSIVE): the next transaction through it
+                          starts unseen
+========================  ==================================================================
+
+While a journal is in any state but ``IDLE``, its database is *in a transaction*:
+nothing but the journal's commit point commits the database (not its fsync, nor
+its close, nor another process's). The C hooks (_journal.c) answer a journal's
+writes, reads, fsyncs and flushes themselves where no decision is due: they read
+two flags this module sets on the shared contents, ``started`` (the transaction's
+database is known: writes that keep the header set change nothing) and
+``settle_wanted`` (``ENDED_IN_CACHE``: the next fsync or flush comes to Python).
+"""
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+
+class Contents(Protocol):
+    """The journal's bytes (_journal.Contents), with the two flags the C hooks read."""
+
+    size: int
+    first: int
+    started: bool
+    settle_wanted: bool
+
+    def truncate(self, size: int) -> None: ...
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    HOT = "hot"
+    ENDED_IN_CACHE = "ended in the page cache"
+    UNSEEN = "unseen in the page cache"
+    KEPT = "kept open across a commit"
+
+
+class Act(enum.Enum):
+    """What an event asks of the caller (files.py)."""
+
+    NOTHING = "nothing"
+    #: commit the database's transaction now (``FileOps.commit_journal``), before answering
+    COMMIT = "commit"
+
+
+class Journal:
+    """The protocol state of one journal file (every transient file has one; only a
+    journal's ever leaves ``IDLE``)."""
+
+    __slots__ = ("data", "_database", "cached_opens", "unseen", "kept_open", "db_synced", "refused")
+
+    def __init__(self, data: Contents) -> None:
+        self.data = data
+        self._database: int | None = None
+        #: open handles through the page cache: their writes reach the daemon at
+        #: SQLite's fsync or close of the journal, not at its writes
+        self.cached_opens = 0
+        #: written through the page cache since the last commit point (``UNSEEN``)
+        self.unseen = False
+        #: a page-cached handle stayed open across the last commit point (``KEPT``)
+        self.kept_open = False
+        #: the database was fsynced during the transaction: the kernel holds none of its
+        #: pages (SQLite fsyncs the database last, unless synchronous=OFF)
+        self.db_synced = False
+        #: the errno of a write lease refused at the journal's create, for its first write
+        self.refused: int | None = None
+
+    # -- what the state is ------------------------------------------------------------------
+    @property
+    def hot(self) -> bool:
+        """SQLite's rule: non-empty, first byte set."""
+        return self.data.size > 0 and self.data.first != 0
+
+    @property
+    def ended_in_cache(self) -> bool:
+        return self.data.settle_wanted
+
+    @ended_in_cache.setter
+    def ended_in_cache(self, ended: bool) -> None:
+        self.data.settle_wanted = ended  # then the C hook hands the next fsync or flush to Python
+
+    @property
+    def database(self) -> int | None:
+        """The database whose transaction this journal's writes belong to, once the
+        write lease on it is taken (files.py, ``journal_started``)."""
+        return self._database
+
+    @database.setter
+    def database(self, ino: int | None) -> None:
+        self._database = ino
+        self.data.started = ino is not None  # then the C hook answers the writes after the header
+
+    @property
+    def state(self) -> State:
+        if self.hot:
+            return State.HOT
+        if self.ended_in_cache:
+            return State.ENDED_IN_CACHE
+        if self.unseen:
+            return State.UNSEEN
+        if self.kept_open and self.cached_opens > 0:
+            return State.KEPT
+        return State.IDLE
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether the database's writes may belong to an uncommitted transaction of this
+        journal: then nothing but the journal's own commit point commits them."""
+        return self.state is not State.IDLE
+
+    def _ended(self, was: bool) -> Act:
+        """The commit point, if the journal was in a transaction (``was``) and is neither
+        hot nor waiting for a write-back's fsync now."""
+        return Act.COMMIT if was and not self.hot and not self.ended_in_cache else Act.NOTHING
+
+    # -- events -----------------------------------------------------------------------------
+    def created_cached(self) -> None:
+        """Created through the page cache: what SQLite writes stays unseen until it
+        fsyncs or closes the journal."""
+        self.cached_opens += 1
+        self.unseen = True
+
+    def opened(self) -> None:
+        """Opened again: whoever opens a journal (a new transaction, or the rollback of
+        a hot one) writes its database anew, which an earlier fsync does not cover."""
+        self.db_synced = False
+
+    def written(self, offset: int, was_hot: bool, cached: bool) -> Act:
+        """The journal's bytes changed at ``offset``; ``was_hot`` before the write."""
+        if cached:
+            self.unseen = True
+        if offset == 0 and was_hot and not self.hot:  # the header zeroed
+            if cached:
+                # written back by the kernel, maybe while the app already runs its next
+                # transaction: commit at the journal's next fsync or close, which the
+                # app waits for
+                self.ended_in_cache = True
+                return Act.NOTHING
+            return self._ended(was_hot)
+        return Act.NOTHING
+
+    def truncated(self, size: int) -> Act:
+        was = self.in_transaction
+        self.ended_in_cache = False
+        self.data.truncate(size)
+        return self._ended(was)
+
+    def synced(self, closing: bool) -> Act:
+        """An fsync (``closing``: a flush) of a page-cached handle: the commit point,
+        if what the kernel wrote back before it ended the transaction. That is a
+        zeroed header (``ENDED_IN_CACHE``), unless SQLite started its next transaction
+        since (the header is set again: it then commits with that one); at a close,
+        also a journal never hot here (SQLite with synchronous=OFF ended its
+        transaction before the kernel wrote back any of it)."""
+        if self.hot:
+            return Act.NOTHING
+        if self.ended_in_cache or (closing and self.unseen and self.data.size > 0):
+            self.ended_in_cache = False
+            return self._ended(True)
+        return Act.NOTHING
+
+    def unlinked(self) -> Act:
+        return Act.COMMIT if self.in_transaction else Act.NOTHING
+
+    def released(self, cached: bool, last: bool) -> None:
+        """A handle closed (``last``: the journal's last one)."""
+        if cached:
+            self.cached_opens -= 1
+            if not self.cached_opens:  # its close wrote back all there was (flush)
+                self.unseen = self.kept_open = False
+        if last:  # a refusal no write took belongs to no later transaction
+            self.refused = None
+
+    def committing(self) -> tuple[int | None, bool]:
+        """The commit point is being committed: the database the transaction wrote (if
+        its lease was taken) and whether the database was fsynced during it; the
+        journal starts over."""
+        database, synced = self.database, self.db_synced
+        self.database = None
+        self.db_synced = False
+        self.unseen = False
+        self.kept_open = self.cached_opens > 0
+        return database, synced
