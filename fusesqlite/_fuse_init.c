@@ -157,7 +157,7 @@ static void read_hook(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, st
 
 static void fsync_hook(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
 {
-    if (fast != NULL && fast->settle(fi->fh, 0)) {
+    if (fast != NULL && fast->sync(fi->fh, 0)) {
         reply_err(req, 0);
         return;
     }
@@ -166,7 +166,7 @@ static void fsync_hook(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse
 
 static void flush_hook(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    if (fast != NULL && fast->settle(fi->fh, 1)) {
+    if (fast != NULL && fast->sync(fi->fh, 1)) {
         reply_err(req, 0);
         return;
     }

@@ -44,7 +44,7 @@ typedef struct {
     uint64_t spool;     /* bytes kept in memory before spilling */
     int first;          /* the first byte, 0 while empty */
     int started;        /* Python found the transaction these writes belong to (files.py) */
-    int settle_wanted;  /* Python waits for the next fsync or flush to commit (files.py) */
+    int end_pending;  /* Python waits for the next fsync or flush to commit (files.py) */
     int64_t changed_ns; /* time of the last change not yet taken, -1 if none */
     char *spill_dir;
 } Contents;
@@ -263,7 +263,7 @@ static int Contents_init(Contents *self, PyObject *args, PyObject *kwds)
     self->spool = spool;
     self->first = 0;
     self->started = 0;
-    self->settle_wanted = 0;
+    self->end_pending = 0;
     self->changed_ns = -1;
     return 0;
 }
@@ -360,11 +360,11 @@ static int set_flag(int *flag, PyObject *value)
 
 static int Contents_set_started(Contents *self, PyObject *value, void *closure) { return set_flag(&self->started, value); }
 
-static PyObject *Contents_get_settle_wanted(Contents *self, void *closure) { return PyBool_FromLong(self->settle_wanted); }
+static PyObject *Contents_get_end_pending(Contents *self, void *closure) { return PyBool_FromLong(self->end_pending); }
 
-static int Contents_set_settle_wanted(Contents *self, PyObject *value, void *closure)
+static int Contents_set_end_pending(Contents *self, PyObject *value, void *closure)
 {
-    return set_flag(&self->settle_wanted, value);
+    return set_flag(&self->end_pending, value);
 }
 
 static PyMethodDef Contents_methods[] = {
@@ -384,7 +384,7 @@ static PyGetSetDef Contents_getset[] = {
     {"started", (getter)Contents_get_started, (setter)Contents_set_started,
      "set while the transaction these writes belong to holds its lease: writes to the "
      "inactive journal may then be answered in C too", NULL},
-    {"settle_wanted", (getter)Contents_get_settle_wanted, (setter)Contents_set_settle_wanted,
+    {"end_pending", (getter)Contents_get_end_pending, (setter)Contents_set_end_pending,
      "set while a commit waits for the journal's next fsync or flush: they then go to Python", NULL},
     {NULL},
 };
@@ -412,7 +412,7 @@ static struct {
     int cached; /* opened through the page cache: its flush goes to Python */
 } slots[SLOTS];
 static int used;
-static unsigned long long fast_writes, fast_reads, fast_settles;
+static unsigned long long fast_writes, fast_reads, fast_syncs;
 
 static Contents *find(uint64_t fh)
 {
@@ -451,25 +451,25 @@ static int fast_read(uint64_t fh, int64_t off, size_t size, const char **out, si
     return 1;
 }
 
-static int fast_settle(uint64_t fh, int flush)
+static int fast_sync(uint64_t fh, int flush)
 {
     /* fsync and flush of a journal: Python does nothing with them (files.py), unless
-     * a commit the kernel wrote back waits for one (settle_wanted), or it closes a
+     * a commit the kernel wrote back waits for one (end_pending), or it closes a
      * journal written through the page cache that holds something but is not active
      * (its transaction may have ended before the kernel wrote any of it back) */
     for (int i = 0; i < used; i++) {
         if (slots[i].fh != fh)
             continue;
         Contents *c = slots[i].c;
-        if (c->settle_wanted || (flush && slots[i].cached && c->size > 0 && c->first == 0))
+        if (c->end_pending || (flush && slots[i].cached && c->size > 0 && c->first == 0))
             return 0;
-        fast_settles++;
+        fast_syncs++;
         return 1;
     }
     return 0;
 }
 
-static const struct journal_api api = {fast_write, fast_read, fast_settle};
+static const struct journal_api api = {fast_write, fast_read, fast_sync};
 
 static PyObject *register_fh(PyObject *self, PyObject *args)
 {
@@ -511,7 +511,7 @@ static PyObject *api_capsule(PyObject *self, PyObject *unused)
 
 static PyObject *stats(PyObject *self, PyObject *unused)
 {
-    return Py_BuildValue("(KKKi)", fast_writes, fast_reads, fast_settles, used);
+    return Py_BuildValue("(KKKi)", fast_writes, fast_reads, fast_syncs, used);
 }
 
 static PyMethodDef methods[] = {

@@ -22,7 +22,7 @@ struct journal_api {
      * once. Not where a commit waits for it, nor a close of a journal written
      * through the page cache whose transaction may have ended unseen (Python then
      * looks at what the kernel wrote back) */
-    int (*settle)(uint64_t fh, int flush);
+    int (*sync)(uint64_t fh, int flush);
 };
 
 #endif

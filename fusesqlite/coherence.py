@@ -264,7 +264,7 @@ class Coherence:
             del self.promoting[ino]
             done.set()
 
-    async def settle(self, ino: int) -> None:
+    async def promoted(self, ino: int) -> None:
         """Wait for a promotion of ``ino``'s lease in flight (a commit must come after it)."""
         done = self.promoting.get(ino)
         if done is not None:

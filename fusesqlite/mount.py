@@ -345,12 +345,12 @@ def _serve_with(config: MountConfig, mountpoint: str, endpoint: metrics.Endpoint
         except StoreError as e:  # it expires (retention.MOUNT_TTL)
             log.warning("event=unregister_failed cause=%s", e)
         store.close()
-        fast_writes, fast_reads, fast_settles, _ = _journal.stats()
+        fast_writes, fast_reads, fast_syncs, _ = _journal.stats()
         found, missed = request_loop.busy_polls()
         log.info("event=unmounted mountpoint=%s clean=%s commits=%d commits_failed=%d journal_writes_in_c=%d "
                  "journal_reads_in_c=%d journal_syncs_in_c=%d busy_polls_found=%d busy_polls_missed=%d",
                  mountpoint, unmounted, tx.commits["ok"], tx.commits.total() - tx.commits["ok"],
-                 fast_writes, fast_reads, fast_settles, found, missed)
+                 fast_writes, fast_reads, fast_syncs, found, missed)
 
 
 async def _publish_metrics(ops: Operations, endpoint: metrics.Endpoint, budget: int, store: object) -> None:

@@ -340,7 +340,7 @@ def _collect_versioned(volume: Volume, kind: str, h: int, progress: Progress | N
     name: tuple | None = None
     candidate: tuple[bytes, bytes] | None = None  # the newest row at or before h of ``name``
 
-    def settle() -> None:
+    def close_name() -> None:
         # a clone keeps its removals: without them a read would find the base's row
         if candidate is not None and not candidate[1] and volume.base is None:
             clear.add(candidate[0])
@@ -351,7 +351,7 @@ def _collect_versioned(volume: Volume, kind: str, h: int, progress: Progress | N
     for key, value in _rows(volume, kind):
         this, version = _split(volume, key)
         if this != name:
-            settle()
+            close_name()
             name, candidate = this, None
         if version <= h:
             if candidate is not None:
@@ -359,7 +359,7 @@ def _collect_versioned(volume: Volume, kind: str, h: int, progress: Progress | N
             candidate = (key, value)
         elif seen is not None:
             seen(this, version, value, False)
-    settle()
+    close_name()
     return clear.flush()
 
 

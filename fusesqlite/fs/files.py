@@ -128,7 +128,7 @@ class FileOps(FsBase):
         self.committing.update(inos)
         try:
             for ino in inos:
-                await self.coherence.settle(ino)
+                await self.coherence.promoted(ino)
             leases: list[int] | None = None
             try:
                 if not synced:

@@ -42,7 +42,7 @@ its close, nor another process's). The C hooks (_journal.c) answer a journal's
 writes, reads, fsyncs and flushes themselves where no decision is due: they read
 two flags this module sets on the shared contents, ``started`` (the transaction's
 database is known: writes that keep the header set change nothing) and
-``settle_wanted`` (``ENDED_IN_CACHE``: the next fsync or flush comes to Python).
+``end_pending`` (``ENDED_IN_CACHE``: the next fsync or flush comes to Python).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Contents(Protocol):
     size: int
     first: int
     started: bool
-    settle_wanted: bool
+    end_pending: bool
 
     def truncate(self, size: int) -> None: ...
 
@@ -107,11 +107,11 @@ class Journal:
 
     @property
     def ended_in_cache(self) -> bool:
-        return self.data.settle_wanted
+        return self.data.end_pending
 
     @ended_in_cache.setter
     def ended_in_cache(self, ended: bool) -> None:
-        self.data.settle_wanted = ended  # then the C hook hands the next fsync or flush to Python
+        self.data.end_pending = ended  # then the C hook hands the next fsync or flush to Python
 
     @property
     def database(self) -> int | None:
