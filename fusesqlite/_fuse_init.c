@@ -6,7 +6,7 @@
  * them off. One of them, auto_inval_data, makes the kernel drop a file's whole
  * page cache whenever a getattr shows a new mtime, and ask for the attributes
  * again before every read that follows a write. fusesqlite invalidates the
- * kernel's cache itself when another mount commits (coherence.py), so it does
+ * kernel's cache itself when another mount commits (coherence/), so it does
  * not need that, and SQLite pays for it on every page it reads back inside a
  * big transaction.
  *

@@ -17,7 +17,7 @@
  * started, a header write zeroing its first byte, truncation) still goes to Python
  * (fusesqlite/fs/files.py), which sees the same contents through this type.
  * Such writes do not look at the write lease again: one lost meanwhile fails the
- * transaction at its commit (coherence.py, Coherence._lose).
+ * transaction at its commit (coherence/, Coherence._lose).
  *
  * Everything runs on the thread holding the GIL: pyfuse3 calls libfuse's
  * fuse_session_process_buf, and so these hooks, from its event loop.

@@ -5,7 +5,7 @@ With it, the kernel drops a file's whole page cache whenever a getattr shows a
 new mtime (every commit moves it), and asks for the attributes again before
 every read that follows a write: in a big SQLite transaction that is one
 getattr per page read back. Every change a mount does not make itself reaches
-its kernel through explicit invalidations (coherence.py), so the mount turns
+its kernel through explicit invalidations (coherence/), so the mount turns
 the capability off.
 
 The C module ``_fuse_init`` does it by wrapping libfuse's ``fuse_session_new``

@@ -40,6 +40,9 @@ BASELINE_MB = 48
 #: (readahead.py) instead of waiting for it one by one.
 READ_AHEAD_KB = 4096
 
+#: a mount that has not followed other mounts' commits for this long says so (every REGISTER_EVERY)
+FOLLOW_STALLED_SECONDS = 10.0
+
 #: how long a stopping mount waits for its lock proxy to let go of local files
 #: (a local reader holding a lock the proxy waits for can make it wait)
 STOP_GRACE_SECONDS = 5.0
@@ -427,6 +430,9 @@ async def _keep_registered(ops: Operations, kind: str) -> None:
         except StoreError as e:
             log.warning("event=register_failed cause=%s", e)
             continue
+        if ops.coherence.lag() > FOLLOW_STALLED_SECONDS:
+            log.warning("event=follow_stalled seconds=%.0f seen=%s", ops.coherence.lag(),
+                        history.version_text(ops.coherence.seen))
         if collected > oldest:
             log.error("event=view_collected oldest=%d horizon=%d cause=%r", oldest, collected,
                       f"gc removed versions this mount may read: it was not renewed for {retention.MOUNT_TTL:g} s")

@@ -1,6 +1,6 @@
 """What the daemon does to its own mount, done by a helper process.
 
-The lock proxy (coherence.py) takes SQLite's fcntl locks on files of this very
+The lock proxy (coherence/) takes SQLite's fcntl locks on files of this very
 mount, and a commit may need the kernel's dirty pages (syncfs of the mount). A
 daemon thread must never be inside such a call, nor hold such a file open, when
 the daemon dies: the kernel closes a dying process's files before it releases

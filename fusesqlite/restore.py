@@ -153,7 +153,7 @@ def _take_leases(volume: Volume, plan: _Plan, ttl: float, deadline: float) -> bo
     for ino in held:
         # a mount keeps its lease idle between transactions, and taking it while one runs
         # there fails that transaction (an I/O error for its app): first ask it to hold its
-        # next writers back once the running transaction ends (coherence.py, RESERVED proxy)
+        # next writers back once the running transaction ends (coherence/, RESERVED proxy)
         volume.want_lease(ino, WANT_SECONDS)
     if held:
         time.sleep(YIELD_SECONDS)

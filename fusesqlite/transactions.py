@@ -188,7 +188,7 @@ class Transactions:
         kernel may keep the pages it holds of the file.
 
         The kernel keeps a file's pages across opens and drops them only in a move
-        (coherence.py), so they may be older than the store's record: between another
+        (coherence/), so they may be older than the store's record: between another
         mount's commit and this mount's move to it (which waits for SQLite's locks on
         this host), or when a lookup read the record as of this mount's own later
         commit. A file opened then with the newer record would write, on the old pages,
@@ -260,7 +260,7 @@ class Transactions:
     async def refresh(self, ino: int) -> Inode | None:
         """Another mount committed ``ino``: read it again as of the snapshot.
 
-        The caller holds SQLite's locks on the file (coherence.py), so no local
+        The caller holds SQLite's locks on the file (coherence/), so no local
         transaction sees the change half-way.
         """
         at = self.snapshot
@@ -414,7 +414,7 @@ class Transactions:
         # kernel drops a file's whole page cache whenever a getattr shows a new
         # mtime, and it asks for the attributes after every write. Every write
         # passes through this mount's kernel, so its page cache is right; other
-        # mounts' commits invalidate it explicitly (coherence.py).
+        # mounts' commits invalidate it explicitly (coherence/).
         fs.modified = True
 
     async def truncate(self, fs: FileState, size: int) -> None:

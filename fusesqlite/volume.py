@@ -416,9 +416,9 @@ class Volume:
         #: This mount's (parent, name) of an inode (set by the file system's operations,
         #: fs/base.py; read from worker threads)
         self.wal_names: Callable[[int], tuple[int, bytes] | None] = lambda ino: None
-        #: databases with a WAL index (-shm) open on this mount (coherence.py)
+        #: databases with a WAL index (-shm) open on this mount (coherence/)
         self.wal_mine: set[WalKey] = set()
-        #: databases whose WAL index here may not match the store (coherence.py): every
+        #: databases whose WAL index here may not match the store (coherence/): every
         #: commit of them or of their -wal from this mount is refused (WalLost)
         self.wal_poisoned: set[WalKey] = set()
         #: a clone's parent volume and the version it was cloned at (``clone``): reads
@@ -1196,7 +1196,7 @@ class Volume:
 
     def want_lease(self, ino: int, wait: float) -> None:
         """Log that this mount waits for ``ino``'s lease: its holder then holds its own
-        writers back once its transaction ends, so the lease changes hands (coherence.py)."""
+        writers back once its transaction ends, so the lease changes hands (coherence/)."""
 
         def write(tr: Transaction) -> Callable[[int], None]:
             event = (ino, WANT + self.author, time.time() + wait)
@@ -1214,7 +1214,7 @@ class Volume:
 
     # -- WAL ownership: one mount at a time has a database in WAL mode ------------------
     # A lease record like the write lease's (owner, expiry), kept and renewed by the same
-    # code (coherence.py), but never taken away from a live owner: a WAL index (-shm) is
+    # code (coherence/), but never taken away from a live owner: a WAL index (-shm) is
     # in one mount's memory, so a second mount's would not see the first one's frames.
     # No log entry and no new version: nobody follows it, a refusal reads it here.
     def acquire_wal(self, parent: int, name: bytes, ttl: float) -> WalGrant:

@@ -575,7 +575,7 @@ def test_a_file_opened_again_starts_from_the_version_of_the_pages_the_kernel_hol
     a file opened again must start from the record of those pages, not from a newer
     one: between another mount's commit and this mount's move to it (the move waits
     for SQLite's locks on this host), three mounts incrementing one counter lost an
-    update in about 1 run in 12. Here a mount's follower (coherence.py) and the
+    update in about 1 run in 12. Here a mount's follower (coherence/) and the
     kernel's page cache are played by hand on a real store; the counter tests above
     exercise the same through real mounts."""
     store = EmbeddedStore(tmp_path / "store")

@@ -41,7 +41,7 @@ ROLLBACK_INVALIDATE_SECONDS = 1.0
 class Handle:
     ino: int
     file: FileState | TransientFile
-    #: opened by this mount's own lock proxy (coherence.py): its fsync only flushes
+    #: opened by this mount's own lock proxy (coherence/): its fsync only flushes
     proxy: bool = False
     #: a journal opened through the page cache: its writes come from the kernel's write-back
     cached: bool = False

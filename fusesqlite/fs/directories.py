@@ -47,7 +47,7 @@ class DirectoryOps(FileOps, FsBase):
         if found is None:
             # SQLite looks for X-journal and X-wal at every read transaction. Local
             # creations drop the kernel's negative entry themselves, other mounts'
-            # through coherence.py, so the kernel may remember the answer -- unless
+            # through coherence/, so the kernel may remember the answer -- unless
             # other mounts' changes arrived while it was being computed.
             return self.negative_entry(name, cacheable=epoch == self.coherence.epoch)
         ino, rec, tf = found

@@ -4,7 +4,7 @@ SQLite's WAL index (``X-shm``) is a transient file, in one daemon's memory: a se
 mount building its own index of the same ``X-wal`` would append frames the first
 one never sees, and commits would be lost (measured: 194 of 499 acknowledged). So a
 mount whose apps open ``X-shm`` or ``X-wal`` (a session) becomes the WAL owner of ``X``
-in the store (a lease record, coherence.py) until their last handle of either closes
+in the store (a lease record, coherence/) until their last handle of either closes
 (SQLite with locking_mode=EXCLUSIVE keeps its index in its heap and opens ``X-wal``
 only). Every commit that writes ``X`` or ``X-wal`` (data or attributes), or changes
 their names, reads that record in its own store transaction (``Volume._check_wal``):
