@@ -1,5 +1,5 @@
 """A stored file's state on one mount beyond what is committed: its overlay of
-written blocks, its pending size and mtime, its staging (transactions.py commits
+written blocks, its pending size and mtime, its staging (transactions/ commits
 it; readahead.py and the file system's operations read it)."""
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ def test_transact_nowait_commits_keep_the_wal_short_under_sustained_load(tmp_pat
             except ConflictError:
                 refused += 1
                 one_interval = one_interval or wal.stat().st_size
-                store.transact(put)  # what the caller does (transactions.py)
+                store.transact(put)  # what the caller does (transactions/commits.py)
         assert refused == n // (CHECKPOINT_EVERY + 1), refused  # the refused one goes through transact
         assert one_interval > CHECKPOINT_EVERY * len(value), one_interval
         # ten intervals later, still about one interval long (it grew ten times that before)

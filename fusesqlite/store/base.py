@@ -196,7 +196,7 @@ class Transaction(ReadView, Protocol):
 class Store(Protocol):
     """A backend. One whose commit is a local disk write (the embedded store) may also
     offer ``transact_nowait(fn)``: one attempt that never sleeps, raising
-    ``ConflictError`` where ``transact`` would wait or retry (transactions.py uses it
+    ``ConflictError`` where ``transact`` would wait or retry (transactions/commits.py uses it
     to commit on the event loop, when that is cheaper than a thread)."""
 
     #: where the data lives, for log lines ("embedded store /path", "FoundationDB cluster file ...")

@@ -88,7 +88,7 @@ class MeteredStore:
         self._reads, self._commits = self.round_trips.labels("read"), self.round_trips.labels("commit")
         self.seconds = metrics.latency_histogram("fusesqlite_store_transaction",
                                                  "Store transactions, retries included")
-        if hasattr(inner, "transact_nowait"):  # mount.py and transactions.py look for it
+        if hasattr(inner, "transact_nowait"):  # mount.py and transactions/commits.py look for it
             self.transact_nowait = self._transact_nowait
 
     def __getattr__(self, name: str) -> Any:
