@@ -38,11 +38,21 @@ state                     meaning
 
 While a journal is in any state but ``IDLE``, its database is *in a transaction*:
 nothing but the journal's commit point commits the database (not its fsync, nor
-its close, nor another process's). The C hooks (_journal.c) answer a journal's
-writes, reads, fsyncs and flushes themselves where no decision is due: they read
-two flags this module sets on the shared contents, ``started`` (the transaction's
-database is known: writes that keep the header set change nothing) and
-``end_pending`` (``ENDED_IN_CACHE``: the next fsync or flush comes to Python).
+its close, nor another process's).
+
+The C hooks (_journal.c) answer a journal's writes, reads, fsyncs and flushes
+themselves where no event of this module can be due, and hand everything else to
+Python. They read two flags only this module sets on the shared contents, and the
+journal's bytes:
+
+- a write: Python's unless ``started`` (``Journal.database`` is known: the write
+  lease is held) and it keeps the header set, or it lands away from the header of a
+  journal that is hot or started. So every write that can start a transaction or
+  zero a header (``written``) reaches Python; a C write can make a journal hot, never
+  end it, empty it, or start one nobody has seen start;
+- an fsync or flush: Python's if ``end_pending`` (``ENDED_IN_CACHE``), or a flush of
+  a page-cached handle whose journal is non-empty and not hot: a superset of what
+  ``synced`` can commit (it also needs ``unseen``), so C never answers a commit point.
 """
 from __future__ import annotations
 
