@@ -41,7 +41,7 @@ BASELINE_MB = 48
 READ_AHEAD_KB = 4096
 
 #: a mount that has not followed other mounts' commits for this long says so (every REGISTER_EVERY)
-FOLLOW_STALLED_SECONDS = 10.0
+FOLLOW_STALLED_SECONDS = 4.0
 
 #: how long a stopping mount waits for its lock proxy to let go of local files
 #: (a local reader holding a lock the proxy waits for can make it wait)

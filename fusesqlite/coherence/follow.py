@@ -85,7 +85,6 @@ class Following(Leases):
         for ino, p in list(self.proxies.items()):
             self._kick(ino, p)
 
-
     def reverted(self, ino: int) -> None:
         """A failed commit reverted ``ino``, which a move found with local changes and
         so left behind (Transactions.behind): move it again, since nothing else would
