@@ -62,8 +62,9 @@ def test_metrics_count_commits_and_parse_as_prometheus_text(mounts):
     assert after['fusesqlite_commits_total{outcome=error}'] == 0
     assert after["fusesqlite_written_bytes_total"] - before["fusesqlite_written_bytes_total"] >= len(big)
     assert after["fusesqlite_committed_bytes_total"] - before["fusesqlite_committed_bytes_total"] >= len(big)
-    assert after["fusesqlite_store_round_trips_total{kind=commit}"] >= 50
-    assert after["fusesqlite_store_round_trips_total{kind=read}"] > 0
+    assert after["fusesqlite_store_round_trip_seconds_count{kind=commit}"] >= 50
+    assert after["fusesqlite_store_round_trip_seconds_count{kind=read}"] > 0
+    assert after["fusesqlite_store_round_trip_seconds_sum{kind=commit}"] > 0
     assert after["fusesqlite_store_transaction_seconds_count"] >= 50
     assert after["fusesqlite_fuse_requests_total{operation=create}"] >= 50  # a journal per transaction
     assert after["fusesqlite_memory_budget_bytes"] == 256 << 20

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import Metric
 
 from fusesqlite import metrics
@@ -23,26 +23,35 @@ T = TypeVar("T")
 
 
 class _Counting:
-    """A transaction (or its snapshot view) whose reads are counted."""
+    """A transaction (or its snapshot view) whose reads are timed."""
 
     __slots__ = ("_tr", "_reads", "wrote")
 
-    def __init__(self, tr: Any, reads: Counter) -> None:
+    def __init__(self, tr: Any, reads: Histogram) -> None:
         self._tr = tr
         self._reads = reads
         self.wrote = False  # its commit is a round trip (a read-only one's end is none)
 
     def get(self, key: bytes) -> bytes | None:
-        self._reads.inc()
-        return self._tr.get(key)
+        started = time.perf_counter()
+        try:
+            return self._tr.get(key)
+        finally:
+            self._reads.observe(time.perf_counter() - started)
 
     def get_range(self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False) -> list[tuple[bytes, bytes]]:
-        self._reads.inc()
-        return self._tr.get_range(begin, end, limit=limit, reverse=reverse)
+        started = time.perf_counter()
+        try:
+            return self._tr.get_range(begin, end, limit=limit, reverse=reverse)
+        finally:
+            self._reads.observe(time.perf_counter() - started)
 
     def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
-        self._reads.inc()
-        return self._tr.get_ranges(reads)
+        started = time.perf_counter()
+        try:
+            return self._tr.get_ranges(reads)
+        finally:
+            self._reads.observe(time.perf_counter() - started)
 
     @property
     def snapshot(self) -> ReadView:
@@ -83,8 +92,9 @@ class MeteredStore:
         self._ok, self._failed = self.transactions.labels("ok"), self.transactions.labels("error")
         self.attempts = Counter("fusesqlite_store_attempts", "Attempts of store transactions (retries included)",
                                 registry=None)
-        self.round_trips = Counter("fusesqlite_store_round_trips",
-                                   "Store round trips: each read call, each commit", ["kind"], registry=None)
+        self.round_trips = Histogram("fusesqlite_store_round_trip", "Store round trips: each read call, and "
+                                     "the commit of each transaction that wrote", ["kind"], unit="seconds",
+                                     buckets=metrics.LATENCY_BUCKETS, registry=None)
         self._reads, self._commits = self.round_trips.labels("read"), self.round_trips.labels("commit")
         self.seconds = metrics.latency_histogram("fusesqlite_store_transaction",
                                                  "Store transactions, retries included")
@@ -98,35 +108,38 @@ class MeteredStore:
         for metric in (self.transactions, self.attempts, self.round_trips, self.seconds):
             yield from metric.collect()
 
-    def _counted(self, fn: Callable[[Transaction], T]) -> Callable[[Transaction], T]:
+    def _metered(self, call: Callable[[Callable[[Transaction], T]], T], fn: Callable[[Transaction], T]) -> T:
+        """``call(fn)`` (the inner store's transact), counted and timed: the whole, its
+        attempts, and the commit (from the last attempt's end to the store's answer)."""
+        committing = 0.0  # when the last attempt that wrote handed over to the commit
+
         def attempt(tr: Transaction) -> T:
+            nonlocal committing
             self.attempts.inc()
             counting = _Counting(tr, self._reads)
             result = fn(counting)
-            if counting.wrote:
-                self._commits.inc()
+            committing = time.perf_counter() if counting.wrote else 0.0
             return result
-        return attempt
 
-    def _timed(self, call: Callable[[], T]) -> T:
         started = time.perf_counter()
         try:
-            result = call()
+            result = call(attempt)
         except StoreError:
             self._failed.inc()
             raise
         finally:
-            self.seconds.observe(time.perf_counter() - started)
+            now = time.perf_counter()
+            self.seconds.observe(now - started)
+        if committing:
+            self._commits.observe(now - committing)
         self._ok.inc()
         return result
 
     def transact(self, fn: Callable[[Transaction], T]) -> T:
-        counted = self._counted(fn)
-        return self._timed(lambda: self._inner.transact(counted))
+        return self._metered(self._inner.transact, fn)
 
     def _transact_nowait(self, fn: Callable[[Transaction], T]) -> T:
-        counted = self._counted(fn)
-        return self._timed(lambda: self._inner.transact_nowait(counted))  # type: ignore[attr-defined]
+        return self._metered(self._inner.transact_nowait, fn)  # type: ignore[attr-defined]
 
     def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
         return self._inner.wait_for_change(key, old, timeout)
