@@ -74,26 +74,32 @@ def _retention(text: str) -> float:
     return float("inf") if text == "off" else _duration(text)
 
 
+def _checked(check: Callable[[str], object], error: type[Exception], option: str) -> Callable[[str], str]:
+    """An argparse type for a value ``check`` parses later anyway: a bad one is a usage
+    error at once, in the words of ``check``'s ``error``."""
+
+    def checked(text: str) -> str:
+        try:
+            check(text)
+        except error as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{option}: ").removeprefix(f"{option} ")) from None
+        return text
+
+    return checked
+
+
 def _simulate_spec(text: str) -> str:
-    """A ``--simulate`` value, checked here so a bad one is a usage error at once."""
+    """A ``--simulate`` value."""
     from fusesqlite.store.simulated import SimulateSpecError, parse_simulate
 
-    try:
-        parse_simulate(text)
-    except SimulateSpecError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--simulate: ")) from None
-    return text
+    return _checked(parse_simulate, SimulateSpecError, "--simulate")(text)
 
 
 def _metrics_address(text: str) -> str:
-    """A ``--metrics`` value, checked here so a bad one is a usage error at once."""
+    """A ``--metrics`` value (prometheus_client loads only when one is given)."""
     from fusesqlite.metrics import MetricsError, parse_address
 
-    try:
-        parse_address(text)
-    except MetricsError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--metrics ")) from None
-    return text
+    return _checked(parse_address, MetricsError, "--metrics")(text)
 
 
 def default_store() -> str:

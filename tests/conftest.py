@@ -404,6 +404,18 @@ def mounts(tmp_path, request):
 
 
 @pytest.fixture
+def host(tmp_path):
+    """The file system's operations in this process, no FUSE (in_process.py)."""
+    from in_process import Host
+
+    h = Host(tmp_path)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
 def mount(mounts):
     """A fresh mount of a fresh store (default volume)."""
     return mounts()

@@ -5,7 +5,7 @@ point (deleted, truncated to zero, header zeroed) and not one request before.
 Each case is a table of the requests SQLite makes for a transaction (pager.c: the
 journal's header and page images, its fsyncs, the database's pages, its fsync, then
 the commit point), played on the file system's operations in this process
-(test_operations_in_process.py's harness, no FUSE: the direct path, without the
+(tests/in_process.py, no FUSE: the direct path, without the
 kernel's page cache; the tests that mount cover the page cache's). After every step a
 fresh view of the store reads the database: the old content up to the commit point,
 the new from it on. Two transactions in a row, as a journal kept between them
@@ -15,14 +15,12 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pyfuse3
 import pytest
 import trio
-from test_operations_in_process import CTX, JOURNAL_MAGIC, Host
+from in_process import CTX, JOURNAL_MAGIC, Host
 
 from fusesqlite.fs.operations import Operations
 from fusesqlite.inodes import ROOT_INO
@@ -121,15 +119,6 @@ class Player:
             await ops.setattr(self.journal_attr.st_ino, self.journal_attr, fields, self.journal_fh, CTX)
         else:
             raise AssertionError(op)
-
-
-@pytest.fixture
-def host(tmp_path: Path) -> Iterator[Host]:
-    h = Host(tmp_path)
-    try:
-        yield h
-    finally:
-        h.close()
 
 
 @pytest.mark.parametrize(("mode", "sync"), CASES, ids=[f"{m}-{s}" for m, s in CASES])

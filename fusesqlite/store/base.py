@@ -229,6 +229,73 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+class ViewThrough:
+    """Reads through another view, each read call passed to ``_read`` (a wrapper's own:
+    the simulated cluster's latency, the metered store's timing)."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: ReadView) -> None:
+        self._view = view
+
+    def _read(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
+        return call(*args, **kwargs)
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._read(self._view.get, key)
+
+    def get_range(
+        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        return self._read(self._view.get_range, begin, end, limit=limit, reverse=reverse)
+
+    def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
+        return self._read(self._view.get_ranges, reads)
+
+
+class TransactionThrough(ViewThrough):
+    """A transaction through another: reads as ``ViewThrough``, writes passed on as they
+    are and noted (``wrote``: the attempt will commit)."""
+
+    __slots__ = ("_tr", "wrote")
+
+    def __init__(self, tr: Transaction) -> None:
+        super().__init__(tr)
+        self._tr = tr
+        self.wrote = False
+
+    @property
+    def snapshot(self) -> ReadView:
+        return self._snapshot_view(self._tr.snapshot)
+
+    def _snapshot_view(self, view: ReadView) -> ReadView:
+        """The snapshot's reads, through the same wrapper's kind of view."""
+        raise NotImplementedError
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self.wrote = True
+        self._tr.set(key, value)
+
+    def clear(self, key: bytes) -> None:
+        self.wrote = True
+        self._tr.clear(key)
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        self.wrote = True
+        self._tr.clear_range(begin, end)
+
+    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
+        self.wrote = True
+        self._tr.set_versionstamped_key(key, offset, value)
+
+    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
+        self.wrote = True
+        self._tr.set_versionstamped_value(key, value, offset)
+
+    def versionstamp(self) -> Stamp:
+        return self._tr.versionstamp()
+
+
 def get_ranges_one_by_one(view: ReadView, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
     """``get_ranges`` for a store whose reads are local calls: one after the other."""
     return [view.get_range(r.begin, r.end, limit=r.limit, reverse=r.reverse) for r in reads]

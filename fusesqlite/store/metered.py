@@ -9,7 +9,7 @@ counters are prometheus_client's: transactions run on several worker threads.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
@@ -17,68 +17,39 @@ from prometheus_client.core import Metric
 
 from fusesqlite import metrics
 
-from .base import RangeRead, ReadView, Stamp, Store, StoreError, Transaction
+from .base import ReadView, Store, StoreError, Transaction, TransactionThrough, ViewThrough
 
 T = TypeVar("T")
 
 
-class _Counting:
-    """A transaction (or its snapshot view) whose reads are timed."""
+class _Timed(TransactionThrough):
+    """A transaction whose read calls are timed (each a round trip on FoundationDB)."""
 
-    __slots__ = ("_tr", "_reads", "wrote")
+    __slots__ = ("_reads",)
 
-    def __init__(self, tr: Any, reads: Histogram) -> None:
-        self._tr = tr
+    def __init__(self, tr: Transaction, reads: Histogram) -> None:
+        super().__init__(tr)
         self._reads = reads
-        self.wrote = False  # its commit is a round trip (a read-only one's end is none)
 
-    def get(self, key: bytes) -> bytes | None:
+    def _read(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
         started = time.perf_counter()
         try:
-            return self._tr.get(key)
+            return call(*args, **kwargs)
         finally:
             self._reads.observe(time.perf_counter() - started)
 
-    def get_range(self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False) -> list[tuple[bytes, bytes]]:
-        started = time.perf_counter()
-        try:
-            return self._tr.get_range(begin, end, limit=limit, reverse=reverse)
-        finally:
-            self._reads.observe(time.perf_counter() - started)
+    def _snapshot_view(self, view: ReadView) -> ReadView:
+        return _TimedView(view, self._reads)
 
-    def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
-        started = time.perf_counter()
-        try:
-            return self._tr.get_ranges(reads)
-        finally:
-            self._reads.observe(time.perf_counter() - started)
 
-    @property
-    def snapshot(self) -> ReadView:
-        return _Counting(self._tr.snapshot, self._reads)
+class _TimedView(ViewThrough):
+    __slots__ = ("_reads",)
 
-    def set(self, key: bytes, value: bytes) -> None:
-        self.wrote = True
-        self._tr.set(key, value)
+    def __init__(self, view: ReadView, reads: Histogram) -> None:
+        super().__init__(view)
+        self._reads = reads
 
-    def clear(self, key: bytes) -> None:
-        self.wrote = True
-        self._tr.clear(key)
-
-    def clear_range(self, begin: bytes, end: bytes) -> None:
-        self.wrote = True
-        self._tr.clear_range(begin, end)
-
-    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
-        self.wrote = True
-        self._tr.set_versionstamped_key(key, offset, value)
-
-    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
-        self.wrote = True
-        self._tr.set_versionstamped_value(key, value, offset)
-
-    def versionstamp(self) -> Stamp:
-        return self._tr.versionstamp()
+    _read = _Timed._read
 
 
 class MeteredStore:
@@ -116,9 +87,9 @@ class MeteredStore:
         def attempt(tr: Transaction) -> T:
             nonlocal committing
             self.attempts.inc()
-            counting = _Counting(tr, self._reads)
-            result = fn(counting)
-            committing = time.perf_counter() if counting.wrote else 0.0
+            timed = _Timed(tr, self._reads)
+            result = fn(timed)
+            committing = time.perf_counter() if timed.wrote else 0.0
             return result
 
         started = time.perf_counter()

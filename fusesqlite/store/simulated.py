@@ -29,10 +29,11 @@ from .base import (
     RangeRead,
     ReadView,
     RetryableError,
-    Stamp,
     Store,
     StoreError,
     Transaction,
+    TransactionThrough,
+    ViewThrough,
     log,
     parse_settings,
     run_with_retries,
@@ -107,68 +108,44 @@ class _Refused(Exception):
     StoreError: the inner store must neither retry it nor translate it."""
 
 
-class _View:
-    """Reads through the inner store, each one a round trip."""
+class _Latency:
+    """Each read call of a view or transaction waits the cluster's read latency first."""
 
-    __slots__ = ("_view", "_delay")
+    __slots__ = ()
+    _delay: float
 
-    def __init__(self, view: ReadView, delay: float) -> None:
-        self._view = view
-        self._delay = delay
-
-    def get(self, key: bytes) -> bytes | None:
+    def _read(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
         if self._delay:
             time.sleep(self._delay)
-        return self._view.get(key)
-
-    def get_range(
-        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
-    ) -> list[tuple[bytes, bytes]]:
-        if self._delay:
-            time.sleep(self._delay)
-        return self._view.get_range(begin, end, limit=limit, reverse=reverse)
+        return call(*args, **kwargs)
 
     def get_ranges(self, reads: Sequence[RangeRead]) -> list[list[tuple[bytes, bytes]]]:
         """All of them in one round trip, as FoundationDB's futures issued together."""
-        if self._delay and reads:
-            time.sleep(self._delay)
-        return self._view.get_ranges(reads)
+        return super().get_ranges(reads) if reads else []  # type: ignore[misc]
 
 
-class _Transaction(_View):
+class _View(_Latency, ViewThrough):
+    """Reads through the inner store, each one a round trip."""
+
+    __slots__ = ("_delay",)
+
+    def __init__(self, view: ReadView, delay: float) -> None:
+        super().__init__(view)
+        self._delay = delay
+
+
+class _Transaction(_Latency, TransactionThrough):
     """One attempt's transaction: reads pay the latency, writes are buffered by the
     client in FoundationDB (no round trip), so they go straight to the inner store."""
 
-    __slots__ = ("_tr", "snapshot", "wrote")
+    __slots__ = ("_delay",)
 
     def __init__(self, tr: Transaction, delay: float) -> None:
-        super().__init__(tr, delay)
-        self._tr = tr
-        self.snapshot = _View(tr.snapshot, delay)
-        self.wrote = False
+        super().__init__(tr)
+        self._delay = delay
 
-    def set(self, key: bytes, value: bytes) -> None:
-        self.wrote = True
-        self._tr.set(key, value)
-
-    def clear(self, key: bytes) -> None:
-        self.wrote = True
-        self._tr.clear(key)
-
-    def clear_range(self, begin: bytes, end: bytes) -> None:
-        self.wrote = True
-        self._tr.clear_range(begin, end)
-
-    def set_versionstamped_key(self, key: bytes, offset: int, value: bytes) -> None:
-        self.wrote = True
-        self._tr.set_versionstamped_key(key, offset, value)
-
-    def set_versionstamped_value(self, key: bytes, value: bytes, offset: int) -> None:
-        self.wrote = True
-        self._tr.set_versionstamped_value(key, value, offset)
-
-    def versionstamp(self) -> Stamp:
-        return self._tr.versionstamp()
+    def _snapshot_view(self, view: ReadView) -> ReadView:
+        return _View(view, self._delay)
 
 
 class SimulatedStore:
