@@ -2,10 +2,12 @@
 point where they spill from memory to a temporary file."""
 from __future__ import annotations
 
+import itertools
 import random
 import stat
 
 from fusesqlite.fs import transient
+from fusesqlite.fs.journal import State
 from fusesqlite.fs.transient import TransientFile
 
 
@@ -71,5 +73,22 @@ def test_the_c_hook_may_answer_a_journals_writes_only_while_its_transaction_runs
         assert tf.data.started and tf.journal.database == 42
         tf.journal.database = None
         assert not tf.data.started
+    finally:
+        tf.close()
+
+
+def test_a_journal_is_in_a_transaction_exactly_when_its_state_is_not_idle():
+    """``Journal.in_transaction`` (one expression, asked at every fsync and close of a
+    database) and ``Journal.state`` say the same, whatever the flags."""
+    tf = TransientFile(1, 1, b"x-journal", stat.S_IFREG | 0o644, 0, 0)
+    try:
+        journal = tf.journal
+        for header, ended, unseen, kept, cached in itertools.product((None, b"\0", b"\xd9"), *[(False, True)] * 4):
+            journal.truncated(0)
+            if header is not None:
+                tf.write(0, header + bytes(27))
+            journal.ended_in_cache, journal.unseen, journal.kept_open = ended, unseen, kept
+            journal.cached_opens = int(cached)
+            assert journal.in_transaction == (journal.state is not State.IDLE), journal.state
     finally:
         tf.close()

@@ -149,8 +149,10 @@ class Journal:
     @property
     def in_transaction(self) -> bool:
         """Whether the database's writes may belong to an uncommitted transaction of this
-        journal: then nothing but the journal's own commit point commits them."""
-        return self.state is not State.IDLE
+        journal (any state but ``IDLE``): then nothing but the journal's own commit point
+        commits them. Asked at every fsync and close of a database: one expression, not
+        ``state``'s walk."""
+        return self.hot or self.ended_in_cache or self.unseen or (self.kept_open and self.cached_opens > 0)
 
     def _ended(self, was: bool) -> Act:
         """The commit point, if the journal was in a transaction (``was``) and is neither
