@@ -8,13 +8,14 @@
  * Through pyfuse3 each costs the daemon some 20-30 us of Python; most of them
  * change nothing but the bytes. So the bytes live here (Contents: memory up to
  * a limit, then an unlinked temporary file), and _fuse_init.c's session hook
- * asks this module first for every WRITE, READ, FSYNC and FLUSH: a write into a
- * registered journal while its transaction has started (Contents.started) or it
- * is active, unless it writes the header and could end the transaction; any read
- * of one; and its fsyncs and flushes (nothing to do: the bytes are already the
- * daemon's) are answered in C.
- * Everything that can start or end a transaction (a write to a journal nobody
- * started, a header write zeroing its first byte, truncation) still goes to Python
+ * asks this module first for every WRITE, READ, FSYNC and FLUSH of a registered
+ * journal handle. Reads are always answered here. Which writes, fsyncs and
+ * flushes are is decided in Python, by the journal's protocol (fs/journal.py),
+ * and published as one word, Contents.answers: ANSWER_WRITES (a write that keeps
+ * the header's first byte set, or lands away from the header: it cannot start or
+ * end a transaction), ANSWER_FSYNCS, ANSWER_FLUSHES (nothing to do: the bytes are
+ * already the daemon's). Nothing here looks at the journal's state itself.
+ * Everything that can start or end a transaction goes to Python
  * (fusesqlite/fs/files.py), which sees the same contents through this type.
  * Such writes do not look at the write lease again: one lost meanwhile fails the
  * transaction at its commit (coherence/, Coherence._lose).
@@ -35,6 +36,11 @@
 
 #include "_journal.h"
 
+/* Contents.answers: the requests of a journal C answers without Python */
+#define ANSWER_WRITES 1  /* writes that keep the header's first byte set */
+#define ANSWER_FSYNCS 2
+#define ANSWER_FLUSHES 4
+
 typedef struct {
     PyObject_HEAD
     char *mem;          /* the contents while in memory (size bytes of cap) */
@@ -43,8 +49,7 @@ typedef struct {
     int fd;             /* once spilled: an unlinked file of length size; else -1 */
     uint64_t spool;     /* bytes kept in memory before spilling */
     int first;          /* the first byte, 0 while empty */
-    int started;        /* Python found the transaction these writes belong to (files.py) */
-    int end_pending;  /* Python waits for the next fsync or flush to commit (files.py) */
+    int answers;        /* ANSWER_* bits: what C answers, set by fs/journal.py only */
     int64_t changed_ns; /* time of the last change not yet taken, -1 if none */
     char *spill_dir;
 } Contents;
@@ -262,8 +267,7 @@ static int Contents_init(Contents *self, PyObject *args, PyObject *kwds)
     self->spill_dir = dir;
     self->spool = spool;
     self->first = 0;
-    self->started = 0;
-    self->end_pending = 0;
+    self->answers = 0;
     self->changed_ns = -1;
     return 0;
 }
@@ -346,25 +350,19 @@ static PyObject *Contents_close_py(Contents *self, PyObject *unused)
 static PyObject *Contents_get_size(Contents *self, void *closure) { return PyLong_FromUnsignedLongLong(self->size); }
 static PyObject *Contents_get_first(Contents *self, void *closure) { return PyLong_FromLong(self->first); }
 static PyObject *Contents_get_spilled(Contents *self, void *closure) { return PyBool_FromLong(self->fd >= 0); }
-static PyObject *Contents_get_started(Contents *self, void *closure) { return PyBool_FromLong(self->started); }
+static PyObject *Contents_get_answers(Contents *self, void *closure) { return PyLong_FromLong(self->answers); }
 
-/* A flag set from Python's truth value (deleting it clears it); -1 on error. */
-static int set_flag(int *flag, PyObject *value)
+static int Contents_set_answers(Contents *self, PyObject *value, void *closure)
 {
-    int b = value == NULL ? 0 : PyObject_IsTrue(value);
-    if (b < 0)
+    long v = value == NULL ? 0 : PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred())
         return -1;
-    *flag = b;
+    if (v < 0 || v > (ANSWER_WRITES | ANSWER_FSYNCS | ANSWER_FLUSHES)) {
+        PyErr_SetString(PyExc_ValueError, "answers: a combination of ANSWER_WRITES, ANSWER_FSYNCS, ANSWER_FLUSHES");
+        return -1;
+    }
+    self->answers = (int)v;
     return 0;
-}
-
-static int Contents_set_started(Contents *self, PyObject *value, void *closure) { return set_flag(&self->started, value); }
-
-static PyObject *Contents_get_end_pending(Contents *self, void *closure) { return PyBool_FromLong(self->end_pending); }
-
-static int Contents_set_end_pending(Contents *self, PyObject *value, void *closure)
-{
-    return set_flag(&self->end_pending, value);
 }
 
 static PyMethodDef Contents_methods[] = {
@@ -381,11 +379,8 @@ static PyGetSetDef Contents_getset[] = {
     {"size", (getter)Contents_get_size, NULL, "length in bytes", NULL},
     {"first", (getter)Contents_get_first, NULL, "the first byte (0 while empty)", NULL},
     {"spilled", (getter)Contents_get_spilled, NULL, "whether the contents are in the spill file", NULL},
-    {"started", (getter)Contents_get_started, (setter)Contents_set_started,
-     "set while the transaction these writes belong to holds its lease: writes to the "
-     "inactive journal may then be answered in C too", NULL},
-    {"end_pending", (getter)Contents_get_end_pending, (setter)Contents_set_end_pending,
-     "set while a commit waits for the journal's next fsync or flush: they then go to Python", NULL},
+    {"answers", (getter)Contents_get_answers, (setter)Contents_set_answers,
+     "ANSWER_* bits: the writes, fsyncs and flushes C answers without Python (fs/journal.py sets them)", NULL},
     {NULL},
 };
 
@@ -409,7 +404,6 @@ static PyTypeObject ContentsType = {
 static struct {
     uint64_t fh;
     Contents *c;
-    int cached; /* opened through the page cache: its flush goes to Python */
 } slots[SLOTS];
 static int used;
 static unsigned long long fast_writes, fast_reads, fast_syncs;
@@ -422,19 +416,22 @@ static Contents *find(uint64_t fh)
     return NULL;
 }
 
+/* Whether C answers a write of size bytes at off starting with first_byte: what
+ * Python published allows writes, and this one cannot zero the header. */
+static int answers_write(const Contents *c, int64_t off, const char *buf, size_t size)
+{
+    return (c->answers & ANSWER_WRITES) && off >= 0 && size > 0 && (off != 0 || buf[0] != 0);
+}
+
+static int answers_sync(const Contents *c, int flush)
+{
+    return (c->answers & (flush ? ANSWER_FLUSHES : ANSWER_FSYNCS)) != 0;
+}
+
 static int fast_write(uint64_t fh, int64_t off, const char *buf, size_t size)
 {
     Contents *c = find(fh);
-    /* only a write that can neither start nor end a transaction:
-     * - away from the header, into a journal that is active (SQLite's rule:
-     *   non-empty, first byte set) or whose transaction Python has seen start;
-     * - or the header of a started journal, rewritten with its first byte set
-     *   (SQLite at synchronous=FULL writes the header's magic and record count
-     *   only after the journal's first fsync): the journal is active after it.
-     * A header write that zeroes the first byte ends the transaction: Python's. */
-    if (c == NULL || off < 0 || size == 0 || c->size == 0)
-        return 0;
-    if (off == 0 ? !(c->started && buf[0] != 0) : (c->first == 0 && !c->started))
+    if (c == NULL || !answers_write(c, off, buf, size))
         return 0;
     if (contents_write(c, (uint64_t)off, buf, size) != 0)
         return 0; /* Python tries again and reports the error */
@@ -453,20 +450,11 @@ static int fast_read(uint64_t fh, int64_t off, size_t size, const char **out, si
 
 static int fast_sync(uint64_t fh, int flush)
 {
-    /* fsync and flush of a journal: Python does nothing with them (files.py), unless
-     * a commit the kernel wrote back waits for one (end_pending), or it closes a
-     * journal written through the page cache that holds something but is not active
-     * (its transaction may have ended before the kernel wrote any of it back) */
-    for (int i = 0; i < used; i++) {
-        if (slots[i].fh != fh)
-            continue;
-        Contents *c = slots[i].c;
-        if (c->end_pending || (flush && slots[i].cached && c->size > 0 && c->first == 0))
-            return 0;
-        fast_syncs++;
-        return 1;
-    }
-    return 0;
+    Contents *c = find(fh);
+    if (c == NULL || !answers_sync(c, flush))
+        return 0;
+    fast_syncs++;
+    return 1;
 }
 
 static const struct journal_api api = {fast_write, fast_read, fast_sync};
@@ -475,15 +463,13 @@ static PyObject *register_fh(PyObject *self, PyObject *args)
 {
     unsigned long long fh;
     PyObject *c;
-    int cached = 0;
-    if (!PyArg_ParseTuple(args, "KO!|p", &fh, &ContentsType, &c, &cached))
+    if (!PyArg_ParseTuple(args, "KO!", &fh, &ContentsType, &c))
         return NULL;
     if (find(fh) != NULL || used == SLOTS)
         Py_RETURN_FALSE; /* then Python answers this handle's requests */
     Py_INCREF(c);
     slots[used].fh = fh;
     slots[used].c = (Contents *)c;
-    slots[used].cached = cached;
     used++;
     Py_RETURN_TRUE;
 }
@@ -504,6 +490,36 @@ static PyObject *unregister_fh(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* What the session hook would do with a request on fh, without doing it: the
+ * protocol tests play SQLite's requests as the kernel would send them and give C
+ * the ones it answers (tests/test_journal_protocol.py). */
+static PyObject *answers_py(PyObject *self, PyObject *args)
+{
+    unsigned long long fh;
+    const char *op;
+    long long off = 0;
+    Py_buffer data = {0};
+    if (!PyArg_ParseTuple(args, "Ks|Ly*", &fh, &op, &off, &data))
+        return NULL;
+    Contents *c = find(fh);
+    int yes = 0;
+    if (c == NULL)
+        yes = 0;
+    else if (strcmp(op, "write") == 0)
+        yes = answers_write(c, off, data.buf, (size_t)data.len);
+    else if (strcmp(op, "read") == 0)
+        yes = 1;
+    else if (strcmp(op, "fsync") == 0 || strcmp(op, "flush") == 0)
+        yes = answers_sync(c, op[1] == 'l');
+    else {
+        PyBuffer_Release(&data);
+        PyErr_Format(PyExc_ValueError, "answers: no request %s (write, read, fsync, flush)", op);
+        return NULL;
+    }
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(yes);
+}
+
 static PyObject *api_capsule(PyObject *self, PyObject *unused)
 {
     return PyCapsule_New((void *)&api, JOURNAL_API_CAPSULE, NULL);
@@ -516,8 +532,9 @@ static PyObject *stats(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"register", register_fh, METH_VARARGS,
-     "register(fh, contents, cached=False) -> bool: answer this journal handle's writes and reads in C "
-     "where they can be (cached: opened through the page cache, its flush goes to Python)"},
+     "register(fh, contents) -> bool: answer this journal handle's requests in C where contents.answers says"},
+    {"answers", answers_py, METH_VARARGS,
+     "answers(fh, 'write'|'read'|'fsync'|'flush', offset=0, data=b'') -> bool: whether C answers that request"},
     {"unregister", unregister_fh, METH_VARARGS, "unregister(fh): the handle is released"},
     {"api", api_capsule, METH_NOARGS, "the capsule _fuse_init.fast_path() takes"},
     {"stats", stats, METH_NOARGS, "(writes, reads, fsyncs and flushes answered in C, handles registered)"},
@@ -533,6 +550,12 @@ PyMODINIT_FUNC PyInit__journal(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (PyModule_AddIntConstant(m, "ANSWER_WRITES", ANSWER_WRITES) < 0
+        || PyModule_AddIntConstant(m, "ANSWER_FSYNCS", ANSWER_FSYNCS) < 0
+        || PyModule_AddIntConstant(m, "ANSWER_FLUSHES", ANSWER_FLUSHES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&ContentsType);
     if (PyModule_AddObject(m, "Contents", (PyObject *)&ContentsType) < 0) {
         Py_DECREF(&ContentsType);

@@ -18,10 +18,7 @@ struct journal_api {
     /* 1 with out and len set (free to_free after answering), 0 if Python must */
     int (*read)(uint64_t fh, int64_t off, size_t size, const char **out, size_t *len, char **to_free);
     /* 1 if fh is a registered journal handle whose fsync (flush: 1, its close)
-     * has nothing to do (the contents are the daemon's own memory): answered at
-     * once. Not where a commit waits for it, nor a close of a journal written
-     * through the page cache whose transaction may have ended unseen (Python then
-     * looks at what the kernel wrote back) */
+     * C answers at once (Contents.answers, set by fs/journal.py), 0 if Python must */
     int (*sync)(uint64_t fh, int flush);
 };
 

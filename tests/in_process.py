@@ -29,12 +29,15 @@ class Host:
         self.own_mount = OwnMount.spawn()
         self._n = 0
 
-    def view(self) -> Operations:
+    def view(self, writeback_cache: bool = False, own_mount: object = None) -> Operations:
+        """A new mount's operations; ``own_mount`` stands in for the own-mount helper
+        (test_journal_protocol.py's kernel model syncs its page cache there)."""
         self._n += 1
         volume = Volume(self.store, "default", author=f"view{self._n}")
         tx = Transactions(volume, cache_bytes=1 << 20, mount_id=f"view{self._n}")
         tx.snapshot = volume.open()
-        return Operations(tx, str(self.mountpoint), self.own_mount, writeback_cache=False)
+        helper = self.own_mount if own_mount is None else own_mount
+        return Operations(tx, str(self.mountpoint), helper, writeback_cache=writeback_cache)  # type: ignore[arg-type]
 
     async def content(self, name: bytes) -> bytes:
         """``name``'s bytes as a new view reads them."""

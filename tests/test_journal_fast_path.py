@@ -95,8 +95,10 @@ def test_small_transactions_journal_reaches_the_daemon_in_two_writes_and_commits
         # each autocommit: SQLite writes its new journal 8 times (the header, 3 pieces
         # for each of 2 pages, the header with its magic) and fsyncs it twice. Through
         # the page cache that is one write back at each fsync: the first (the transaction's
-        # start) for Python, the second answered in C, as are both fsyncs and the close
-        assert syncs >= 3 * n, syncs
+        # start) for Python, the second answered in C, as are both fsyncs. The close is
+        # Python's: the journal was unseen and not hot at Python's last event, and the
+        # header C wrote since does not change the word Python published (fs/journal.py)
+        assert syncs >= 2 * n, syncs
         assert n <= writes < 2 * n, writes
     m = mounts.remount(m, stop=False)
     with opendb(m / "app.sqlite") as c:

@@ -6,8 +6,9 @@ import itertools
 import random
 import stat
 
+from fusesqlite import _journal
 from fusesqlite.fs import transient
-from fusesqlite.fs.journal import State
+from fusesqlite.fs.journal import Act, Journal, State
 from fusesqlite.fs.transient import TransientFile
 
 
@@ -62,18 +63,69 @@ def test_a_journal_past_the_spill_point_leaves_memory():
         tf.close()
 
 
-def test_the_c_hook_may_answer_a_journals_writes_only_while_its_transaction_runs():
-    """``Contents.started`` follows ``Journal.database`` (files.py sets it once the
-    transaction took its lease, and clears it at the commit): while it is off, writes to
-    a journal that is not hot reach Python, which may start a transaction or refuse one."""
-    tf = TransientFile(1, 1, b"x-journal", stat.S_IFREG | 0o644, 0, 0)
+def journal_in(tf: TransientFile, header: bytes | None, database: int | None, ended: bool, unseen: bool,
+               kept: bool, cached_opens: int) -> Journal:
+    """``tf``'s journal with these bytes and flags, its word for C published as an event would."""
+    journal = tf.journal
+    journal.truncated(0)
+    if header is not None:
+        tf.write(0, header + bytes(27) + b"images")
+    journal.database = database
+    journal.ended_in_cache, journal.unseen, journal.kept_open = ended, unseen, kept
+    journal.cached_opens = cached_opens
+    tf.data.answers = journal.answers
+    return journal
+
+
+def flags(journal: Journal) -> tuple:
+    return (journal.database, journal.ended_in_cache, journal.unseen, journal.kept_open, journal.cached_opens)
+
+
+def test_c_answers_only_requests_whose_python_event_would_do_nothing():
+    """For every combination of a journal's bytes and flags, and every write, fsync and
+    flush the kernel can send: where C answers (its own decision, ``_journal.answers``,
+    from the one word Python publishes), the Python handler it skips would have
+    committed nothing, taken no lease and left every flag as it was. So C never
+    answers a commit point nor starts a transaction unseen (fs/journal.py)."""
+    tf = TransientFile(1, 1, b"x.db-journal", stat.S_IFREG | 0o644, 0, 0)
+    fh = 1 << 40  # no handle of a mount: this test's own registration
+    assert _journal.register(fh, tf.data)
+    answered = 0
     try:
-        assert not tf.data.started
-        tf.journal.database = 42
-        assert tf.data.started and tf.journal.database == 42
-        tf.journal.database = None
-        assert not tf.data.started
+        combos = itertools.product((None, b"\0", b"\xd9"), (None, 42), *[(False, True)] * 3, (0, 1))
+        for combo in combos:
+            header, database, ended, unseen, kept, cached_opens = combo
+            requests: list[tuple] = [("fsync", c) for c in (False, True)] + [("flush", c) for c in (False, True)]
+            requests += [("write", off, byte, c) for off in (0, 512) for byte in (0, 0xD9) for c in (False, True)]
+            for request in requests:
+                cached = request[-1]
+                if cached and not cached_opens:
+                    continue  # a write-back or sync through the page cache needs a page-cached handle
+                journal = journal_in(tf, header, database, ended, unseen, kept, cached_opens)
+                before = flags(journal)
+                if request[0] == "write":
+                    _, off, byte, _ = request
+                    data = bytes([byte]) * 28
+                    if not _journal.answers(fh, "write", off, data):
+                        continue
+                    was = journal.hot
+                    # files.py's write: journal_started (a lease) unless the transaction's database is known
+                    assert was or journal.database is not None, (combo, request)
+                    tf.write(off, data)
+                    assert journal.written(off, was, cached) is Act.NOTHING, (combo, request)
+                else:
+                    if not _journal.answers(fh, request[0]):
+                        continue
+                    if cached:  # files.py hands only a page-cached handle's fsync and flush to the journal
+                        assert journal.synced(closing=request[0] == "flush") is Act.NOTHING, (combo, request)
+                assert flags(journal) == before, (combo, request)
+                answered += 1
+        assert answered > 100  # C answers most of them: the check above is not vacuous
+        idle = journal_in(tf, None, None, False, False, False, 0)
+        assert idle.answers == _journal.ANSWER_FSYNCS | _journal.ANSWER_FLUSHES
+        assert not _journal.answers(fh, "write", 512, b"x" * 28)
     finally:
+        _journal.unregister(fh)
         tf.close()
 
 

@@ -300,7 +300,7 @@ class FileOps(FsBase):
         fi.direct_io = journal and not cached_journal
         if journal:
             assert isinstance(file, TransientFile)
-            _journal.register(fh, file.data, cached_journal)
+            _journal.register(fh, file.data)
         return fi
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:

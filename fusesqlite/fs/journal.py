@@ -40,33 +40,41 @@ While a journal is in any state but ``IDLE``, its database is *in a transaction*
 nothing but the journal's commit point commits the database (not its fsync, nor
 its close, nor another process's).
 
-The C hooks (_journal.c) answer a journal's writes, reads, fsyncs and flushes
-themselves where no event of this module can be due, and hand everything else to
-Python. They read two flags only this module sets on the shared contents, and the
-journal's bytes:
+The C hooks (_journal.c) answer a journal's reads, and the writes, fsyncs and
+flushes this module says they may: after every event it publishes one word,
+``Contents.answers`` (``Journal.answers``), and C reads nothing else of the
+protocol. Each bit is given only where the event C skips could not act:
 
-- a write: Python's unless ``started`` (``Journal.database`` is known: the write
-  lease is held) and it keeps the header set, or it lands away from the header of a
-  journal that is hot or started. So every write that can start a transaction or
-  zero a header (``written``) reaches Python; a C write can make a journal hot, never
-  end it, empty it, or start one nobody has seen start;
-- an fsync or flush: Python's if ``end_pending`` (``ENDED_IN_CACHE``), or a flush of
-  a page-cached handle whose journal is non-empty and not hot: a superset of what
-  ``synced`` can commit (it also needs ``unseen``), so C never answers a commit point.
+- ``ANSWER_WRITES``, while the journal's database is known (its write lease held),
+  the journal is not empty, no commit waits for an fsync, and a page-cached handle's
+  write would find the journal ``UNSEEN`` already; and C takes only a write that
+  keeps the header's first byte set. ``written`` acts only on a header zeroed, and
+  ``journal_started`` only before the database is known: a C write can make a
+  journal hot, never end it, empty it, or start a transaction nobody saw start;
+- ``ANSWER_FSYNCS``, unless ``ENDED_IN_CACHE`` (the one state ``synced`` commits in
+  at an fsync);
+- ``ANSWER_FLUSHES``, unless ``ENDED_IN_CACHE`` or the journal holds unseen bytes
+  and is not hot (``synced``'s commit at a close).
+
+C's own writes keep every bit true: they change only bytes, past a non-empty
+journal's start or with the header's first byte set.
 """
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+import functools
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
+
+from fusesqlite._journal import ANSWER_FLUSHES, ANSWER_FSYNCS, ANSWER_WRITES
 
 
 class Contents(Protocol):
-    """The journal's bytes (_journal.Contents), with the two flags the C hooks read."""
+    """The journal's bytes (_journal.Contents), with the word the C hooks read."""
 
     size: int
     first: int
-    started: bool
-    end_pending: bool
+    answers: int
 
     def truncate(self, size: int) -> None: ...
 
@@ -87,14 +95,34 @@ class Act(enum.Enum):
     COMMIT = "commit"
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _event(method: Callable[Concatenate[Journal, P], R]) -> Callable[Concatenate[Journal, P], R]:
+    """An event: once it has moved the state, C answers what the new state allows."""
+
+    @functools.wraps(method)
+    def run(self: Journal, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._publish()
+
+    return run
+
+
 class Journal:
     """The protocol state of one journal file (every transient file has one; only a
     journal's ever leaves ``IDLE``)."""
 
-    __slots__ = ("data", "_database", "cached_opens", "unseen", "kept_open", "db_synced", "refused")
+    __slots__ = ("data", "_database", "cached_opens", "unseen", "kept_open", "ended_in_cache", "db_synced",
+                 "refused")
 
     def __init__(self, data: Contents) -> None:
         self.data = data
+        #: the database whose transaction this journal's writes belong to, once the
+        #: write lease on it is taken (files.py, ``journal_started``)
         self._database: int | None = None
         #: open handles through the page cache: their writes reach the daemon at
         #: SQLite's fsync or close of the journal, not at its writes
@@ -103,11 +131,14 @@ class Journal:
         self.unseen = False
         #: a page-cached handle stayed open across the last commit point (``KEPT``)
         self.kept_open = False
+        #: the kernel wrote back a zeroed header (``ENDED_IN_CACHE``)
+        self.ended_in_cache = False
         #: the database was fsynced during the transaction: the kernel holds none of its
         #: pages (SQLite fsyncs the database last, unless synchronous=OFF)
         self.db_synced = False
         #: the errno of a write lease refused at the journal's create, for its first write
         self.refused: int | None = None
+        self._publish()
 
     # -- what the state is ------------------------------------------------------------------
     @property
@@ -116,23 +147,29 @@ class Journal:
         return self.data.size > 0 and self.data.first != 0
 
     @property
-    def ended_in_cache(self) -> bool:
-        return self.data.end_pending
-
-    @ended_in_cache.setter
-    def ended_in_cache(self, ended: bool) -> None:
-        self.data.end_pending = ended  # then the C hook hands the next fsync or flush to Python
-
-    @property
     def database(self) -> int | None:
-        """The database whose transaction this journal's writes belong to, once the
-        write lease on it is taken (files.py, ``journal_started``)."""
         return self._database
 
     @database.setter
     def database(self, ino: int | None) -> None:
         self._database = ino
-        self.data.started = ino is not None  # then the C hook answers the writes after the header
+        self._publish()
+
+    @property
+    def answers(self) -> int:
+        """The requests the C hooks may answer now (the module's docstring says why each)."""
+        if self.ended_in_cache:
+            return 0
+        bits = ANSWER_FSYNCS
+        if not (self.unseen and self.data.size > 0 and not self.hot):
+            bits |= ANSWER_FLUSHES
+        if self._database is not None and self.data.size > 0 and (self.unseen or not self.cached_opens):
+            bits |= ANSWER_WRITES
+        return bits
+
+    def _publish(self) -> None:
+        """After every event: what C answers follows the state."""
+        self.data.answers = self.answers
 
     @property
     def state(self) -> State:
@@ -160,6 +197,7 @@ class Journal:
         return Act.COMMIT if was and not self.hot and not self.ended_in_cache else Act.NOTHING
 
     # -- events -----------------------------------------------------------------------------
+    @_event
     def created_cached(self) -> None:
         """Created through the page cache: what SQLite writes stays unseen until it
         fsyncs or closes the journal."""
@@ -171,6 +209,7 @@ class Journal:
         a hot one) writes its database anew, which an earlier fsync does not cover."""
         self.db_synced = False
 
+    @_event
     def written(self, offset: int, was_hot: bool, cached: bool) -> Act:
         """The journal's bytes changed at ``offset``; ``was_hot`` before the write."""
         if cached:
@@ -185,12 +224,14 @@ class Journal:
             return self._ended(was_hot)
         return Act.NOTHING
 
+    @_event
     def truncated(self, size: int) -> Act:
         was = self.in_transaction
         self.ended_in_cache = False
         self.data.truncate(size)
         return self._ended(was)
 
+    @_event
     def synced(self, closing: bool) -> Act:
         """An fsync (``closing``: a flush) of a page-cached handle: the commit point,
         if what the kernel wrote back before it ended the transaction. That is a
@@ -208,6 +249,7 @@ class Journal:
     def unlinked(self) -> Act:
         return Act.COMMIT if self.in_transaction else Act.NOTHING
 
+    @_event
     def released(self, cached: bool, last: bool) -> None:
         """A handle closed (``last``: the journal's last one)."""
         if cached:
@@ -217,6 +259,7 @@ class Journal:
         if last:  # a refusal no write took belongs to no later transaction
             self.refused = None
 
+    @_event
     def committing(self) -> tuple[int | None, bool]:
         """The commit point is being committed: the database the transaction wrote (if
         its lease was taken) and whether the database was fsynced during it; the
