@@ -82,8 +82,8 @@ class FsBase(pyfuse3.Operations):
         self.coherence = Coherence(tx, self, own_mount, lease_seconds, follow=follow)
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
-        #: directory inode -> its last listing (directories.py: readdir)
-        self.listings: dict[int, list[tuple[int, bytes, int, Inode]]] = {}
+        #: directory inode -> (the snapshot it was read at, its entries), for readdir's next chunk
+        self.listings: dict[int, tuple[int, list[tuple[int, bytes, int, Inode]]]] = {}
         self._next_fh = 1
         #: last known (parent, name) of each inode: finds a database's journal, names files in logs
         self.names: dict[int, tuple[int, bytes]] = {}

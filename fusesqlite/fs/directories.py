@@ -339,11 +339,14 @@ class DirectoryOps(FileOps, FsBase):
         """``fh`` is the directory's inode (opendir). An entry's offset is a hash of its
         name (``listing_cookie``), so a listing resumed after other entries came or went
         neither skips nor repeats the rest; a listing that starts over reads the store
-        again, one that goes on reuses what its start read."""
-        listing = self.listings.pop(fh, None) if start_id else None
-        if listing is None:
-            listing = await self._listing(fh)
-        self.listings[fh] = listing
+        again, one that goes on reuses what its start read while this mount's view has
+        not moved since. After a move it reads again: the kernel makes inodes of a
+        listing's records (readdirplus), and one older than a commit this mount
+        applied would keep its size there (``Transactions.record``)."""
+        kept = self.listings.pop(fh, None) if start_id else None
+        at = self.tx.snapshot
+        listing = kept[1] if kept is not None and kept[0] == at else await self._listing(fh)
+        self.listings[fh] = (at, listing)
         while len(self.listings) > LISTINGS_KEPT:
             del self.listings[next(iter(self.listings))]
         for cookie, name, ino, rec in listing[bisect.bisect_right(listing, start_id, key=lambda e: e[0]):]:

@@ -28,6 +28,10 @@ T = TypeVar("T")
 #: store little (docs/benchmarks.md, bulk copy)
 STAGE_CHUNK_MAX = 1 << 20
 
+#: reads of a record that another mount's commit of it overtook, before the last one's
+#: answer goes out as it is (MountView.record)
+RECORD_READS = 3
+
 #: files whose pages' version this mount remembers (Transactions.views): an int each
 VIEWS_KEPT = 100_000
 
@@ -61,6 +65,12 @@ class RecordCache:
             return None
         self._lru.move_to_end(ino)
         return entry[1]
+
+    def newer(self, ino: int, as_of: int) -> bool:
+        """Whether the entry of ``ino`` is newer than a read as of ``as_of`` (another
+        mount's commit of it was applied meanwhile, or this mount committed it)."""
+        entry = self._lru.get(ino)
+        return entry is not None and entry[0] > as_of
 
     def put(self, ino: int, rec: Inode | None, as_of: int) -> Inode | None:
         """Keep ``rec`` (None: unknown, read it again) unless a newer read is cached; return the newer record."""

@@ -3,7 +3,7 @@ version of the pages the kernel holds of each file (moved only by a move)."""
 from __future__ import annotations
 
 from fusesqlite.inodes import Inode
-from fusesqlite.transactions.base import VIEWS_KEPT, TransactionsBase
+from fusesqlite.transactions.base import RECORD_READS, VIEWS_KEPT, TransactionsBase
 from fusesqlite.volume import (
     ChangeSet,
     CommitResult,
@@ -15,17 +15,31 @@ class MountView(TransactionsBase):
 
     # -- records -----------------------------------------------------------------------
     async def record(self, ino: int) -> Inode | None:
-        """The inode as this mount sees it (including uncommitted size and mtime)."""
-        fs = self.files.get(ino)
-        if fs is not None:
-            return fs.live_record()
-        rec = self.records.get(ino)
-        if rec is None:
+        """The inode as this mount sees it (including uncommitted size and mtime).
+
+        A read that another mount's commit of ``ino`` overtook (the follower applied
+        it while the read ran: its entry in ``records`` is newer, and empty until the
+        move refreshes it) is read again as of the new snapshot. Its older record
+        would reach the kernel: a lookup's answer makes a new inode of it, and with
+        the writeback cache the kernel keeps that inode's size (say 0, before
+        another mount's first transaction) whatever getattr says later, while the
+        move's invalidation may have reached the kernel before that answer.
+        """
+        rec = None
+        for _ in range(RECORD_READS):
+            fs = self.files.get(ino)
+            if fs is not None:
+                return fs.live_record()
+            cached = self.records.get(ino)
+            if cached is not None:
+                return cached
             at = self.snapshot
             rec = await self.run(self.volume.read_inode, ino, at)
-            if rec is not None:
-                rec = self.records.put(ino, rec, at) or rec
-        return rec
+            if not self.records.newer(ino, at):
+                if rec is not None:
+                    self.records.put(ino, rec, at)
+                return rec
+        return rec  # overtaken every time (another mount commits it flat out): the newest read
 
     async def open_record(self, ino: int) -> tuple[Inode | None, bool]:
         """The record a file opened now starts from (its FileState's), and whether the
@@ -72,14 +86,27 @@ class MountView(TransactionsBase):
         fs = self.files.get(ino)
         if fs is not None:
             return ino, fs.live_record()
+        if self.records.newer(ino, at):
+            # another mount's commit of it arrived meanwhile: its record as of now, not
+            # the older one the kernel would make a new inode of (``record``)
+            newer = await self.record(ino)
+            return None if newer is None else (ino, newer)
         return ino, self.records.put(ino, rec, at) or rec
 
     async def list_dir(self, parent: int) -> list[tuple[bytes, int, Inode]]:
-        entries = await self.run(self.volume.list_dir, parent, self.snapshot)
+        at = self.snapshot
+        entries = await self.run(self.volume.list_dir, parent, at)
         out = []
         for name, ino, rec in entries:
             fs = self.files.get(ino)
-            out.append((name, ino, fs.live_record() if fs else rec))
+            if fs is not None:
+                out.append((name, ino, fs.live_record()))
+            elif self.records.newer(ino, at):  # the kernel makes inodes of a listing too (readdirplus)
+                newer = await self.record(ino)
+                if newer is not None:
+                    out.append((name, ino, newer))
+            else:
+                out.append((name, ino, rec))
         return out
 
     async def commit_changes(self, changes: ChangeSet) -> int:
