@@ -469,6 +469,21 @@ async def _run_coherence(ops: Operations, scope: trio.CancelScope, done: trio.Ev
         done.set()
 
 
+def _stop_helper(ops: Operations) -> None:
+    """End the own-mount helper, then ask this mount for its statfs, in a worker thread.
+
+    Killing the helper withdraws a request of it the kernel had queued and not yet
+    handed over. pyfuse3's own loop (the pure-Python path) may have seen /dev/fuse
+    readable for that request and then block the event loop's thread in a read
+    that nothing ends, since nothing else is asked while the mount stops. The
+    statfs is that next request (answered at once if the loop was not blocked)."""
+    ops.own_mount.stop()
+    try:
+        os.statvfs(ops.mountpoint)
+    except OSError as e:
+        log.debug("event=stop_statfs_failed cause=%s", e)
+
+
 async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherence_done: trio.Event) -> None:
     """Stop following other mounts, hand the kernel's dirty pages over, end the
     own-mount helper, then stop serving.
@@ -492,7 +507,7 @@ async def _stop_on_signal(ops: Operations, coherence: trio.CancelScope, coherenc
                         await ops.own_mount.syncfs(ops.mountpoint)
                     except OSError as e:
                         log.warning("event=syncfs_failed cause=%s", e)
-                await trio.to_thread.run_sync(ops.own_mount.stop, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(_stop_helper, ops, abandon_on_cancel=True)
             if waited.cancelled_caught:
                 log.warning("event=stop_grace_exceeded seconds=%s", STOP_GRACE_SECONDS)
             request_loop.terminate()
