@@ -537,6 +537,50 @@ def test_versionstamps_follow_commit_order_across_processes_and_threads(tmp_path
     assert [int(v) for _, v in rows] == list(range(1, 2 * 2 * 2 * count + 1))
 
 
+def test_a_stamp_block_reserved_by_a_refused_commit_is_not_used(tmp_path: Path) -> None:
+    """Two stores on one file (two processes) both reserve the next block of stamps; the
+    one whose snapshot is older is refused (SQLITE_BUSY_SNAPSHOT) and retries. The row
+    then holds the same value its own refused reservation wrote: had it kept that
+    reservation, both would hand out stamps from one block, equal or out of commit
+    order (seen: two mounts' commits of one file at one version, an update lost)."""
+    directory = str(tmp_path / "store")
+    first, second = EmbeddedStore(directory), EmbeddedStore(directory)
+    stamps: list[bytes] = []
+
+    def stamped(tr: Transaction, value: bytes) -> Stamp:
+        # only stamped writes: the stamp row is the transaction's first write
+        tr.set_versionstamped_key(b"log/" + bytes(STAMP_BYTES), 4, value)
+        return tr.versionstamp()
+
+    def commit(store: EmbeddedStore, value: bytes) -> None:
+        stamps.append(store.transact(lambda tr: stamped(tr, value)).known())
+
+    raced = []
+
+    def second_txn(tr: Transaction) -> Stamp:
+        tr.get(b"anything")  # the snapshot, older than the first store's commit below
+        if not raced:
+            raced.append(1)
+            thread = threading.Thread(target=commit, args=(first, b"first-1"))
+            thread.start()
+            thread.join()
+        return stamped(tr, b"second-1")
+
+    try:
+        stamps.append(second.transact(second_txn).known())
+        for i in range(2, 5):
+            commit(first, b"first-%d" % i)
+            commit(second, b"second-%d" % i)
+        rows = first.transact(lambda tr: tr.get_range(b"log/", b"log0"))
+    finally:
+        first.close()
+        second.close()
+    assert len(set(stamps)) == len(stamps), f"a stamp given twice: {stamps}"
+    assert stamps == sorted(stamps), f"stamps out of commit order: {stamps}"
+    assert [v for _, v in rows] == [b"first-1", b"second-1"] + [
+        b"%s-%d" % (who, i) for i in range(2, 5) for who in (b"first", b"second")]
+
+
 def test_wait_for_change(store: Store, backend: Backend) -> None:
     k = backend.key(b"watched")
     store.transact(lambda tr: tr.set(k, b"old"))

@@ -137,7 +137,8 @@ def _close_quietly(conn: sqlite3.Connection) -> None:
 class _Transaction:
     """One attempt of ``EmbeddedStore.transact``: checks FoundationDB's limits before SQLite sees anything."""
 
-    __slots__ = ("_store", "_conn", "_limits", "_started", "_deadline", "_size", "_failure", "_stamped", "_stamp")
+    __slots__ = ("_store", "_conn", "_limits", "_started", "_deadline", "_size", "_failure", "_stamped", "_stamp",
+                 "_reservation")
 
     def __init__(self, store: EmbeddedStore, conn: sqlite3.Connection, started: float) -> None:
         self._store = store
@@ -151,6 +152,8 @@ class _Transaction:
         #: versionstamped sets, applied at commit once the stamp is known: (key, key
         #: offset or -1, value, value offset or -1), in the order made
         self._stamped: list[tuple[bytes, int, bytes, int]] = []
+        #: the block of stamps this attempt reserves, if any (EmbeddedStore._next_stamp)
+        self._reservation: tuple[int, int] | None = None
         self._stamp: Stamp | None = None
 
     @property
@@ -258,7 +261,8 @@ class _Transaction:
         if not self._stamped and (self._stamp is None or not self._size):
             return  # nothing stamped, and no stamp asked for or nothing written (no commit: no stamp)
         try:
-            stamp = self._store._next_stamp(self._conn).to_bytes(STAMP_BYTES, "big")
+            number, self._reservation = self._store._next_stamp(self._conn)
+            stamp = number.to_bytes(STAMP_BYTES, "big")
             self._conn.executemany(_SET, [
                 (key if k < 0 else key[:k] + stamp + key[k + STAMP_BYTES :],
                  value if v < 0 else value[:v] + stamp + value[v + STAMP_BYTES :])
@@ -491,8 +495,10 @@ class EmbeddedStore:
 
     # versionstamps
 
-    def _next_stamp(self, conn: sqlite3.Connection) -> int:
-        """The versionstamp of the transaction on ``conn``, which is about to commit.
+    def _next_stamp(self, conn: sqlite3.Connection) -> tuple[int, tuple[int, int] | None]:
+        """The versionstamp of the transaction on ``conn``, which is about to commit, and
+        the block of stamps it reserves, if it reserves one: ``(next stamp, last stamp)``,
+        this store's to hand out once the transaction has committed (``_reserved``).
 
         Stamps are handed out from a block this store reserved in the stamp row, as long
         as that row still holds this store's reservation: then no other process has
@@ -502,19 +508,28 @@ class EmbeddedStore:
         row. The row is read here, so the transaction's snapshot is older than the
         stamp it takes: a transaction that commits before it (with a smaller stamp from
         this block, or any from another) makes SQLite refuse its write
-        (SQLITE_BUSY_SNAPSHOT), and its retry takes a greater one. A reservation rolled
-        back with its transaction leaves the row as it was: the next commit reserves again.
+        (SQLITE_BUSY_SNAPSHOT), and its retry takes a greater one.
+
+        A reservation counts only once committed: two processes reading the same row
+        both write the same next value, and the one refused must not take the row,
+        written by the other, for its own (both would hand out one block's stamps).
         """
         row = conn.execute(_STAMP_GET).fetchone()
         persisted = row[0] if row else 0
         with self._lock:
             if persisted == self._stamp_reserved and self._stamp_next <= persisted:
                 stamp, self._stamp_next = self._stamp_next, self._stamp_next + 1
-                return stamp
-            stamp = persisted + 1
-            self._stamp_next, self._stamp_reserved = stamp + 1, persisted + STAMP_BLOCK
+                return stamp, None
+        stamp = persisted + 1
         conn.execute(_STAMP_SET, (persisted + STAMP_BLOCK,))
-        return stamp
+        return stamp, (stamp + 1, persisted + STAMP_BLOCK)
+
+    def _reserved(self, block: tuple[int, int]) -> None:
+        """A transaction that reserved ``block`` of stamps committed: hand them out from now
+        on, unless a later reservation of this store committed meanwhile (another thread)."""
+        with self._lock:
+            if block[1] > self._stamp_reserved:
+                self._stamp_next, self._stamp_reserved = block
 
     # transactions
 
@@ -549,6 +564,8 @@ class EmbeddedStore:
         except BaseException:
             self._rollback(conn)
             raise
+        if tr._reservation is not None:
+            self._reserved(tr._reservation)
         if tr._size:
             self._wakeups.notify()
         return result
