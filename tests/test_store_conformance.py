@@ -581,7 +581,7 @@ def test_a_stamp_block_reserved_by_a_refused_commit_is_not_used(tmp_path: Path) 
         b"%s-%d" % (who, i) for i in range(2, 5) for who in (b"first", b"second")]
 
 
-def test_wait_for_change(store: Store, backend: Backend) -> None:
+def test_wait_for_changes(store: Store, backend: Backend) -> None:
     k = backend.key(b"watched")
     store.transact(lambda tr: tr.set(k, b"old"))
 
@@ -593,18 +593,63 @@ def test_wait_for_change(store: Store, backend: Backend) -> None:
     start = time.monotonic()
     thread.start()
     try:
-        assert store.wait_for_change(k, b"old", timeout=10) == b"new"
+        assert store.wait_for_changes({k: b"old"}, timeout=10) == {k: b"new"}
     finally:
         thread.join()
     assert time.monotonic() - start < 5
 
     start = time.monotonic()
-    assert store.wait_for_change(k, b"new", timeout=0.3) == b"new"  # no change: the value at timeout
+    assert store.wait_for_changes({k: b"new"}, timeout=0.3) == {k: b"new"}  # no change: the value at timeout
     assert 0.3 <= time.monotonic() - start < 3
 
     start = time.monotonic()
-    assert store.wait_for_change(k, None, timeout=10) == b"new"  # already different: at once
+    assert store.wait_for_changes({k: None}, timeout=10) == {k: b"new"}  # already different: at once
     assert time.monotonic() - start < 1
+
+
+def test_wait_for_changes_of_several_keys_ends_at_the_first(store: Store, backend: Backend) -> None:
+    """Any one of the keys changing ends the wait, with every key's value then; a key
+    nobody wrote waits as absent (None)."""
+    a, b, c = (backend.key(x) for x in (b"a", b"b", b"c"))
+    store.transact(lambda tr: (tr.set(a, b"1"), tr.set(b, b"1")))
+    olds = {a: b"1", b: b"1", c: None}
+
+    def writer() -> None:
+        time.sleep(0.2)
+        store.transact(lambda tr: tr.set(c, b"made"))
+
+    thread = threading.Thread(target=writer)
+    start = time.monotonic()
+    thread.start()
+    try:
+        assert store.wait_for_changes(olds, timeout=10) == {a: b"1", b: b"1", c: b"made"}
+    finally:
+        thread.join()
+    assert time.monotonic() - start < 5
+
+
+def test_wake_ends_a_wait_at_once(store: Store, backend: Backend) -> None:
+    """``wake`` ends the wait under way (its caller has other keys to wait for), and a
+    wake with no wait under way ends the next one: none is lost between the two."""
+    k = backend.key(b"quiet")
+    waited: list[float] = []
+
+    def wait() -> None:
+        start = time.monotonic()
+        assert store.wait_for_changes({k: None}, timeout=20) == {k: None}
+        waited.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.3)
+    store.wake()
+    thread.join(15)
+    assert waited and waited[0] < 5, f"the wait did not end at wake: {waited}"
+
+    store.wake()
+    start = time.monotonic()
+    assert store.wait_for_changes({k: None}, timeout=20) == {k: None}
+    assert time.monotonic() - start < 5
 
 
 WAKE_WRITER = r"""
@@ -620,7 +665,7 @@ WAITER = r"""
 import sys
 from fusesqlite.store import EmbeddedStore
 store = EmbeddedStore(sys.argv[1])
-store.wait_for_change(b"nothing-writes-this", None, timeout=600)
+store.wait_for_changes({b"nothing-writes-this": None}, timeout=600)
 """
 
 
@@ -635,7 +680,7 @@ def test_embedded_waiter_is_woken_by_another_process_at_once(tmp_path: Path, mon
         writer = subprocess.Popen([sys.executable, "-c", WAKE_WRITER, str(tmp_path / "store"), "watched"])
         try:
             start = time.monotonic()
-            assert store.wait_for_change(b"watched", b"old", timeout=30) == b"new"
+            assert store.wait_for_changes({b"watched": b"old"}, timeout=30) == {b"watched": b"new"}
             assert time.monotonic() - start < 15, "not woken: the wait ran to its timeout"
         finally:
             assert writer.wait(30) == 0
@@ -673,7 +718,7 @@ def test_embedded_waiter_lists_itself_again_if_its_name_went(tmp_path: Path) -> 
     itself again within a second or so, and is woken again from then on."""
     store = EmbeddedStore(tmp_path / "store")
     watchers = tmp_path / "store" / "watchers"
-    waiter = threading.Thread(target=store.wait_for_change, args=(b"unchanged", None, 4.0))
+    waiter = threading.Thread(target=store.wait_for_changes, args=({b"unchanged": None}, 4.0))
     waiter.start()
     try:
         deadline = time.monotonic() + 10

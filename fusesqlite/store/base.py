@@ -211,8 +211,14 @@ class Store(Protocol):
         """
         ...
 
-    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
-        """Block until ``key``'s value differs from ``old`` or ``timeout`` passes; return it."""
+    def wait_for_changes(self, olds: Mapping[bytes, bytes | None], timeout: float) -> dict[bytes, bytes | None]:
+        """Block until one of the keys of ``olds`` holds another value than its own there,
+        ``timeout`` passes, or ``wake`` is called; return every key's value then."""
+        ...
+
+    def wake(self) -> None:
+        """End the ``wait_for_changes`` under way (or the next one) at once: its caller
+        has other keys to wait for."""
         ...
 
     def disk_space(self) -> tuple[int, int] | None:

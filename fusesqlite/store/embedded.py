@@ -22,7 +22,7 @@ import stat
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -49,7 +49,7 @@ from .base import (
 T = TypeVar("T")
 
 FILE_NAME = "store.sqlite"
-#: how often ``wait_for_change`` looks again where wake-ups cannot work (wakeups.py)
+#: how often ``wait_for_changes`` looks again where wake-ups cannot work (wakeups.py)
 POLL_SECONDS = 0.01
 
 #: a store is its owner's alone: whoever reads its files reads every file of every
@@ -338,6 +338,8 @@ class EmbeddedStore:
         self._nowait_commits = 0
         #: transact_nowait refused an attempt for it: transact checkpoints after its commit
         self._checkpoint_due = False
+        #: ``wake`` was called: the wait under way, or the next, returns at once
+        self._woken = threading.Event()
         self._closed = False
         self._make_directory()
         self._check_private(allow_shared)
@@ -406,29 +408,37 @@ class EmbeddedStore:
         except sqlite3.Error as e:
             log.warning("event=store_checkpoint_failed path=%s error=%s", self.path, e)
 
-    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
+    def wait_for_changes(self, olds: Mapping[bytes, bytes | None], timeout: float) -> dict[bytes, bytes | None]:
         """Woken by other processes' commits (wakeups.py), else polling: SQLite tells no one.
 
-        Not by this store's own commits: its caller made them."""
+        Not by this store's own commits: its caller made them. Each wake-up reads
+        every key, in one transaction."""
         deadline = _monotonic() + timeout
         w = self._wakeups
+        keys = list(olds)
         while True:
             sock = w.listen()
             if sock is not None:
                 w.drain(sock)  # before the read: a commit after it still wakes us
+            woken = self._woken.is_set()
+            self._woken.clear()
             read_at = _monotonic()
-            value = self.transact(lambda tr: tr.get(key))
+            values = self.transact(lambda tr: {key: tr.get(key) for key in keys})
             remaining = deadline - _monotonic()
-            if value != old or remaining <= 0:
-                return value
+            if values != olds or remaining <= 0 or woken:
+                return values
             if sock is None:
-                time.sleep(min(POLL_SECONDS, remaining))
+                self._woken.wait(min(POLL_SECONDS, remaining))
             else:
                 w.wait(sock, min(wakeups.FALLBACK_SECONDS, remaining))
                 # a burst of commits (another mount writing flat out) is read in batches
                 pause = read_at + wakeups.COALESCE_SECONDS - _monotonic()
                 if pause > 0:
                     time.sleep(min(pause, max(0.0, deadline - _monotonic())))
+
+    def wake(self) -> None:
+        self._woken.set()
+        self._wakeups.wake_self()
 
     #: free pages given back per transaction by ``compact`` (32 KiB each: 64 MiB)
     COMPACT_STEP = 2048

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any, NoReturn, TypeVar
 
@@ -193,6 +193,9 @@ class FoundationDBStore:
         self.description = f"FoundationDB cluster file {cluster_file or '(default)'}"
         self._retry_limit = retry_limit
         self._timeout = timeout
+        #: ``wake`` was called: the wait under way (``_waiting`` set too), or the next, returns
+        self._wake = threading.Event()
+        self._waiting = threading.Event()
         try:
             self._db = self._fdb.open(cluster_file)
         except self._fdb.FDBError as e:
@@ -220,29 +223,50 @@ class FoundationDBStore:
                 log.debug("event=store_no_versionstamp error=%s", e)
         return result
 
-    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
-        """Read ``key`` and watch it in the same transaction, so no change can slip in between."""
+    def wait_for_changes(self, olds: Mapping[bytes, bytes | None], timeout: float) -> dict[bytes, bytes | None]:
+        """Read the keys and watch them in the same transaction, so no change can slip in
+        between; then wait for the first watch to fire (or ``timeout``, or ``wake``)."""
         deadline = time.monotonic() + timeout
+        keys = list(olds)
 
-        def read_and_watch(tr: Any) -> tuple[bytes | None, Any]:
-            current = _get(tr, key)
-            return current, (tr.watch(key) if current == old else None)
+        def read(tr: Any) -> dict[bytes, bytes | None]:
+            pending = [tr.get(key) for key in keys]  # all requests out before any is waited for
+            return {key: (v.value if v.present() else None) for key, v in zip(keys, (f.wait() for f in pending))}
+
+        def read_and_watch(tr: Any) -> tuple[dict[bytes, bytes | None], list[Any]]:
+            current = read(tr)
+            return current, ([tr.watch(key) for key in keys] if current == olds else [])
 
         while True:
-            current, watch = self._run(read_and_watch)
+            current, watches = self._run(read_and_watch)
             remaining = deadline - time.monotonic()
-            if watch is None or remaining <= 0:
-                if watch is not None:
-                    watch.cancel()
+            if not watches or remaining <= 0 or self._wake.is_set():
+                self._wake.clear()
+                for w in watches:
+                    w.cancel()  # a watch left waiting would count against the cluster's limit
                 return current
-            if not _ready_within(watch, remaining):
-                watch.cancel()  # our own timeout: a watch left waiting would count against the cluster's limit
-                return self._run(lambda tr: _get(tr, key))
+            fired = self._waiting = threading.Event()  # set by the first watch to fire, or by ``wake``
+            if self._wake.is_set():
+                fired.set()
+            for w in watches:
+                w.on_ready(lambda _future: fired.set())
+            fired.wait(remaining)
+            ready = [w for w in watches if w.is_ready()]
+            for w in watches:
+                if not w.is_ready():
+                    w.cancel()
+            if not ready:  # our own timeout, or ``wake``
+                self._wake.clear()
+                return self._run(read)
             try:
-                watch.wait()
+                ready[0].wait()
             except self._fdb.FDBError as e:  # e.g. too_many_watches: fall back to polling this round
-                log.debug("event=store_watch_failed key=%r error=%s", key, e)
+                log.debug("event=store_watch_failed keys=%d error=%s", len(keys), e)
                 time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+
+    def wake(self) -> None:
+        self._wake.set()
+        self._waiting.set()
 
     def disk_space(self) -> tuple[int, int] | None:
         """None: the cluster's disks are its storage servers' (``status`` in fdbcli)."""

@@ -9,7 +9,7 @@ counters are prometheus_client's: transactions run on several worker threads.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Histogram
@@ -112,8 +112,11 @@ class MeteredStore:
     def _transact_nowait(self, fn: Callable[[Transaction], T]) -> T:
         return self._metered(self._inner.transact_nowait, fn)  # type: ignore[attr-defined]
 
-    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
-        return self._inner.wait_for_change(key, old, timeout)
+    def wait_for_changes(self, olds: Mapping[bytes, bytes | None], timeout: float) -> dict[bytes, bytes | None]:
+        return self._inner.wait_for_changes(olds, timeout)
+
+    def wake(self) -> None:
+        self._inner.wake()
 
     def disk_space(self) -> tuple[int, int] | None:
         return self._inner.disk_space()

@@ -19,7 +19,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -191,11 +191,14 @@ class SimulatedStore:
                 raise CommitUnknownResult(f"{e}; an earlier attempt's commit result was unknown") from e
             raise
 
-    def wait_for_change(self, key: bytes, old: bytes | None, timeout: float) -> bytes | None:
-        """The inner store's wait, after one read round trip (FoundationDB reads the key, then watches it)."""
+    def wait_for_changes(self, olds: Mapping[bytes, bytes | None], timeout: float) -> dict[bytes, bytes | None]:
+        """The inner store's wait, after one read round trip (FoundationDB reads the keys, then watches them)."""
         if self._read_delay:
             time.sleep(self._read_delay)
-        return self.inner.wait_for_change(key, old, timeout)
+        return self.inner.wait_for_changes(olds, timeout)
+
+    def wake(self) -> None:
+        self.inner.wake()
 
     def disk_space(self) -> tuple[int, int] | None:
         return self.inner.disk_space()

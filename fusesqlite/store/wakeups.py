@@ -150,6 +150,17 @@ class Wakeups:
             except OSError as e:
                 log.debug("event=store_wakeup_failed name=%s cause=%s", name, e)
 
+    def wake_self(self) -> None:
+        """Wake this store's own waiter (its caller has other keys to wait for)."""
+        with self._lock:
+            sock = self._sock
+        if sock is None:
+            return  # nobody waits on a socket: the waiter sees the flag at its next look
+        try:
+            sock.sendto(b"!", sock.getsockname())
+        except OSError as e:  # full (wake-ups queued already) or closed
+            log.debug("event=store_wakeup_failed name=self cause=%s", e)
+
     @staticmethod
     def drain(sock: socket.socket) -> None:
         """Drop the wake-ups queued so far (the read that follows covers them)."""
