@@ -17,17 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Daemon  # noqa: E402
 
 
-def start_daemon(work: Path, source: Path, daemons: list[Daemon], store: Path | None = None) -> Daemon:
+def start_daemon(work: Path, source: Path, daemons: list[Daemon], store: Path | None = None,
+                 extra_args: tuple[str, ...] = ()) -> Daemon:
     """A Daemon in the new directory work/, registered in daemons before it starts, so a failed start is
     still stopped by its pid. With store, it mounts that store directory (Daemon keeps its store at
     work/store, which then is a symlink to it): several mounts of one store, as several hosts.
+    ``extra_args``: more `fusesqlite mount` options.
     """
     work.mkdir()
     if store is not None:
         (work / "store").symlink_to(store)
     d = Daemon.__new__(Daemon)
     daemons.append(d)
-    d.__init__(work, source)
+    d.__init__(work, source, extra_args)
     return d
 
 

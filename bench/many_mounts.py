@@ -1,6 +1,7 @@
 """Many mounts of one store: commit-to-visibility latency and commits/s with one and two writing mounts.
 
     python3 bench/many_mounts.py [--quick] [--commits N] [--interval-ms MS] [--seconds S] [--source DIR]
+                                 [--mount-args "OPTIONS"]
 
 Two mounts, A and B, of one embedded store directory (same volume), as two hosts
 sharing one FoundationDB cluster would be; the local disk (the file system
@@ -26,6 +27,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import statistics
@@ -311,7 +313,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900, help="kill the mounts and stop after this many seconds")
     ap.add_argument("--source", type=Path, default=REPO, metavar="DIR",
                     help="run the daemons from this checkout's fusesqlite package (default: this repo)")
+    ap.add_argument("--mount-args", default="", metavar="OPTIONS",
+                    help='more `fusesqlite mount` options for both mounts, e.g. "--watch-limit 0"')
     args = ap.parse_args()
+    mount_args = tuple(shlex.split(args.mount_args))
     commits = args.commits or (50 if args.quick else 200)
     seconds = args.seconds or (1.0 if args.quick else 5.0)
     install_signal_handlers()
@@ -329,8 +334,8 @@ def main() -> int:
         local.mkdir()
         watchdog = start_watchdog(args.timeout, daemons)
         try:
-            a = start_daemon(work / "A", args.source.resolve(), daemons)
-            b = start_daemon(work / "B", args.source.resolve(), daemons, store=a.store)
+            a = start_daemon(work / "A", args.source.resolve(), daemons, extra_args=mount_args)
+            b = start_daemon(work / "B", args.source.resolve(), daemons, store=a.store, extra_args=mount_args)
             A, B = a.mountpoint, b.mountpoint
             print(f"load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)", flush=True)
             print(f"mounts: A={A} B={B} (store {a.store}); local disk: {local}; "

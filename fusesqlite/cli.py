@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-seconds", type=_positive_float, default=10.0,
         help="how long a mount that died keeps other mounts from writing a database it was writing (default: 10)",
     )
+    m.add_argument(
+        "--watch-limit", type=_non_negative, default=100, metavar="N",
+        help="follow other mounts' commits of the files and directories this mount holds one by one, up to N of "
+        "them (a FoundationDB watch each); holding more, or with 0, read the volume's log at every commit "
+        "anywhere in it (default: 100)",
+    )
     m.add_argument("--allow-other", action="store_true", help="let other users use the mount (FUSE allow_other)")
     m.add_argument(
         "--default-permissions", action="store_true",
@@ -298,6 +304,7 @@ def run(argv: list[str] | None) -> None:
             allow_other=args.allow_other,
             read_only=args.read_only,
             lease_seconds=args.lease_seconds,
+            watch_limit=args.watch_limit,
             writeback_cache=args.writeback_cache,
             default_permissions=args.default_permissions,
             busy_poll_us=args.busy_poll_us,

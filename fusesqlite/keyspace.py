@@ -10,6 +10,10 @@ a tombstone.
     (prefix, 'head')                         -> latest committed version
     (prefix, 'next_ino')                     -> next free inode number
     (prefix, 'log', version)                 -> (unix time, author, inodes, entries, lease events)
+    (prefix, 'changed', ino)                 -> (version,): the last version whose log entry names
+                                                ``ino`` (its record or lease, or an entry in it):
+                                                what a mount watches of the files and
+                                                directories it holds (coherence/follow.py)
     (prefix, 'lease', ino)                   -> (mount id, expiry): the one mount writing a database
     (prefix, 'wal', parent, name)            -> (mount id, expiry): the one mount with database
                                                 `name` in WAL mode (its -shm open there); every
@@ -135,6 +139,9 @@ class Keyspace:
 
     def log(self, version: int) -> bytes:
         return self.key("log", version)
+
+    def changed(self, ino: int) -> bytes:
+        return self.key("changed", ino)
 
     def inode(self, ino: int, version: int) -> bytes:
         return self.key("i", ino, version)

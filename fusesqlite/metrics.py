@@ -177,6 +177,11 @@ class MountCollector(Collector):
         gauge("lag", "How long other mounts' newest commits have waited to be followed here (0: caught up)",
               ops.coherence.lag(), "seconds")
         gauge("leases_held", "Write leases this mount holds", len(ops.coherence.held()))
+        watched = ops.coherence.watched
+        gauge("followed_inodes", "Files and directories followed one by one (0: the whole volume, its log at "
+              "every commit)", len(watched) if watched is not None else 0)
+        counter("follow_log_reads", "Reads of the volume's log to follow other mounts' commits",
+                ops.coherence.log_reads)
         gauge("memory_budget", "The memory budget (--memory-mb)", self.memory_budget_bytes, "bytes")
         gauge("memory_resident", "Resident memory of the daemon", _resident_bytes(), "bytes")
         gauge("memory_peak", "Peak resident memory of the daemon",

@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from fusesqlite import _journal, fuse_caps, history, metrics, retention, systemd
+from fusesqlite.coherence import WATCH_LIMIT
 from fusesqlite.fs import request_loop
 from fusesqlite.fs.operations import Operations
 from fusesqlite.gc import reclaim_calls, reclaim_stagings
@@ -93,6 +94,8 @@ class MountConfig:
     read_only: bool = False
     #: a mount that dies holding a database's write lease blocks other writers this long
     lease_seconds: float = 10.0
+    #: most files and directories followed one by one (coherence/follow.py); 0: the whole volume
+    watch_limit: int = WATCH_LIMIT
     #: the kernel gathers writes in its page cache until a commit point (docs/architecture.md);
     #: None: where the kernel makes it correct (writeback_cache_default)
     writeback_cache: bool | None = None
@@ -295,7 +298,7 @@ def _serve_with(config: MountConfig, mountpoint: str, endpoint: metrics.Endpoint
     writeback_cache = writeback_cache_default() if config.writeback_cache is None else config.writeback_cache
     own_mount = OwnMount.spawn()  # before the mount: it must not inherit /dev/fuse
     ops = Operations(tx, mountpoint, own_mount, lease_seconds=config.lease_seconds, follow=config.at is None,
-                     read_only=read_only, writeback_cache=writeback_cache)
+                     read_only=read_only, writeback_cache=writeback_cache, watch_limit=config.watch_limit)
     options = set(pyfuse3.default_options) | {f"fsname=fusesqlite:{config.volume}", "subtype=fusesqlite"}
     if config.allow_other:
         options.add("allow_other")

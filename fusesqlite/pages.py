@@ -13,7 +13,8 @@ from __future__ import annotations
 import importlib
 import struct
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Collection
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -167,6 +168,7 @@ class BlockCache:
         self._clock = 0  # counts changes; a mark is its value when a load begins
         self._changed: dict[int, int] = {}  # ino -> clock at its last change
         self._floor = 0  # fills marked before this are refused (_changed was cleared)
+        self._blocks: Counter[int] = Counter()  # ino -> blocks held: the files a mount must follow
         self.hits = self.misses = 0  # for metrics.py
 
     def get(self, ino: int, block_no: int) -> bytes | None:
@@ -201,8 +203,13 @@ class BlockCache:
 
     def drop_inode(self, ino: int) -> None:
         self._changed_now(ino)
-        for key in [k for k in self._lru if k[0] == ino]:
-            self.used -= len(self._lru.pop(key))
+        if self._blocks.pop(ino, 0):
+            for key in [k for k in self._lru if k[0] == ino]:
+                self.used -= len(self._lru.pop(key))
+
+    def inodes(self) -> Collection[int]:
+        """The files it holds blocks of."""
+        return self._blocks.keys()
 
     def _changed_now(self, ino: int) -> None:
         if len(self._changed) >= self.CHANGES_KEPT and ino not in self._changed:
@@ -216,10 +223,21 @@ class BlockCache:
         old = self._lru.pop(key, None)
         if old is not None:
             self.used -= len(old)
+            self._forget(ino)
         if len(data) > self.capacity:
             return
         self._lru[key] = data
+        self._blocks[ino] += 1
         self.used += len(data)
         while self.used > self.capacity:
-            _, evicted = self._lru.popitem(last=False)
+            (gone, _), evicted = self._lru.popitem(last=False)
             self.used -= len(evicted)
+            self._forget(gone)
+
+    def _forget(self, ino: int) -> None:
+        """One block of ``ino`` left."""
+        left = self._blocks[ino] - 1
+        if left:
+            self._blocks[ino] = left
+        else:
+            del self._blocks[ino]

@@ -332,18 +332,22 @@ def _split(volume: Volume, key: bytes) -> tuple[tuple, int]:
 
 
 def _collect_versioned(volume: Volume, kind: str, h: int, progress: Progress | None,
-                       seen: Callable[[tuple, int, bytes, bool], None] | None = None) -> int:
+                       seen: Callable[[tuple, int, bytes, bool], None] | None = None,
+                       gone: Callable[[tuple], None] | None = None) -> int:
     """Remove, for every key of ``kind``, the versions older than its newest at or before
     ``h``, and that one too if it says "removed" (an empty value). ``seen(name, version,
-    value, kept)`` hears of every row."""
+    value, kept)`` hears of every row, ``gone(name)`` of every key left with none."""
     clear = _Clearer(volume, {"i": "records", "d": "entries"}.get(kind, kind), progress)
     name: tuple | None = None
     candidate: tuple[bytes, bytes] | None = None  # the newest row at or before h of ``name``
+    later = False  # ``name`` has rows after h
 
     def close_name() -> None:
         # a clone keeps its removals: without them a read would find the base's row
         if candidate is not None and not candidate[1] and volume.base is None:
             clear.add(candidate[0])
+            if gone is not None and name is not None and not later:
+                gone(name)
         elif candidate is not None and seen is not None:
             this, version = _split(volume, candidate[0])
             seen(this, version, candidate[1], True)
@@ -352,13 +356,15 @@ def _collect_versioned(volume: Volume, kind: str, h: int, progress: Progress | N
         this, version = _split(volume, key)
         if this != name:
             close_name()
-            name, candidate = this, None
+            name, candidate, later = this, None, False
         if version <= h:
             if candidate is not None:
                 clear.add(candidate[0])
             candidate = (key, value)
-        elif seen is not None:
-            seen(this, version, value, False)
+        else:
+            later = True
+            if seen is not None:
+                seen(this, version, value, False)
     close_name()
     return clear.flush()
 
@@ -379,7 +385,12 @@ def _collect_records(volume: Volume, h: int, progress: Progress | None) -> tuple
         if at_horizon or current is None:
             dmin[ino] = dver if current is None else min(current, dver)
 
-    removed = _collect_versioned(volume, "i", h, progress, seen)
+    # a removed inode's last key: what mounts watched of it (coherence/follow.py). Its
+    # number is never given again, so nothing will change or watch it any more
+    changed = _Clearer(volume, "change marks", None)
+    removed = _collect_versioned(volume, "i", h, progress, seen,
+                                 gone=lambda name: changed.add(volume.ks.changed(name[-1])))
+    changed.flush()
     return dmin, removed
 
 

@@ -137,6 +137,11 @@ class LogEntry:
     #: when it was committed, by the committing host's clock (time.time())
     time: float = 0.0
 
+    def named(self) -> set[int]:
+        """Every inode whose state it changes for a mount holding it: files and directories
+        it wrote, the directories of the entries it changed, the files of its lease events."""
+        return {*self.inodes, *(parent for parent, _ in self.dirents), *(ino for ino, _, _ in self.leases)}
+
 
 #: prefix of a lease event's owner that means "waiting for it", not "holding it"
 WANT = "?"
@@ -606,8 +611,27 @@ class Volume:
     def wait_for_head(self, seen: int, timeout: float) -> int:
         """The head version once it differs from ``seen``, or ``seen`` after ``timeout``
         (blocks: a FoundationDB watch, or the embedded store's wake-up)."""
-        raw = self.store.wait_for_change(self.ks.head(), pack((seen,)), timeout)
+        key = self.ks.head()
+        raw = self.store.wait_for_changes({key: pack((seen,))}, timeout)[key]
         return unpack(raw)[0] if raw else seen
+
+    def changes(self, since: dict[int, int]) -> tuple[int, dict[bytes, bytes | None], bool]:
+        """The head version, the ``changed`` keys of the inodes of ``since`` (what to wait
+        on: ``wait_for_changes``), and whether a commit after ``since[ino]`` names one
+        of them, ``ino``, in its log entry. In one store transaction: with nothing
+        changed, a mount's view of those inodes is the store's at that head, whatever
+        other inodes it changed."""
+        inos = list(since)
+        keys = [self.ks.changed(ino) for ino in inos]
+
+        def fn(tr: Transaction) -> tuple[int, dict[bytes, bytes | None], bool]:
+            rows = tr.get_ranges([RangeRead.key(self.ks.head()), *(RangeRead.key(key) for key in keys)])
+            head = unpack(rows[0][0][1])[0]
+            values = {key: found[0][1] if found else None for key, found in zip(keys, rows[1:])}
+            changed = any(value is not None and unpack(value)[0] > since[ino] for ino, value in zip(inos, values.values()))
+            return head, values, changed
+
+        return self.store.transact(fn)
 
     def allocate_inodes(self, count: int = INO_BATCH) -> range:
         """A batch of unused inode numbers. Run again after its commit landed (result
@@ -1073,7 +1097,10 @@ class Volume:
         value stays, which is the newest version)."""
         self._set_stamped(tr, self.ks.log(STAMPED), self._log_value(entry))
         head = pack((STAMPED,))
-        tr.set_versionstamped_value(self.ks.head(), head, len(head) - STAMP_BYTES)
+        offset = len(head) - STAMP_BYTES
+        tr.set_versionstamped_value(self.ks.head(), head, offset)
+        for ino in entry.named():
+            tr.set_versionstamped_value(self.ks.changed(ino), head, offset)
 
     def _set_stamped(self, tr: Transaction, key: bytes, value: bytes) -> None:
         """Set ``key``, built with version ``STAMPED``, at the transaction's own version."""

@@ -7,11 +7,15 @@ import errno
 import hashlib
 import mmap
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -240,3 +244,24 @@ def page_cache_bytes(path: os.PathLike | str) -> int:
             libc.munmap(addr, size)
     finally:
         os.close(fd)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Every sample of the endpoint, by name and labels; parsing fails on anything
+    that is not the Prometheus text format."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+            if "le" not in s.labels:
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples

@@ -10,51 +10,28 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import urllib.request
 
 import pytest
-from helpers import REPO, child_env, is_mounted, run_cli
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import REPO, child_env, free_port, is_mounted, run_cli, scrape_metrics
 from test_many_mounts import wait_for
 
 UNIT = REPO / "scripts" / "fusesqlite@.service"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[str, float]:
-    """Every sample of the endpoint, by name and labels; parsing fails on anything
-    that is not the Prometheus text format."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
-            if "le" not in s.labels:
-                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
-
-
 def test_metrics_count_commits_and_parse_as_prometheus_text(mounts):
-    port = _free_port()
+    port = free_port()
     m = mounts(extra_args=("--metrics", str(port)))
     assert m.wait_log(f"event=metrics_listening url=http://127.0.0.1:{port}/metrics")
     con = sqlite3.connect(m / "app.db", isolation_level=None)
     con.execute("CREATE TABLE t(x)")
-    before = _scrape(port)
+    before = scrape_metrics(port)
     for i in range(50):
         con.execute("INSERT INTO t VALUES (?)", (i,))
     big = os.urandom(1 << 20)
     (m / "blob").write_bytes(big)  # a plain file: written, committed at its close
     assert (m / "blob").read_bytes() == big
     con.close()
-    after = _scrape(port)
+    after = scrape_metrics(port)
     assert all(k.startswith(("fusesqlite_", "process_", "python_")) for k in after), sorted(after)
     assert after['fusesqlite_commits_total{outcome=ok}'] >= before['fusesqlite_commits_total{outcome=ok}'] + 50
     assert after["fusesqlite_commit_seconds_count"] >= before["fusesqlite_commit_seconds_count"] + 50
@@ -79,17 +56,17 @@ def test_metrics_count_commits_and_parse_as_prometheus_text(mounts):
 
 
 def test_metrics_show_leases_staging_and_cache_of_big_transactions(mounts):
-    port = _free_port()
+    port = free_port()
     m = mounts(extra_args=("--metrics", f"127.0.0.1:{port}", "--memory-mb", "64"))
     con = sqlite3.connect(m / "big.db", isolation_level=None)
     con.execute("CREATE TABLE t(x)")
     con.execute("BEGIN")
     con.execute("WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 40000) "
                 "INSERT INTO t SELECT randomblob(1000) FROM c")
-    mid = _scrape(port)
+    mid = scrape_metrics(port)
     assert mid["fusesqlite_leases_held"] >= 1  # its journal exists: the write lease is this mount's
     con.execute("COMMIT")
-    after = _scrape(port)
+    after = scrape_metrics(port)
     assert after["fusesqlite_staged_bytes_total"] > 0  # 40 MB against an overlay of a few MiB
     assert con.execute("SELECT count(*) FROM t").fetchone() == (40000,)
     con.close()

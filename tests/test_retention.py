@@ -106,6 +106,9 @@ def test_every_kept_version_reads_the_same_after_gc(tmp_path):
         with pytest.raises(history.HistoryError, match="was removed by gc"):
             history.resolve(vol, history.version_text(alive_back))
         assert retention.collect_at(vol, h).keys == 0  # nothing more to remove at the same horizon
+        marks = vol.store.transact(lambda tr: {ino: tr.get(vol.ks.changed(ino)) for ino in (a, gone, later_gone)})
+        assert marks[gone] is None, "a removed file's change mark outlived its last record"
+        assert marks[a] is not None and marks[later_gone] is not None  # still read by its kept versions
     finally:
         vol.store.close()
 

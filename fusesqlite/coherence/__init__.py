@@ -15,16 +15,25 @@ from __future__ import annotations
 
 import trio
 
-from fusesqlite.coherence.base import KernelView
+from fusesqlite.coherence.base import WATCH_LIMIT, KernelView
 from fusesqlite.coherence.follow import Following
+from fusesqlite.own_mount import OwnMount
+from fusesqlite.transactions import Transactions
 
-__all__ = ["Coherence", "KernelView"]
+__all__ = ["WATCH_LIMIT", "Coherence", "KernelView"]
 
 
 class Coherence(Following):
     """A mount's dealings with the other mounts of its volume: write leases (leases.py),
     WAL ownership (wal_sessions.py), following their commits (follow.py), and
     SQLite's locks standing in for them (proxy.py)."""
+
+    def __init__(
+        self, tx: Transactions, kernel: KernelView, own_mount: OwnMount, lease_ttl: float, follow: bool = True,
+        watch_limit: int = WATCH_LIMIT,
+    ) -> None:
+        super().__init__(tx, kernel, own_mount, lease_ttl, follow, watch_limit)
+        tx.on_learned = self.learned  # every read of state this mount then holds
 
     async def run(self) -> None:
         if not self.follow:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +30,9 @@ EXCLUSIVE: Ranges = ((PENDING_BYTE, 1), (SHARED_FIRST, SHARED_SIZE))
 
 #: how often a mount asks the store whether anything changed
 POLL_TIMEOUT = 0.5
+#: a mount holding more files and directories than this follows the whole volume
+#: (``mount --watch-limit``): one watch each costs more than reading the log then
+WATCH_LIMIT = 100
 #: how long a mount refused a lease holds the holder's next writers back
 WANT_SECONDS = 2.0
 #: longest a refused write holds this mount's next writers back while it catches up
@@ -75,12 +79,17 @@ class KernelView(Protocol):
         """This mount's view of ``ino`` moved to another mount's commit (``rec``)."""
         ...
 
+    def known_inodes(self) -> Collection[int]:
+        """The inodes the kernel may hold (entries, attributes, pages) of this mount."""
+        ...
+
 
 class CoherenceBase:
     """The state every part of a mount's coherence shares (built once, by ``Coherence``)."""
 
     def __init__(
         self, tx: Transactions, kernel: KernelView, own_mount: OwnMount, lease_ttl: float, follow: bool = True,
+        watch_limit: int = WATCH_LIMIT,
     ) -> None:
         self.tx = tx
         self.kernel = kernel
@@ -92,6 +101,15 @@ class CoherenceBase:
         self.me = volume.author
         self.lease_ttl = lease_ttl
         self.seen = tx.snapshot
+        #: most files and directories this mount follows one by one (0: always the whole volume)
+        self.watch_limit = watch_limit
+        #: what the follower followed one by one up to ``seen`` (None: the whole volume)
+        self.watched: frozenset[int] | None = frozenset()
+        #: inodes read since, not in ``watched``: the oldest version each was read as of
+        self._learned: dict[int, int] = {}
+        #: times the follower read the log (metrics.py): each other mount's commit of what
+        #: this mount holds, or of anything when it follows the whole volume
+        self.log_reads = 0
         #: when this mount learned of a newer head it has not followed yet (0: caught up)
         self._behind_since = 0.0
         self.my_leases: dict[int, float] = {}  # ino -> expiry: taken for a transaction, busy in the store

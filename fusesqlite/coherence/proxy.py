@@ -14,6 +14,7 @@ from fusesqlite.coherence.base import (
     EXCLUSIVE,
     PROXY_RETRY_SECONDS,
     RESERVED,
+    WATCH_LIMIT,
     CoherenceBase,
     KernelView,
     Proxy,
@@ -32,8 +33,9 @@ class LockProxy(CoherenceBase):
 
     def __init__(
         self, tx: Transactions, kernel: KernelView, own_mount: OwnMount, lease_ttl: float, follow: bool = True,
+        watch_limit: int = WATCH_LIMIT,
     ) -> None:
-        super().__init__(tx, kernel, own_mount, lease_ttl, follow)
+        super().__init__(tx, kernel, own_mount, lease_ttl, follow, watch_limit)
         own_mount.on_restart.append(self._helper_restarted)  # its files and locks went with it
 
     def _proxy(self, ino: int) -> Proxy:

@@ -6,13 +6,14 @@ import logging
 import os
 import threading
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
-from fusesqlite.coherence import Coherence
+from fusesqlite.coherence import WATCH_LIMIT, Coherence
 from fusesqlite.file_state import FileState
 from fusesqlite.fs.transient import TransientFile, TransientFiles
 from fusesqlite.inodes import NAME_MAX, ROOT_INO, Inode, is_transient_name
@@ -62,7 +63,7 @@ class FsBase(pyfuse3.Operations):
 
     def __init__(
         self, tx: Transactions, mountpoint: str, own_mount: OwnMount, *, lease_seconds: float = 10.0,
-        follow: bool = True, read_only: bool = False, writeback_cache: bool = True,
+        follow: bool = True, read_only: bool = False, writeback_cache: bool = True, watch_limit: int = WATCH_LIMIT,
     ) -> None:
         super().__init__()
         self.tx = tx
@@ -79,7 +80,7 @@ class FsBase(pyfuse3.Operations):
         #: what this daemon does to its own mount (opens, locks, syncfs: never itself)
         self.own_mount = own_mount
         #: other mounts: leases, following their commits, SQLite's locks here
-        self.coherence = Coherence(tx, self, own_mount, lease_seconds, follow=follow)
+        self.coherence = Coherence(tx, self, own_mount, lease_seconds, follow=follow, watch_limit=watch_limit)
         self.transient = TransientFiles()
         self.handles: dict[int, Handle] = {}
         #: directory inode -> (the snapshot it was read at, its entries), for readdir's next chunk
@@ -107,6 +108,11 @@ class FsBase(pyfuse3.Operations):
 
     def child_path(self, parent: int, name: bytes) -> str:
         return self.path(parent).rstrip("/") + "/" + name.decode(errors="replace")
+
+    def known_inodes(self) -> Collection[int]:
+        """Every inode this mount named to the kernel (it keeps no count of the kernel's
+        references: an inode the kernel forgot stays, and is followed needlessly)."""
+        return self.names.keys()
 
     def abs_path(self, ino: int) -> bytes | None:
         """Where ``ino`` is on this host, if this mount knows it."""

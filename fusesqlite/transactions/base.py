@@ -52,12 +52,15 @@ class RecordCache:
     before another mount's change was applied must not put its older record back
     over the refreshed one (a file would then be opened, and its blocks cached, as
     of a version this mount has moved past). So a record read at an older snapshot
-    than the entry's never replaces it.
+    than the entry's never replaces it. ``on_put`` hears of every record kept (the
+    mount follows what it holds: coherence/follow.py).
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
+    def __init__(self, capacity: int = 100_000, on_put: Callable[[int, int], None] | None = None) -> None:
         self.capacity = capacity
+        self.on_put = on_put
         self._lru: OrderedDict[int, tuple[int, Inode | None]] = OrderedDict()
+        self._held: set[int] = set()  # the inodes with a record (not None)
 
     def get(self, ino: int) -> Inode | None:
         entry = self._lru.get(ino)
@@ -79,10 +82,24 @@ class RecordCache:
             return entry[1]
         self._lru.pop(ino, None)
         self._lru[ino] = (as_of, rec)
+        if rec is None:
+            self._held.discard(ino)
+        else:
+            self._held.add(ino)
+            if self.on_put is not None:
+                self.on_put(ino, as_of)
         if len(self._lru) > self.capacity:
-            self._lru.popitem(last=False)
+            gone, _ = self._lru.popitem(last=False)
+            self._held.discard(gone)
         return rec
 
+    def held(self) -> set[int]:
+        """The inodes it has a record of."""
+        return self._held
+
+
+def _ignore(ino: int, as_of: int) -> None:
+    """Nobody follows other mounts' commits (a Transactions without a mount above)."""
 
 
 async def _nothing_cached(ino: int) -> None:
@@ -106,7 +123,10 @@ class TransactionsBase:
         self.zero_block = bytes(self.bs)
         self.cache = BlockCache(cache_bytes)
         self.readahead = ReadAhead(volume, self.cache)
-        self.records = RecordCache()
+        #: the mount's coherence hears of every inode this mount reads state of, and the
+        #: version it read it as of (coherence/follow.py, ``learned``)
+        self.on_learned: Callable[[int, int], None] = _ignore
+        self.records = RecordCache(on_put=lambda ino, as_of: self.on_learned(ino, as_of))
         self.files: dict[int, FileState] = {}
         self.snapshot = 0
         #: called after a failed commit reverted a file: the file system above brings

@@ -80,6 +80,7 @@ class MountView(TransactionsBase):
     async def lookup(self, parent: int, name: bytes) -> tuple[int, Inode] | None:
         at = self.snapshot
         found = await self.run(self.volume.lookup, parent, name, at)
+        self.on_learned(parent, at)  # the kernel keeps the answer, absent or present
         if found is None:
             return None
         ino, rec = found
@@ -96,8 +97,10 @@ class MountView(TransactionsBase):
     async def list_dir(self, parent: int) -> list[tuple[bytes, int, Inode]]:
         at = self.snapshot
         entries = await self.run(self.volume.list_dir, parent, at)
+        self.on_learned(parent, at)
         out = []
         for name, ino, rec in entries:
+            self.on_learned(ino, at)  # the kernel makes inodes of a listing (readdirplus)
             fs = self.files.get(ino)
             if fs is not None:
                 out.append((name, ino, fs.live_record()))
