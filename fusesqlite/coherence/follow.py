@@ -80,8 +80,8 @@ class Following(Leases):
 
     async def _follow_once(self) -> dict[bytes, bytes | None] | None:
         """Bring this mount's view up to the store's head; return the keys to wait on
-        before the next time, as they were at that head (None: it waited for the head
-        itself, following the whole volume)."""
+        before the next time, as they were at that head, which its view now is (None:
+        it waited for the head itself, following the whole volume)."""
         learned, self._learned = self._learned, {}
         late = {ino: at for ino, at in learned.items() if at < self.seen}
         watched = self._watch_set()

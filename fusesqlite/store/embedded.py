@@ -412,21 +412,29 @@ class EmbeddedStore:
         """Woken by other processes' commits (wakeups.py), else polling: SQLite tells no one.
 
         Not by this store's own commits: its caller made them. Each wake-up reads
-        every key, in one transaction."""
+        every key, in one transaction. Listening already when called (an earlier
+        wait), it waits before its first read: every commit since the caller read
+        ``olds`` has sent a wake-up that is still queued."""
         deadline = _monotonic() + timeout
         w = self._wakeups
         keys = list(olds)
+        read_first = not w.listening()
+        read_at = _monotonic()
         while True:
             sock = w.listen()
-            if sock is not None:
-                w.drain(sock)  # before the read: a commit after it still wakes us
-            woken = self._woken.is_set()
-            self._woken.clear()
-            read_at = _monotonic()
-            values = self.transact(lambda tr: {key: tr.get(key) for key in keys})
-            remaining = deadline - _monotonic()
-            if values != olds or remaining <= 0 or woken:
-                return values
+            if read_first or sock is None:
+                if sock is not None:
+                    w.drain(sock)  # before the read: a commit after it still wakes us
+                woken = self._woken.is_set()
+                self._woken.clear()
+                read_at = _monotonic()
+                values = self.transact(lambda tr: {key: tr.get(key) for key in keys})
+                remaining = deadline - _monotonic()
+                if values != olds or remaining <= 0 or woken:
+                    return values
+            else:
+                remaining = deadline - _monotonic()
+            read_first = True
             if sock is None:
                 self._woken.wait(min(POLL_SECONDS, remaining))
             else:

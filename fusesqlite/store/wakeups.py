@@ -72,6 +72,10 @@ class Wakeups:
             self._prefix_bytes = f"fusesqlite-{st.st_dev:x}-{st.st_ino:x}-".encode()
         return self._prefix_bytes
 
+    def listening(self) -> bool:
+        """This store's socket is bound: wake-ups since then are queued there."""
+        return self._sock is not None
+
     def listen(self) -> socket.socket | None:
         """This store's socket for wake-ups, or None where there can be none."""
         with self._lock:
