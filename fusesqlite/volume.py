@@ -714,6 +714,69 @@ class Volume:
 
         return self.store.transact(fn)
 
+    def _mark(self, rows: list[tuple[bytes, bytes]]) -> int:
+        """The version a read of a ``changed`` key found (0: never changed)."""
+        return unpack(rows[0][1])[0] if rows else 0
+
+    def lookup_current(self, parent: int, name: bytes, version: int) -> tuple[tuple[int, Inode] | None, int]:
+        """``lookup`` for a mount's view at ``version``, and the version it read as of:
+        ``version``, or the head where a commit after it changed the directory or the
+        child (their ``changed`` keys, read in the same round trips). A mount follows
+        only the inodes it holds, so its view may be older than the store's for one it
+        did not hold until now: read as of the view, it would answer what another mount
+        changed a while ago (coherence/follow.py)."""
+
+        def fn(tr: Transaction) -> tuple[tuple[int, Inode] | None, int]:
+            entry, mark, head_row = tr.get_ranges([
+                RangeRead.last(self.ks.versions_upto(version, "d", parent, name)),
+                RangeRead.key(self.ks.changed(parent)),
+                RangeRead.key(self.ks.head()),
+            ])
+            head = unpack(head_row[0][1])[0]
+            at = version
+            if self._mark(mark) > at:
+                at = head
+                entry = tr.get_range(*self.ks.versions_upto(at, "d", parent, name), limit=1, reverse=True)
+            while True:
+                value = _value(self._own_or_base(tr, entry, "d", parent, name))
+                if not value:
+                    return None, at
+                ino = unpack(value)[0]
+                recs, mark = tr.get_ranges([
+                    RangeRead.last(self.ks.versions_upto(at, "i", ino)), RangeRead.key(self.ks.changed(ino)),
+                ])
+                if self._mark(mark) > at:  # the child changed since: the entry and it as of the head
+                    at = head
+                    entry = tr.get_range(*self.ks.versions_upto(at, "d", parent, name), limit=1, reverse=True)
+                    continue
+                rec = self._record(self._own_or_base(tr, recs, "i", ino))
+                if rec is None:
+                    log.error("event=dangling_entry parent=%d name=%r ino=%d version=%d", parent, name, ino, at)
+                    return None, at
+                return (ino, rec), at
+
+        return self.store.transact(fn)
+
+    def list_dir_current(self, parent: int, version: int) -> tuple[list[tuple[bytes, int, Inode]], int]:
+        """``list_dir`` for a mount's view at ``version``, and the version it listed as of:
+        the head where a commit after ``version`` changed the directory or one of its
+        children (``lookup_current`` says why)."""
+        listed = self.store.transact(lambda tr: self._entries_at(tr, parent, version))
+        marks = self._marks([parent, *(ino for _, ino in listed)])
+        if max(marks.values(), default=0) <= version:
+            return self._listed(listed, version), version
+        at = self.head()
+        return self.list_dir(parent, at), at
+
+    def _marks(self, inos: list[int]) -> dict[int, int]:
+        """The ``changed`` versions of ``inos``, in round trips of ``LIST_BATCH``."""
+        out: dict[int, int] = {}
+        for i in range(0, len(inos), self.LIST_BATCH):
+            batch = inos[i : i + self.LIST_BATCH]
+            rows = self.store.transact(lambda tr: tr.get_ranges([RangeRead.key(self.ks.changed(ino)) for ino in batch]))
+            out.update((ino, self._mark(r)) for ino, r in zip(batch, rows))
+        return out
+
     #: inode records read per store transaction when listing a directory
     LIST_BATCH = 500
 
@@ -727,6 +790,11 @@ class Volume:
         version never changes, so the batches agree, and a big directory stays far
         inside FoundationDB's 5 seconds per transaction.
         """
+        return self._listed(self.store.transact(lambda tr: self._entries_at(tr, parent, version)), version)
+
+    def _listed(self, listed: list[tuple[bytes, int]], version: int) -> list[tuple[bytes, int, Inode]]:
+        """The records of the (name, ino) of a listing as of ``version``, those of names
+        no longer there left out."""
 
         def records(batch: list[tuple[bytes, int]]) -> Callable[[Transaction], list[tuple[bytes, int, Inode]]]:
             def fn(tr: Transaction) -> list[tuple[bytes, int, Inode]]:
@@ -739,7 +807,6 @@ class Volume:
 
             return fn
 
-        listed = self.store.transact(lambda tr: self._entries_at(tr, parent, version))
         out: list[tuple[bytes, int, Inode]] = []
         for i in range(0, len(listed), self.LIST_BATCH):
             out.extend(self.store.transact(records(listed[i : i + self.LIST_BATCH])))

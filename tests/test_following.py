@@ -79,10 +79,7 @@ def test_a_file_read_while_the_follower_moved_past_its_commit_is_read_again(host
         fh = (await a.create(ROOT_INO, b"f", 0o100644, 0, CTX))[0].fh
         await a.release(fh)
         await b.coherence._follow_once()  # B follows the create: the root changed
-        fh = (await a.open((await a.lookup(ROOT_INO, b"f", CTX)).st_ino, 2, CTX)).fh
-        await a.write(fh, 0, b"hello")
-        await a.release(fh)  # A's commit of f, after B's snapshot
-        b.tx.volume.lookup = _held(b.tx.volume.lookup, read_done, go)  # type: ignore[method-assign]
+        b.tx.volume.lookup_current = _held(b.tx.volume.lookup_current, read_done, go)  # type: ignore[method-assign]
         async with trio.open_nursery() as nursery:
             found: list = []
 
@@ -91,6 +88,9 @@ def test_a_file_read_while_the_follower_moved_past_its_commit_is_read_again(host
 
             nursery.start_soon(look)
             await trio.to_thread.run_sync(read_done.wait, 10)  # read as of B's snapshot: empty
+            fh = (await a.open((await a.lookup(ROOT_INO, b"f", CTX)).st_ino, 2, CTX)).fh
+            await a.write(fh, 0, b"hello")
+            await a.release(fh)  # A's commit of f, after B's read
             await b.coherence._follow_once()  # nothing B holds changed: its view moves past A's commit
             assert b.coherence.seen >= a.tx.snapshot
             go.set()
@@ -98,5 +98,26 @@ def test_a_file_read_while_the_follower_moved_past_its_commit_is_read_again(host
         await b.coherence._follow_once()
         rec = await b.tx.record(found[0].st_ino)
         assert rec is not None and rec.size == 5, "B kept a record older than its view"
+
+    trio.run(main)
+
+
+def test_what_a_mount_did_not_follow_is_read_as_the_store_has_it_now(host):
+    """B follows only what it holds, so its view may be older than the store's for the
+    rest: a first lookup or listing of a file another mount created and filled since
+    must answer the store's current state, not B's view (ENOENT, or an empty file)."""
+    a, b = host.view(), host.view()
+
+    async def main() -> None:
+        await b.coherence._follow_once()  # B's view: the volume before A's commits
+        before = b.tx.snapshot
+        fi, entry = await a.create(ROOT_INO, b"f", 0o100644, 0, CTX)
+        await a.write(fi.fh, 0, b"hello")
+        await a.release(fi.fh)
+        assert b.tx.snapshot == before  # B has not followed A's commits
+        found = await b.lookup(ROOT_INO, b"f", CTX)
+        assert found.st_ino == entry.st_ino and found.st_size == 5
+        listed = {name: rec.size for name, _, rec in await b.tx.list_dir(ROOT_INO)}
+        assert listed == {b"f": 5}
 
     trio.run(main)

@@ -33,17 +33,27 @@ def _setup(tmp_path):
     return store, a, b
 
 
-async def _filled_behind_b(a: Transactions, b: Transactions) -> int:
-    """An empty file "f" both see, then filled by a and not yet followed by b."""
+async def _empty_file(a: Transactions, b: Transactions) -> int:
+    """An empty file "f" both see."""
     await a.open_volume()
     await b.open_volume()
     ino = await a.new_ino()
     await a.commit_changes(ChangeSet(inodes={ino: Inode.new(stat.S_IFREG, 0o644, 0, 0)},
                                      dirents={(ROOT_INO, b"f"): ino}))
     b.snapshot = a.snapshot  # b follows the create
+    return ino
+
+
+async def _fill(a: Transactions, ino: int) -> None:
     fa = a.state(ino, await a.record(ino), "f")
     await a.write(fa, 0, b"hello")
     await a.commit(fa, "test")
+
+
+async def _filled_behind_b(a: Transactions, b: Transactions) -> int:
+    """An empty file "f" both see, then filled by a and not yet followed by b."""
+    ino = await _empty_file(a, b)
+    await _fill(a, ino)
     return ino
 
 
@@ -58,8 +68,8 @@ def test_a_lookup_overtaken_by_another_mounts_commit_answers_the_commits_record(
     read_done, go = threading.Event(), threading.Event()
 
     async def main() -> None:
-        ino = await _filled_behind_b(a, b)
-        b.volume.lookup = _held(b.volume.lookup, read_done, go)  # type: ignore[method-assign]
+        ino = await _empty_file(a, b)
+        b.volume.lookup_current = _held(b.volume.lookup_current, read_done, go)  # type: ignore[method-assign]
         async with trio.open_nursery() as nursery:
             found: list = []
 
@@ -68,6 +78,7 @@ def test_a_lookup_overtaken_by_another_mounts_commit_answers_the_commits_record(
 
             nursery.start_soon(look)
             await trio.to_thread.run_sync(read_done.wait, 10)  # read as of the create: size 0
+            await _fill(a, ino)
             _follow(b, a, ino)
             go.set()
         assert found[0] is not None and found[0][0] == ino

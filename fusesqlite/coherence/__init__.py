@@ -34,6 +34,7 @@ class Coherence(Following):
     ) -> None:
         super().__init__(tx, kernel, own_mount, lease_ttl, follow, watch_limit)
         tx.on_learned = self.learned  # every read of state this mount then holds
+        tx.frozen = not follow
 
     async def run(self) -> None:
         if not self.follow:

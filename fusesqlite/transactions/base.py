@@ -126,6 +126,8 @@ class TransactionsBase:
         #: the mount's coherence hears of every inode this mount reads state of, and the
         #: version it read it as of (coherence/follow.py, ``learned``)
         self.on_learned: Callable[[int, int], None] = _ignore
+        #: a view of a past version (``mount --at``): every read exactly as of the snapshot
+        self.frozen = False
         self.records = RecordCache(on_put=lambda ino, as_of: self.on_learned(ino, as_of))
         self.files: dict[int, FileState] = {}
         self.snapshot = 0

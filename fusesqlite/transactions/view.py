@@ -78,8 +78,11 @@ class MountView(TransactionsBase):
             self.views.popitem(last=False)
 
     async def lookup(self, parent: int, name: bytes) -> tuple[int, Inode] | None:
-        at = self.snapshot
-        found = await self.run(self.volume.lookup, parent, name, at)
+        if self.frozen:
+            at = self.snapshot
+            found = await self.run(self.volume.lookup, parent, name, at)
+        else:
+            found, at = await self.run(self.volume.lookup_current, parent, name, self.snapshot)
         self.on_learned(parent, at)  # the kernel keeps the answer, absent or present
         if found is None:
             return None
@@ -95,8 +98,11 @@ class MountView(TransactionsBase):
         return ino, self.records.put(ino, rec, at) or rec
 
     async def list_dir(self, parent: int) -> list[tuple[bytes, int, Inode]]:
-        at = self.snapshot
-        entries = await self.run(self.volume.list_dir, parent, at)
+        if self.frozen:
+            at = self.snapshot
+            entries = await self.run(self.volume.list_dir, parent, at)
+        else:
+            entries, at = await self.run(self.volume.list_dir_current, parent, self.snapshot)
         self.on_learned(parent, at)
         out = []
         for name, ino, rec in entries:
