@@ -121,3 +121,26 @@ def test_what_a_mount_did_not_follow_is_read_as_the_store_has_it_now(host):
         assert listed == {b"f": 5}
 
     trio.run(main)
+
+
+def test_a_move_held_up_by_a_local_reader_is_logged_while_it_waits(mounts):
+    """A read transaction on B keeps A's commit from reaching B (the move waits for
+    SQLite's lock): after a second B says so, once, with the file and the step, while
+    it still waits; the move ends when the reader does."""
+    a = mounts()
+    b = mounts(store=a.store)
+    new_counter(a, "x.db", b)
+    reader = sqlite3.connect(b / "x.db", isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT v FROM counter").fetchall() == [(0,)]
+    writer = sqlite3.connect(a / "x.db", isolation_level=None)
+    writer.execute("UPDATE counter SET v = 1")
+    writer.close()
+    assert b.wait_log("event=move_waiting", timeout=10), "a move held up for seconds left nothing in the log"
+    line = next(x for x in b.log_text().splitlines() if "event=move_waiting" in x)
+    assert "x.db" in line and "step=lock" in line, line
+    assert reader.execute("SELECT v FROM counter").fetchall() == [(0,)]  # one version throughout
+    reader.execute("COMMIT")
+    assert wait_for(lambda: query(b / "x.db", "SELECT v FROM counter") == [(1,)])
+    reader.close()
+    assert b.log_text().count("event=move_waiting") == 1

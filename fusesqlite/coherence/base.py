@@ -57,6 +57,11 @@ class Proxy:
     behind_deadline: float = 0.0  # trio time: stop holding them back even if following stalls
     move: bool = False  # another mount committed: refresh under EXCLUSIVE
     running: bool = False
+    #: the move under way: when it began (0: none), its step now, and whether a slow
+    #: one was logged (``LockProxy.report_slow_moves``)
+    move_started: float = 0.0
+    move_step: str = ""
+    move_reported: bool = False
 
     def hold(self) -> bool:
         """Whether local writers should wait (SQLITE_BUSY) rather than start."""

@@ -100,6 +100,7 @@ class Following(Leases):
                 self._advance(head)
             self.watched = frozenset(watched)
         self._caught_up()
+        self.report_slow_moves()
         await self._expire_remote_leases()
         return olds
 

@@ -108,7 +108,8 @@ class LockProxy(CoherenceBase):
         transaction to end first.
         """
         ranges = EXCLUSIVE if p.reserved else (*RESERVED, *EXCLUSIVE)
-        started = time.monotonic()
+        started = p.move_started = time.monotonic()
+        p.move_step, p.move_reported = "lock", False
         locked = await self._lock(ino, p, ranges)  # one helper round trip for all three
         locked_at = wrote_back_at = time.monotonic()
         fs = None
@@ -121,10 +122,15 @@ class LockProxy(CoherenceBase):
                 # the old version (their commit fails as stale) rather than taking
                 # them, once the kernel wrote them back, as made on the new one (a
                 # lost update)
+                p.move_step = "write_back"
                 await self.own_mount.write_back(p.fd)
                 wrote_back_at = time.monotonic()
-            await self.kernel.moved(ino, await self.tx.refresh(ino))
+            p.move_step = "refresh"
+            rec = await self.tx.refresh(ino)
+            p.move_step = "kernel"
+            await self.kernel.moved(ino, rec)
         finally:
+            p.move_started = 0.0
             if locked:
                 await self._unlock(p, ranges[::-1])
         total = time.monotonic() - started
@@ -134,6 +140,18 @@ class LockProxy(CoherenceBase):
             ino, locked, (locked_at - started) * 1000, (wrote_back_at - locked_at) * 1000,
             total * 1000, fs.opens if fs else 0, len(fs.dirty) if fs else 0,
         )
+
+    def report_slow_moves(self) -> None:
+        """Log once each move under way for more than SLOW_MOVE_SECONDS, and its step: a
+        move that never ends (local readers holding SQLite's lock, a hung helper)
+        would otherwise leave nothing in the log (``event=moved`` comes at its end)."""
+        now = time.monotonic()
+        for ino, p in self.proxies.items():
+            if p.move_started and not p.move_reported and now - p.move_started > SLOW_MOVE_SECONDS:
+                p.move_reported = True
+                log.info("event=move_waiting ino=%d path=%s seconds=%.1f step=%s", ino,
+                         (self.kernel.abs_path(ino) or b"?").decode(errors="replace"), now - p.move_started,
+                         p.move_step)
 
     async def _lock(self, ino: int, p: Proxy, ranges: Ranges) -> bool:
         """Take write locks on SQLite's bytes of ``ino`` on this host, in order (False: no local path)."""
