@@ -581,22 +581,29 @@ def test_a_stamp_block_reserved_by_a_refused_commit_is_not_used(tmp_path: Path) 
         b"%s-%d" % (who, i) for i in range(2, 5) for who in (b"first", b"second")]
 
 
-def test_wait_for_changes(store: Store, backend: Backend) -> None:
-    k = backend.key(b"watched")
-    store.transact(lambda tr: tr.set(k, b"old"))
+def _waited_for(store: Store, olds: dict[bytes, bytes | None], key: bytes, value: bytes) -> dict[bytes, bytes | None]:
+    """``wait_for_changes(olds)`` while another thread sets ``key`` to ``value`` 0.2 s in;
+    it must end within seconds."""
 
     def writer() -> None:
         time.sleep(0.2)
-        store.transact(lambda tr: tr.set(k, b"new"))
+        store.transact(lambda tr: tr.set(key, value))
 
     thread = threading.Thread(target=writer)
     start = time.monotonic()
     thread.start()
     try:
-        assert store.wait_for_changes({k: b"old"}, timeout=10) == {k: b"new"}
+        got = store.wait_for_changes(olds, timeout=10)
     finally:
         thread.join()
     assert time.monotonic() - start < 5
+    return got
+
+
+def test_wait_for_changes(store: Store, backend: Backend) -> None:
+    k = backend.key(b"watched")
+    store.transact(lambda tr: tr.set(k, b"old"))
+    assert _waited_for(store, {k: b"old"}, k, b"new") == {k: b"new"}
 
     start = time.monotonic()
     assert store.wait_for_changes({k: b"new"}, timeout=0.3) == {k: b"new"}  # no change: the value at timeout
@@ -613,19 +620,7 @@ def test_wait_for_changes_of_several_keys_ends_at_the_first(store: Store, backen
     a, b, c = (backend.key(x) for x in (b"a", b"b", b"c"))
     store.transact(lambda tr: (tr.set(a, b"1"), tr.set(b, b"1")))
     olds = {a: b"1", b: b"1", c: None}
-
-    def writer() -> None:
-        time.sleep(0.2)
-        store.transact(lambda tr: tr.set(c, b"made"))
-
-    thread = threading.Thread(target=writer)
-    start = time.monotonic()
-    thread.start()
-    try:
-        assert store.wait_for_changes(olds, timeout=10) == {a: b"1", b: b"1", c: b"made"}
-    finally:
-        thread.join()
-    assert time.monotonic() - start < 5
+    assert _waited_for(store, olds, c, b"made") == {a: b"1", b: b"1", c: b"made"}
 
 
 def test_wake_ends_a_wait_at_once(store: Store, backend: Backend) -> None:
