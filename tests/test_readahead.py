@@ -175,6 +175,25 @@ def test_block_cache_refuses_fills_older_than_a_change():
     assert cache.fill(3, 0, b"fresh", cache.mark())
 
 
+def test_block_cache_knows_every_file_it_holds_blocks_of():
+    """The follower follows the files whose blocks the cache holds (``inodes``): a file
+    left out would keep old blocks past another mount's commit. Random puts, fills,
+    overwrites, evictions and drops keep ``inodes`` equal to the files of its blocks."""
+    rnd = random.Random(7)
+    cache = BlockCache(capacity_bytes=40 * 100)
+    for _ in range(5000):
+        ino, block = rnd.randrange(1, 12), rnd.randrange(8)
+        op = rnd.random()
+        if op < 0.45:
+            cache.put(ino, block, bytes(rnd.randrange(50, 150)))
+        elif op < 0.85:
+            cache.fill(ino, block, bytes(rnd.randrange(50, 150)), cache.mark())
+        else:
+            cache.drop_inode(ino)
+        assert set(cache.inodes()) == {i for i, _ in cache._lru}
+        assert cache.used == sum(len(v) for v in cache._lru.values()) <= cache.capacity
+
+
 @pytest.mark.usefixtures("root_only")
 def test_the_kernels_read_ahead_is_raised_before_the_mount_first_answers(mount):
     """A file keeps the kernel read-ahead of the moment it was opened, and an app may
