@@ -615,23 +615,33 @@ class Volume:
         raw = self.store.wait_for_changes({key: pack((seen,))}, timeout)[key]
         return unpack(raw)[0] if raw else seen
 
-    def changes(self, since: dict[int, int]) -> tuple[int, dict[bytes, bytes | None], bool]:
+    def changes(
+        self, since: dict[int, int], log_after: int,
+    ) -> tuple[int, dict[bytes, bytes | None], list[LogEntry] | None]:
         """The head version, the ``changed`` keys of the inodes of ``since`` (what to wait
-        on: ``wait_for_changes``), and whether a commit after ``since[ino]`` names one
-        of them, ``ino``, in its log entry. In one store transaction: with nothing
-        changed, a mount's view of those inodes is the store's at that head, whatever
-        other inodes it changed."""
+        on: ``wait_for_changes``), and, if a commit after ``since[ino]`` names one of
+        them in its log entry, the log entries after ``log_after`` up to the head (else
+        None). The marks and the log's first page in one store transaction: with
+        nothing changed, a mount's view of those inodes is the store's at that head,
+        whatever other inodes it changed."""
         inos = list(since)
         keys = [self.ks.changed(ino) for ino in inos]
 
-        def fn(tr: Transaction) -> tuple[int, dict[bytes, bytes | None], bool]:
+        def fn(tr: Transaction) -> tuple[int, dict[bytes, bytes | None], list[tuple[bytes, bytes]] | None]:
             rows = tr.get_ranges([RangeRead.key(self.ks.head()), *(RangeRead.key(key) for key in keys)])
             head = unpack(rows[0][0][1])[0]
             values = {key: found[0][1] if found else None for key, found in zip(keys, rows[1:])}
-            changed = any(value is not None and unpack(value)[0] > since[ino] for ino, value in zip(inos, values.values()))
-            return head, values, changed
+            if not any(value is not None and unpack(value)[0] > since[ino] for ino, value in zip(inos, values.values())):
+                return head, values, None
+            return head, values, tr.get_range(self.ks.log(log_after + 1), self.ks.log(head + 1), limit=self.LOG_PAGE)
 
-        return self.store.transact(fn)
+        head, values, page = self.store.transact(fn)
+        if page is None:
+            return head, values, None
+        entries = [self._log_entry(key, value) for key, value in page]
+        if len(page) == self.LOG_PAGE:  # the rest a page per transaction, as ``log_range``
+            entries.extend(self.log_range(entries[-1].version, head))
+        return head, values, entries
 
     def allocate_inodes(self, count: int = INO_BATCH) -> range:
         """A batch of unused inode numbers. Run again after its commit landed (result

@@ -93,9 +93,9 @@ class Following(Leases):
                 await self._follow_to(head, late)
         else:
             since = {ino: min(late.get(ino, self.seen), self.seen) for ino in watched}
-            head, olds, changed = await self.tx.run(self.volume.changes, since)
-            if changed:
-                await self._follow_to(head, late)
+            head, olds, entries = await self.tx.run(self.volume.changes, since, self._log_start(late))
+            if entries is not None:
+                await self._follow_to(head, late, entries)
             else:  # nothing it holds changed: its view is the store's at ``head``
                 self._advance(head)
             self.watched = frozenset(watched)
@@ -104,15 +104,21 @@ class Following(Leases):
         await self._expire_remote_leases()
         return olds
 
-    async def _follow_to(self, head: int, late: dict[int, int]) -> None:
-        """Apply other mounts' log entries up to ``head``: every one after ``seen``, and
-        before it those naming an inode of ``late`` after the version it was read at."""
+    def _log_start(self, late: dict[int, int]) -> int:
+        """Where the log must be read from: ``seen``, or back to the oldest read of ``late``."""
+        return min([self.seen, *late.values()])
+
+    async def _follow_to(self, head: int, late: dict[int, int], read: list[LogEntry] | None = None) -> None:
+        """Apply other mounts' log entries up to ``head`` (``read``: those after
+        ``_log_start``, read already): every one after ``seen``, and before it those
+        naming an inode of ``late`` after the version it was read at."""
         self._behind_since = self._behind_since or time.monotonic()
         # versions are versionstamps, not a count: only the log says whether
         # another mount committed between this mount's own commits
-        start = min([self.seen, *late.values()])
         self.log_reads += 1
-        entries = [e for e in await self.tx.run(self.volume.log_range, start, head) if e.author != self.me]
+        if read is None:
+            read = await self.tx.run(self.volume.log_range, self._log_start(late), head)
+        entries = [e for e in read if e.author != self.me]
         old = [e for e in entries if e.version <= self.seen]
         others = [e for e in entries if e.version > self.seen]
         if others:
