@@ -673,10 +673,6 @@ class Volume:
             return self.base._last_row(tr, min(version, self.base_version), *parts)
         return None
 
-    def _last_value(self, tr: Transaction, version: int, *parts: object) -> bytes | None:
-        found = self._last_row(tr, version, *parts)
-        return found[2] if found is not None else None
-
     def _inode(self, tr: Transaction, ino: int, version: int) -> Inode | None:
         """``ino``'s record as of ``version``."""
         if self.base is None:
@@ -709,53 +705,43 @@ class Volume:
         return self.store.transact(lambda tr: self._inode(tr, ino, version))
 
     def lookup(self, parent: int, name: bytes, version: int) -> tuple[int, Inode] | None:
-        """The child's inode number and record, in one store transaction."""
-
-        def fn(tr: Transaction) -> tuple[int, Inode] | None:
-            value = self._last_value(tr, version, "d", parent, name)
-            if not value:
-                return None
-            ino = unpack(value)[0]
-            rec = self._inode(tr, ino, version)
-            if rec is None:
-                log.error("event=dangling_entry parent=%d name=%r ino=%d version=%d", parent, name, ino, version)
-                return None
-            return ino, rec
-
-        return self.store.transact(fn)
+        """The child's inode number and record as of ``version``, in one store transaction."""
+        return self.lookup_current(parent, name, version, exact=True)[0]
 
     def _mark(self, rows: list[tuple[bytes, bytes]]) -> int:
         """The version a read of a ``changed`` key found (0: never changed)."""
         return unpack(rows[0][1])[0] if rows else 0
 
-    def lookup_current(self, parent: int, name: bytes, version: int) -> tuple[tuple[int, Inode] | None, int]:
+    def lookup_current(
+        self, parent: int, name: bytes, version: int, *, exact: bool = False,
+    ) -> tuple[tuple[int, Inode] | None, int]:
         """``lookup`` for a mount's view at ``version``, and the version it read as of:
         ``version``, or the head where a commit after it changed the directory or the
         child (their ``changed`` keys, read in the same round trips). A mount follows
         only the inodes it holds, so its view may be older than the store's for one it
         did not hold until now: read as of the view, it would answer what another mount
-        changed a while ago (coherence/follow.py)."""
+        changed a while ago (coherence/follow.py). ``exact``: as of ``version`` only (a
+        past version)."""
+        marks = [] if exact else [RangeRead.key(self.ks.changed(parent)), RangeRead.key(self.ks.head())]
 
         def fn(tr: Transaction) -> tuple[tuple[int, Inode] | None, int]:
-            entry, mark, head_row = tr.get_ranges([
-                RangeRead.last(self.ks.versions_upto(version, "d", parent, name)),
-                RangeRead.key(self.ks.changed(parent)),
-                RangeRead.key(self.ks.head()),
-            ])
-            head = unpack(head_row[0][1])[0]
-            at = version
-            if self._mark(mark) > at:
-                at = head
-                entry = tr.get_range(*self.ks.versions_upto(at, "d", parent, name), limit=1, reverse=True)
+            entry, *found = tr.get_ranges([RangeRead.last(self.ks.versions_upto(version, "d", parent, name)), *marks])
+            at = head = version
+            if found:
+                head = unpack(found[1][0][1])[0]
+                if self._mark(found[0]) > at:
+                    at = head
+                    entry = tr.get_range(*self.ks.versions_upto(at, "d", parent, name), limit=1, reverse=True)
             while True:
                 value = _value(self._own_or_base(tr, entry, "d", parent, name))
                 if not value:
                     return None, at
                 ino = unpack(value)[0]
-                recs, mark = tr.get_ranges([
-                    RangeRead.last(self.ks.versions_upto(at, "i", ino)), RangeRead.key(self.ks.changed(ino)),
+                recs, *mark = tr.get_ranges([
+                    RangeRead.last(self.ks.versions_upto(at, "i", ino)),
+                    *([] if exact else [RangeRead.key(self.ks.changed(ino))]),
                 ])
-                if self._mark(mark) > at:  # the child changed since: the entry and it as of the head
+                if mark and self._mark(mark[0]) > at:  # the child changed since: the entry and it as of the head
                     at = head
                     entry = tr.get_range(*self.ks.versions_upto(at, "d", parent, name), limit=1, reverse=True)
                     continue
@@ -767,11 +753,15 @@ class Volume:
 
         return self.store.transact(fn)
 
-    def list_dir_current(self, parent: int, version: int) -> tuple[list[tuple[bytes, int, Inode]], int]:
+    def list_dir_current(
+        self, parent: int, version: int, *, exact: bool = False,
+    ) -> tuple[list[tuple[bytes, int, Inode]], int]:
         """``list_dir`` for a mount's view at ``version``, and the version it listed as of:
         the head where a commit after ``version`` changed the directory or one of its
-        children (``lookup_current`` says why)."""
+        children (``lookup_current`` says why); ``exact``: ``version`` only."""
         listed = self.store.transact(lambda tr: self._entries_at(tr, parent, version))
+        if exact:
+            return self._listed(listed, version), version
         marks = self._marks([parent, *(ino for _, ino in listed)])
         if max(marks.values(), default=0) <= version:
             return self._listed(listed, version), version

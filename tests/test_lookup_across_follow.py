@@ -19,8 +19,8 @@ from fusesqlite.volume import ChangeSet, Volume
 
 def _held(fn, read_done: threading.Event, go: threading.Event):
     """``fn``, whose result is held back until ``go`` (the read itself done first)."""
-    def call(*args):
-        result = fn(*args)
+    def call(*args, **kw):
+        result = fn(*args, **kw)
         read_done.set()
         go.wait(10)
         return result

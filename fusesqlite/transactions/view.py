@@ -2,6 +2,8 @@
 version of the pages the kernel holds of each file (moved only by a move)."""
 from __future__ import annotations
 
+from functools import partial
+
 from fusesqlite.inodes import Inode
 from fusesqlite.transactions.base import RECORD_READS, VIEWS_KEPT, TransactionsBase
 from fusesqlite.volume import (
@@ -78,11 +80,7 @@ class MountView(TransactionsBase):
             self.views.popitem(last=False)
 
     async def lookup(self, parent: int, name: bytes) -> tuple[int, Inode] | None:
-        if self.frozen:
-            at = self.snapshot
-            found = await self.run(self.volume.lookup, parent, name, at)
-        else:
-            found, at = await self.run(self.volume.lookup_current, parent, name, self.snapshot)
+        found, at = await self.run(partial(self.volume.lookup_current, exact=self.frozen), parent, name, self.snapshot)
         self.on_learned(parent, at)  # the kernel keeps the answer, absent or present
         if found is None:
             return None
@@ -98,11 +96,7 @@ class MountView(TransactionsBase):
         return ino, self.records.put(ino, rec, at) or rec
 
     async def list_dir(self, parent: int) -> list[tuple[bytes, int, Inode]]:
-        if self.frozen:
-            at = self.snapshot
-            entries = await self.run(self.volume.list_dir, parent, at)
-        else:
-            entries, at = await self.run(self.volume.list_dir_current, parent, self.snapshot)
+        entries, at = await self.run(partial(self.volume.list_dir_current, exact=self.frozen), parent, self.snapshot)
         self.on_learned(parent, at)
         out = []
         for name, ino, rec in entries:
